@@ -1,0 +1,1 @@
+"""Lowering to Apache TVM: the only package of tilefx that imports tvm."""

@@ -1,0 +1,1 @@
+"""TensorIR builders for block-sparse kernels."""

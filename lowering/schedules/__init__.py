@@ -1,0 +1,1 @@
+"""Per-target schedules for the kernels: cpu (llvm) and cuda."""

@@ -1,0 +1,1 @@
+"""Analysis and rewrite passes over ATen-level fx graphs. Pure torch: never imports tvm."""

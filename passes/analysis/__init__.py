@@ -1,0 +1,1 @@
+"""Read-only analyses (shapes, channel groups, importance, block occupancy), cached by the AnalysisManager."""

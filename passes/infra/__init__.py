@@ -1,0 +1,1 @@
+"""Pass infrastructure: PassBase/PassResult, PassManager, AnalysisManager, instruments, errors."""

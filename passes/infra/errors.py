@@ -1,0 +1,57 @@
+"""One error hierarchy for the whole compiler.
+
+Every error a user can see derives from :class:`OptimizeError`, so a deployment pipeline can catch
+one type. Messages name the pass, the node or parameter, and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CaptureError",
+    "LoweringError",
+    "OptimizeError",
+    "PassError",
+    "RecipeError",
+    "UnsupportedOpError",
+    "VerificationError",
+]
+
+
+class OptimizeError(Exception):
+    """Base of every error tilefx raises on purpose."""
+
+
+class CaptureError(OptimizeError):
+    """The model could not be captured into an ATen-level fx graph (torch.export failed)."""
+
+
+class UnsupportedOpError(OptimizeError):
+    """A pass met an op it has no handler for; the message names the node and how to skip it."""
+
+    def __init__(self, message: str, node: str | None = None, target: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+        self.target = target
+
+
+class VerificationError(OptimizeError):
+    """A pass produced a graph that is malformed or numerically different from what it claims."""
+
+
+class PassError(OptimizeError):
+    """A pass raised; names the pass and the passes that ran before it. The cause is chained."""
+
+    def __init__(self, pass_name: str, previous: list[str], cause: BaseException) -> None:
+        ran = ", ".join(previous) if previous else "none"
+        super().__init__(f"pass {pass_name!r} failed (passes run before it: {ran}): {cause}")
+        self.pass_name = pass_name
+        self.previous = list(previous)
+        self.cause = cause
+
+
+class RecipeError(OptimizeError, ValueError):
+    """A recipe option is unknown or out of range; the message names the field."""
+
+
+class LoweringError(OptimizeError):
+    """Lowering to TVM cannot handle this graph, weight, dtype or target."""

@@ -1,0 +1,162 @@
+"""Typed sparse metadata: the contract between the passes and lowering.
+
+Passes leave the graph a plain torch model whose weights already hold their zeros; these records
+say *which structure* those zeros have, so lowering can pick a kernel without re-deriving it.
+They are attached per parameter (by its fully qualified name) to ``gm.meta[METADATA_KEY]``.
+
+Every 2-D statement is about a weight's *matrix view* ``weight.reshape(out, -1)``: ``[out, in]``
+for a linear and ``[out, in/groups · kh · kw]`` for a conv (im2col order), so a conv block that
+spans a whole kernel is ``(b_out, b_in · kh · kw)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar, Union
+
+import torch
+import torch.fx
+
+from .infra.errors import VerificationError
+
+__all__ = [
+    "METADATA_KEY",
+    "Annotation",
+    "BlockSparsity",
+    "ChannelSelection",
+    "ElementMask",
+    "Metadata",
+    "NMSparsity",
+    "Permutation",
+    "get_metadata",
+    "matrix_view",
+    "set_metadata",
+]
+
+METADATA_KEY = "tilefx"
+
+
+def matrix_view(weight: torch.Tensor) -> torch.Tensor:
+    """The 2-D ``[out, rest]`` view every sparsity record is stated in."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+@dataclass(frozen=True, eq=False)
+class ElementMask:
+    """Unstructured sparsity: ``mask`` has the weight's shape, True where a weight is kept."""
+
+    mask: torch.Tensor
+
+    def element_mask(self, shape: torch.Size) -> torch.Tensor:
+        _check(tuple(self.mask.shape) == tuple(shape), f"mask {tuple(self.mask.shape)} vs weight {tuple(shape)}")
+        return self.mask.bool()
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - float(self.mask.float().mean())
+
+
+@dataclass(frozen=True, eq=False)
+class NMSparsity:
+    """N:M sparsity along the matrix view's columns: at most ``n`` kept in every ``m`` consecutive."""
+
+    n: int
+    m: int
+    mask: torch.Tensor  # same shape as the weight
+
+    def element_mask(self, shape: torch.Size) -> torch.Tensor:
+        _check(tuple(self.mask.shape) == tuple(shape), f"mask {tuple(self.mask.shape)} vs weight {tuple(shape)}")
+        groups = matrix_view(self.mask.bool()).reshape(shape[0], -1, self.m)
+        _check(bool((groups.sum(-1) <= self.n).all()), f"mask keeps more than {self.n} of {self.m}")
+        return self.mask.bool()
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - float(self.mask.float().mean())
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparsity:
+    """Block sparsity on the matrix view: ``block = (rows, cols)``; ``mask[i, j]`` True = block kept.
+
+    A kept block may still contain zeros; a dropped block is all zeros in the weight.
+    """
+
+    block: tuple[int, int]
+    mask: torch.Tensor  # bool [out / rows, rest / cols]
+
+    def element_mask(self, shape: torch.Size) -> torch.Tensor:
+        rows, cols = self.block
+        out, rest = shape[0], math.prod(shape[1:])
+        _check(out % rows == 0 and rest % cols == 0, f"block {self.block} does not tile matrix view {(out, rest)}")
+        _check(tuple(self.mask.shape) == (out // rows, rest // cols), f"block mask {tuple(self.mask.shape)} vs grid {(out // rows, rest // cols)}")
+        full = self.mask.bool().repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+        return full.reshape(shape)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - float(self.mask.float().mean())
+
+
+@dataclass(frozen=True)
+class ChannelSelection:
+    """Channels kept along ``dim`` of a parameter that channel pruning physically shrank."""
+
+    dim: int
+    kept: tuple[int, ...]
+    original: int
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """The parameter's ``dim`` was reordered: new index ``i`` holds old index ``order[i]``."""
+
+    dim: int
+    order: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check(sorted(self.order) == list(range(len(self.order))), f"order along dim {self.dim} is not a bijection")
+
+
+Annotation = Union[ElementMask, NMSparsity, BlockSparsity, ChannelSelection, Permutation]
+A = TypeVar("A", ElementMask, NMSparsity, BlockSparsity, ChannelSelection, Permutation)
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """All annotations of one graph module, keyed by parameter name, plus the recipe that made them."""
+
+    params: Mapping[str, tuple[Annotation, ...]] = field(default_factory=dict)
+    recipe: Any = None
+
+    def of(self, name: str, kind: type[A]) -> list[A]:
+        return [a for a in self.params.get(name, ()) if isinstance(a, kind)]
+
+    def with_annotation(self, name: str, annotation: Annotation) -> Metadata:
+        """A copy with ``annotation`` added; a sparsity record replaces the earlier one of its kind."""
+        kept = tuple(a for a in self.params.get(name, ()) if not _replaces(annotation, a))
+        return replace(self, params={**self.params, name: (*kept, annotation)})
+
+    def renamed(self, mapping: Mapping[str, str]) -> Metadata:
+        return replace(self, params={mapping.get(k, k): v for k, v in self.params.items()})
+
+
+def _replaces(new: Annotation, old: Annotation) -> bool:
+    sparsity = (ElementMask, NMSparsity, BlockSparsity)
+    return isinstance(new, sparsity) and isinstance(old, sparsity)
+
+
+def get_metadata(gm: torch.fx.GraphModule) -> Metadata:
+    found = gm.meta.get(METADATA_KEY)
+    return found if isinstance(found, Metadata) else Metadata()
+
+
+def set_metadata(gm: torch.fx.GraphModule, metadata: Metadata) -> None:
+    gm.meta[METADATA_KEY] = metadata
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise VerificationError(f"malformed sparse metadata: {message}")

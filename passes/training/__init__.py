@@ -1,0 +1,1 @@
+"""Hooks for the training-time methods (DCP selection, Synaptic Strength, structure parameters, ...)."""
