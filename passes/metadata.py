@@ -30,6 +30,7 @@ __all__ = [
     "Metadata",
     "NMSparsity",
     "Permutation",
+    "apply_masks",
     "get_metadata",
     "matrix_view",
     "set_metadata",
@@ -160,3 +161,22 @@ def set_metadata(gm: torch.fx.GraphModule, metadata: Metadata) -> None:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise VerificationError(f"malformed sparse metadata: {message}")
+
+
+def apply_masks(target: torch.fx.GraphModule, source: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Zero ``target``'s parameters wherever ``source``'s metadata records pruned weights."""
+    sparsity = (ElementMask, NMSparsity, BlockSparsity)
+    with torch.no_grad():
+        for name, annotations in get_metadata(source).params.items():
+            for annotation in annotations:
+                if isinstance(annotation, sparsity):
+                    weight = _tensor(target, name)
+                    weight.mul_(annotation.element_mask(weight.shape).to(weight.dtype))
+    return target
+
+
+def _tensor(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
+    try:
+        return gm.get_parameter(name)
+    except AttributeError:
+        return gm.get_buffer(name)

@@ -1,0 +1,59 @@
+"""The pass contract: a frozen dataclass whose fields are its options, one ``run``, an honest result."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch.fx
+
+if TYPE_CHECKING:
+    from .analysis_manager import AnalysisManager
+
+__all__ = ["Numerics", "PassBase", "PassResult"]
+
+Numerics = Literal["exact", "masked", "unchecked"]
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns. ``modified`` must be True exactly when the graph or weights changed."""
+
+    graph_module: torch.fx.GraphModule
+    modified: bool
+
+
+class PassBase(abc.ABC):
+    """Base of every rewrite pass.
+
+    Subclasses are frozen dataclasses (options are fields, no state between calls) and declare:
+      - ``numerics``: "exact" (outputs must equal the input model's), "masked" (outputs must equal
+        :meth:`masked_reference`), or "unchecked" (the pass says nothing about values; avoid).
+      - ``preserves``: analysis classes whose cached results stay valid after a modifying run.
+    A pass may edit the graph module it is given in place; the PassManager hands it a working
+    copy, never the user's model.
+    """
+
+    numerics: ClassVar[Numerics] = "exact"
+    preserves: ClassVar[frozenset[type]] = frozenset()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @abc.abstractmethod
+    def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
+        """Rewrite ``gm``; return the result and whether anything changed."""
+
+    def masked_reference(
+        self, before: torch.fx.GraphModule, after: torch.fx.GraphModule
+    ) -> torch.fx.GraphModule:
+        """For ``numerics == "masked"``: the input model with what this pass claims to remove zeroed.
+
+        ``before`` is a private copy the method may edit and return. The default applies every
+        sparsity record in ``after``'s metadata to the same-named parameter of ``before``.
+        """
+        from ..metadata import apply_masks
+
+        return apply_masks(before, after)
