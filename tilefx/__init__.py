@@ -1,0 +1,3 @@
+"""tilefx: a pruning compiler for PyTorch."""
+
+__version__ = "0.1.0"
