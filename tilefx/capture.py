@@ -57,8 +57,8 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any]) -> torch.fx.G
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
-    if isinstance(model, _StatefulGraphModule) and not _in_training_mode(model):
-        gm = copy.deepcopy(model)
+    if isinstance(model, _StatefulGraphModule):
+        gm = copy.deepcopy(model)  # already ATen-level; its BN mode was fixed when it was exported
     else:
         gm = copy.deepcopy(_export(model, inputs))
     _drop_input_guards(gm)
@@ -82,10 +82,6 @@ def _as_tuple(example_inputs: Sequence[Any]) -> tuple[Any, ...]:
             "write example_inputs=(x,)"
         )
     return tuple(example_inputs)
-
-
-def _in_training_mode(model: torch.nn.Module) -> bool:
-    return any(m.training for m in model.modules())
 
 
 def _export(model: torch.nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:

@@ -18,7 +18,7 @@ from .pass_base import PassBase, PassResult
 if TYPE_CHECKING:
     from .analysis_manager import AnalysisManager
 
-__all__ = ["DumpGraphInstrument", "Instrument", "PrintAfterChangeInstrument", "TimingInstrument"]
+__all__ = ["DumpGraphInstrument", "Instrument", "PassTiming", "PrintAfterChangeInstrument", "TimingInstrument"]
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,18 @@ class Instrument:
         return None
 
 
+@dataclass(frozen=True)
+class PassTiming:
+    name: str
+    seconds: float
+    modified: bool
+
+
 @dataclass
 class TimingInstrument(Instrument):
-    """Records wall time per pass, in run order: ``timings`` is a list of (pass name, seconds)."""
+    """Records wall time per pass, in run order."""
 
-    timings: list[tuple[str, float]] = field(default_factory=list)
+    timings: list[PassTiming] = field(default_factory=list)
     _start: float = 0.0
 
     def before_pass(self, pass_: PassBase, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
@@ -56,7 +63,7 @@ class TimingInstrument(Instrument):
     def after_pass(
         self, pass_: PassBase, before: torch.fx.GraphModule | None, result: PassResult, am: AnalysisManager
     ) -> None:
-        self.timings.append((pass_.name, time.perf_counter() - self._start))
+        self.timings.append(PassTiming(pass_.name, time.perf_counter() - self._start, result.modified))
 
 
 @dataclass

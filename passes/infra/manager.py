@@ -87,10 +87,10 @@ class _Fingerprint:
     @staticmethod
     def of(gm: torch.fx.GraphModule) -> _Fingerprint:
         tensors = {name: (t, t._version) for name, t in _named_tensors(gm)}
-        return _Fingerprint(gm.code, dict(gm.meta), tensors)
+        return _Fingerprint(gm.graph.python_code("self").src, dict(gm.meta), tensors)
 
     def differs(self, gm: torch.fx.GraphModule) -> bool:
-        if gm.code != self.code or _meta_differs(self.meta, gm.meta):
+        if gm.graph.python_code("self").src != self.code or _meta_differs(self.meta, gm.meta):
             return True
         after = dict(_named_tensors(gm))
         if after.keys() != self.tensors.keys():
