@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.fx
@@ -49,43 +49,50 @@ def _foldable_producer(gm: torch.fx.GraphModule, bn: torch.fx.Node) -> torch.fx.
     producer, weight, bias, mean, var, training = bn.args[:6]
     if training or not isinstance(producer, torch.fx.Node) or producer.target not in _FOLDABLE:
         return None
-    if len(producer.users) != 1 or mean is None or var is None:
+    if len(producer.users) != 1 or param_node(mean) is None or param_node(var) is None:
         return None
-    if any(a is not None and param_node(a) is None for a in (weight, bias, mean, var)):
+    if any(a is not None and param_node(a) is None for a in (weight, bias)):
         return None
     conv_weight = param_node(producer.args[1])
-    conv_bias = producer.args[2] if len(producer.args) > 2 else None
+    bias_arg = _bias_arg(producer)
     if conv_weight is None or len(get_attr_users(gm, conv_weight)) != 1:
         return None
-    if conv_bias is not None and (param_node(conv_bias) is None or len(get_attr_users(gm, str(conv_bias.target))) != 1):
+    conv_bias = param_node(bias_arg)
+    if bias_arg is not None and (conv_bias is None or len(get_attr_users(gm, conv_bias)) != 1):
         return None
     return producer
 
 
+def _bias_arg(producer: torch.fx.Node) -> object:
+    return producer.args[2] if len(producer.args) > 2 else None
+
+
 def _fold(gm: torch.fx.GraphModule, producer: torch.fx.Node, bn: torch.fx.Node) -> None:
-    _, gamma_n, beta_n, mean_n, var_n, _, _, eps = bn.args[:8]
-    mean, var = _tensor(gm, mean_n), _tensor(gm, var_n)
-    gamma = _tensor(gm, gamma_n) if gamma_n is not None else torch.ones_like(mean)
-    beta = _tensor(gm, beta_n) if beta_n is not None else torch.zeros_like(mean)
-    weight_target = str(producer.args[1].target)
+    _, gamma_arg, beta_arg, mean_arg, var_arg, _, _, eps = bn.args[:8]
+    mean, var = _tensor(gm, mean_arg), _tensor(gm, var_arg)
+    gamma = _tensor(gm, gamma_arg) if gamma_arg is not None else torch.ones_like(mean)
+    beta = _tensor(gm, beta_arg) if beta_arg is not None else torch.zeros_like(mean)
+    weight_target = _target(producer.args[1])
     weight = attr_tensor(gm, weight_target)
-    bias_node = producer.args[2] if len(producer.args) > 2 else None
-    bias = attr_tensor(gm, str(bias_node.target)) if bias_node is not None else torch.zeros_like(mean)
+    bias_target = param_node(_bias_arg(producer))
+    bias = attr_tensor(gm, bias_target) if bias_target is not None else torch.zeros_like(mean)
 
     with torch.no_grad():
-        scale = (gamma.double() / torch.sqrt(var.double() + float(eps)))
+        scale = gamma.double() / torch.sqrt(var.double() + float(eps))  # type: ignore[arg-type]
         new_weight = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
         new_bias = (bias.double() - mean.double()) * scale + beta.double()
     set_attr_tensor(gm, weight_target, new_weight.to(weight.dtype))
-    if bias_node is not None:
-        set_attr_tensor(gm, str(bias_node.target), new_bias.to(bias.dtype))
+    if bias_target is not None:
+        set_attr_tensor(gm, bias_target, new_bias.to(bias.dtype))
     else:
         _add_bias(gm, producer, weight_target, new_bias.to(weight.dtype))
     bn.replace_all_uses_with(producer)
     gm.graph.erase_node(bn)
 
 
-def _add_bias(gm: torch.fx.GraphModule, producer: torch.fx.Node, weight_target: str, bias: torch.Tensor) -> None:
+def _add_bias(
+    gm: torch.fx.GraphModule, producer: torch.fx.Node, weight_target: str, bias: torch.Tensor
+) -> None:
     owner = weight_target.rpartition(".")[0]
     target = unique_attr_name(gm, f"{owner}.bias" if owner else "bias")
     set_attr_tensor(gm, target, bias)
@@ -97,5 +104,12 @@ def _add_bias(gm: torch.fx.GraphModule, producer: torch.fx.Node, weight_target: 
     producer.args = tuple(args)
 
 
-def _tensor(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor:
-    return attr_tensor(gm, str(node.target))
+def _target(arg: object) -> str:
+    target = param_node(arg)
+    if target is None:
+        raise TypeError(f"expected a get_attr node, got {arg!r}")
+    return target
+
+
+def _tensor(gm: torch.fx.GraphModule, arg: object) -> torch.Tensor:
+    return attr_tensor(gm, _target(arg))

@@ -49,10 +49,10 @@ def _exists(gm: torch.fx.GraphModule, target: str) -> bool:
     return hasattr(owner, name)
 
 
-def param_node(node: torch.fx.Node | None) -> str | None:
-    """The get_attr target feeding an argument, or None if the argument is computed."""
-    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
-        return str(node.target)
+def param_node(arg: object) -> str | None:
+    """The get_attr target feeding an argument, or None if the argument is computed or a constant."""
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        return str(arg.target)
     return None
 
 

@@ -15,7 +15,9 @@ from tilefx.passes.infra.manager import PassManager
 def _always_verify(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     original = PassManager.__init__
 
-    def init(self: PassManager, passes: Any, instruments: Any = (), verify: bool = True, tolerance: float = 1e-5) -> None:
+    def init(
+        self: PassManager, passes: Any, instruments: Any = (), verify: bool = True, tolerance: float = 1e-5
+    ) -> None:
         original(self, passes, instruments, True, tolerance)
 
     monkeypatch.setattr(PassManager, "__init__", init)

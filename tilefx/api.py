@@ -55,7 +55,9 @@ def optimize(
     return out
 
 
-def compile(gm: torch.fx.GraphModule, target: str | dict[str, Any] = "llvm", **options: Any) -> torch.nn.Module:  # noqa: A001
+def compile(
+    gm: torch.fx.GraphModule, target: str | dict[str, Any] = "llvm", **options: Any
+) -> torch.nn.Module:  # noqa: A001
     """Lower an optimized graph: sparse layers become TVM block-sparse kernels, the rest stays torch."""
     from tilefx.lowering.build import compile_graph  # tvm is imported only here
 

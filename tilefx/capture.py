@@ -57,6 +57,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any]) -> torch.fx.G
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
+    gm: torch.fx.GraphModule
     if isinstance(model, _StatefulGraphModule):
         gm = copy.deepcopy(model)  # already ATen-level; its BN mode was fixed when it was exported
     else:
@@ -70,7 +71,9 @@ def check_finite(model: torch.nn.Module) -> None:
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise CaptureError(f"parameter {name!r} has {bad} non-finite value(s) (NaN or inf); fix the weights first")
+            raise CaptureError(
+                f"parameter {name!r} has {bad} non-finite value(s) (NaN or inf); fix the weights first"
+            )
 
 
 def _as_tuple(example_inputs: Sequence[Any]) -> tuple[Any, ...]:

@@ -26,7 +26,11 @@ def _randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            if (
+                isinstance(m, torch.nn.BatchNorm2d)
+                and m.running_mean is not None
+                and m.running_var is not None
+            ):
                 m.running_mean.copy_(torch.rand(m.num_features, generator=generator) - 0.5)
                 m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
@@ -47,7 +51,9 @@ def resnet50_demo() -> None:
     timing = TimingInstrument()
     start = time.perf_counter()
     optimized = tilefx.optimize(model, (x,), instruments=[timing])
-    print(f"optimize: {time.perf_counter() - start:.1f} s (capture + passes + verification after each pass)\n")
+    print(
+        f"optimize: {time.perf_counter() - start:.1f} s (capture + passes + verification after each pass)\n"
+    )
     print(pass_table(timing.timings))
     with torch.no_grad():
         error = max_relative_error(optimized(x), model(x))
@@ -72,8 +78,10 @@ def minilm_demo() -> None:
         ours = optimized(*inputs)["last_hidden_state"]
     emb_ref, emb_ours = mean_pooled(reference, inputs[1]), mean_pooled(ours, inputs[1])
     cosine = torch.nn.functional.cosine_similarity(emb_ref, emb_ours).min()
-    print(f"\nverified: max relative error {max_relative_error(ours, reference):.2e}; "
-          f"min sentence-embedding cosine vs original {float(cosine):.6f} over {len(inputs[0])} sentences")
+    print(
+        f"\nverified: max relative error {max_relative_error(ours, reference):.2e}; "
+        f"min sentence-embedding cosine vs original {float(cosine):.6f} over {len(inputs[0])} sentences"
+    )
 
 
 def main() -> int:

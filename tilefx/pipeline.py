@@ -25,5 +25,7 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
     passes.append(EliminateDeadCodePass())
     for name in ("channels", "connections", "blocks"):
         if getattr(recipe, name) is not None:
-            raise RecipeError(f"Recipe.{name}: this pruning method is not available in this build of tilefx yet")
+            raise RecipeError(
+                f"Recipe.{name}: this pruning method is not available in this build of tilefx yet"
+            )
     return passes

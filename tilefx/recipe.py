@@ -101,8 +101,12 @@ class BlockPruning:
 
     def __post_init__(self) -> None:
         block = tuple(self.block)
-        if len(block) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block):
-            raise RecipeError(f"BlockPruning.block must be two positive integers (rows, cols), got {self.block!r}")
+        if len(block) != 2 or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block
+        ):
+            raise RecipeError(
+                f"BlockPruning.block must be two positive integers (rows, cols), got {self.block!r}"
+            )
         object.__setattr__(self, "block", block)
         _fraction("BlockPruning", "sparsity", self.sparsity)
         _choice("BlockPruning", "reorder", self.reorder, ("tetris", "none"))
@@ -125,10 +129,16 @@ class Recipe:
     tolerance: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name, kind in (("channels", ChannelPruning), ("connections", ConnectionPruning), ("blocks", BlockPruning)):
+        for name, kind in (
+            ("channels", ChannelPruning),
+            ("connections", ConnectionPruning),
+            ("blocks", BlockPruning),
+        ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
-                raise RecipeError(f"Recipe.{name} must be a tilefx.{kind.__name__} or None, got {type(value).__name__}")
+                raise RecipeError(
+                    f"Recipe.{name} must be a tilefx.{kind.__name__} or None, got {type(value).__name__}"
+                )
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise RecipeError(f"Recipe.skip must be a tuple of op or node names, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))

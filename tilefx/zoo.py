@@ -62,7 +62,9 @@ def load_minilm() -> MiniLM:
     state = {k.removeprefix("bert."): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or any(k != "embeddings.position_ids" for k in unexpected):
-        raise RuntimeError(f"MiniLM weights do not match BertModel: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"MiniLM weights do not match BertModel: missing {missing}, unexpected {unexpected}"
+        )
     return MiniLM(model.eval(), tokenizer)
 
 
@@ -80,5 +82,13 @@ def _tokenizer(raw: bytes) -> Any:
 
 
 def _special_tokens(config: dict[str, Any]) -> dict[str, Any]:
-    keys = ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token", "model_max_length", "do_lower_case")
+    keys = (
+        "cls_token",
+        "sep_token",
+        "pad_token",
+        "unk_token",
+        "mask_token",
+        "model_max_length",
+        "do_lower_case",
+    )
     return {k: config[k] for k in keys if k in config}

@@ -10,7 +10,13 @@ from .errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from .instruments import DumpGraphInstrument, Instrument, PassTiming, PrintAfterChangeInstrument, TimingInstrument
+from .instruments import (
+    DumpGraphInstrument,
+    Instrument,
+    PassTiming,
+    PrintAfterChangeInstrument,
+    TimingInstrument,
+)
 from .manager import PassManager, PipelineResult
 from .pass_base import Numerics, PassBase, PassResult
 from .verify import VerifyInstrument, assert_outputs_close, lint, run_checked

@@ -60,7 +60,9 @@ class PassError(OptimizeError):
             kind = _in_pass(type(cause))
         error = kind.__new__(kind)
         PassError.__init__(error, pass_name, previous, cause)
-        error.__dict__.update({k: v for k, v in vars(cause).items() if k not in ("pass_name", "previous", "cause")})
+        error.__dict__.update(
+            {k: v for k, v in vars(cause).items() if k not in ("pass_name", "previous", "cause")}
+        )
         return error
 
 

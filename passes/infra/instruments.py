@@ -18,7 +18,13 @@ from .pass_base import PassBase, PassResult
 if TYPE_CHECKING:
     from .analysis_manager import AnalysisManager
 
-__all__ = ["DumpGraphInstrument", "Instrument", "PassTiming", "PrintAfterChangeInstrument", "TimingInstrument"]
+__all__ = [
+    "DumpGraphInstrument",
+    "Instrument",
+    "PassTiming",
+    "PrintAfterChangeInstrument",
+    "TimingInstrument",
+]
 
 log = logging.getLogger(__name__)
 

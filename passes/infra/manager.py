@@ -95,11 +95,15 @@ class _Fingerprint:
         after = dict(_named_tensors(gm))
         if after.keys() != self.tensors.keys():
             return True
-        return any(_tensor_differs(old, version, after[name]) for name, (old, version) in self.tensors.items())
+        return any(
+            _tensor_differs(old, version, after[name]) for name, (old, version) in self.tensors.items()
+        )
 
 
 def _named_tensors(gm: torch.nn.Module) -> itertools.chain[tuple[str, torch.Tensor]]:
-    return itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False))
+    return itertools.chain(
+        gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)
+    )
 
 
 def _meta_differs(old: dict[str, Any], new: dict[str, Any]) -> bool:

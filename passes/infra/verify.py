@@ -59,7 +59,9 @@ class _CheckingInterpreter(torch.fx.Interpreter):
         except VerificationError:
             raise
         except Exception as exc:
-            shapes = [tuple(a.shape) for a in pytree.tree_leaves(self._inputs_of(n)) if isinstance(a, torch.Tensor)]
+            shapes = [
+                tuple(a.shape) for a in pytree.tree_leaves(self._inputs_of(n)) if isinstance(a, torch.Tensor)
+            ]
             raise VerificationError(
                 f"{self.where}: node {n.name!r} ({n.target}) fails on the example inputs with input shapes {shapes}: {exc}"
             ) from exc

@@ -159,8 +159,13 @@ def test_shapes_analysis_reports_node_shapes() -> None:
 def test_timing_and_dump_instruments(tmp_path: Path) -> None:
     gm, inputs = _captured()
     timing = TimingInstrument()
-    PassManager([FoldBatchNormPass(), EliminateDeadCodePass()], [timing, DumpGraphInstrument(tmp_path)]).run(gm, inputs)
-    assert [(t.name, t.modified) for t in timing.timings] == [("FoldBatchNormPass", True), ("EliminateDeadCodePass", True)]
+    PassManager([FoldBatchNormPass(), EliminateDeadCodePass()], [timing, DumpGraphInstrument(tmp_path)]).run(
+        gm, inputs
+    )
+    assert [(t.name, t.modified) for t in timing.timings] == [
+        ("FoldBatchNormPass", True),
+        ("EliminateDeadCodePass", True),
+    ]
     assert all(t.seconds >= 0 for t in timing.timings)
     dumped = sorted(p.name for p in tmp_path.iterdir())
     assert dumped == ["000_FoldBatchNormPass.py", "001_EliminateDeadCodePass.py"]
