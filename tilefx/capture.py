@@ -41,6 +41,11 @@ _KNOWN_FAILURES: tuple[tuple[str, str, str], ...] = (
         "express the branch with torch.cond or make it depend only on shapes",
     ),
     (
+        "which is not a known type",
+        "an input or output object torch.export cannot flatten (e.g. a transformers cache)",
+        "return plain tensors (transformers: config.use_cache=False) or register the type with torch.utils._pytree",
+    ),
+    (
         "not supported",
         "a construct torch.export does not support",
         "rewrite that part of forward() in plain tensor ops, or wrap it in a custom op",
@@ -117,7 +122,7 @@ def _explain(model: torch.nn.Module, exc: Exception) -> str:
 
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch, i.e. the user's line that failed."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename and not f.filename.startswith("<")]
     frames = [f for f in frames if not f.filename.endswith("tilefx/capture.py")]
     return f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
 
