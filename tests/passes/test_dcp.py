@@ -1,0 +1,130 @@
+"""DCP: greedy discrimination-aware selection picks informative channels; stopping; determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.passes.chain_groups import chain_groups
+from tilefx.capture import capture
+from tilefx.passes.analysis.importance import score_groups
+from tilefx.passes.infra.errors import RecipeError
+from tilefx.passes.training.calibration import Calibration
+from tilefx.passes.training.dcp import DCPOptions, dcp_scores
+
+
+class Informative(nn.Module):
+    """conv1 makes 4 channels from a labelled signal (small filters) and 4 from zero-mean noise
+    (large filters, normalised back to unit scale by the batch norm); conv2 reads the signal
+    channels and all but ignores the noise ones. L1 on the producer's filters prefers the noise
+    channels; DCP must keep the signal ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 8, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.conv1.weight.zero_()
+            self.conv1.weight[:4, 0] = torch.tensor([1.0, -1.0, 0.8, -0.8]).reshape(4, 1, 1)
+            self.conv1.weight[4:, 1] = 10.0
+            self.bn.running_var[4:] = 100.0
+            self.conv2.weight.fill_(1e-3)
+            self.conv2.weight[:, :4] = torch.eye(4).reshape(4, 4, 1, 1) * 2
+            self.conv2.bias.zero_()
+            self.fc.weight.copy_(torch.tensor([[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 1.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv2(self.bn(self.conv1(x)))).mean((2, 3)))
+
+
+def _data(batches: int = 3, n: int = 32) -> Calibration:
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(batches):
+        labels = torch.randint(0, 2, (n,), generator=generator)
+        signal = (labels.float() * 2 - 1).reshape(n, 1, 1, 1) + 0.3 * torch.randn(
+            n, 1, 4, 4, generator=generator
+        )
+        noise = torch.randn(n, 1, 4, 4, generator=generator)
+        out.append((torch.cat([signal, noise], 1), labels))
+    return Calibration(out)
+
+
+@pytest.fixture
+def gm() -> torch.fx.GraphModule:
+    return capture(Informative().eval(), (torch.randn(2, 2, 4, 4),))
+
+
+def _conv1_group(gm: torch.fx.GraphModule) -> object:
+    return chain_groups(gm).groups[0]
+
+
+FAST = DCPOptions(aux_epochs=1, num_losses=1)
+
+
+@pytest.mark.parametrize("variant", [FAST, dataclasses.replace(FAST, aux="paper", importance="paper")])
+def test_dcp_keeps_the_informative_channels_that_l1_would_drop(
+    gm: torch.fx.GraphModule, variant: DCPOptions
+) -> None:
+    group = _conv1_group(gm)
+    result = dcp_scores(gm, chain_groups(gm).prunable(), _data(), variant)
+    assert set(result.order[group.id]) == {0, 1, 2, 3}  # type: ignore[attr-defined]
+    scores = result.scores[group.id]  # type: ignore[attr-defined]
+    assert scores[:4].min() >= 1 > scores[4:].max()
+    l1 = score_groups(gm, chain_groups(gm), "l1").scores[group.id]  # type: ignore[attr-defined]
+    assert set(torch.topk(l1, 4).indices.tolist()) == {4, 5, 6, 7}
+
+
+def test_fixed_rate_stops_at_floor_of_rate_times_units(gm: torch.fx.GraphModule) -> None:
+    groups = chain_groups(gm).prunable()
+    for rate, kept in ((0.5, 4), (0.3, 6), (0.9, 1), (0.0, 8)):
+        result = dcp_scores(gm, groups, _data(1), dataclasses.replace(FAST, rate=rate, aux_epochs=0))
+        assert len(result.order[0]) == kept
+        assert len(result.losses[0]) == kept + 1
+
+
+def test_epsilon_stops_when_the_relative_loss_change_is_small(gm: torch.fx.GraphModule) -> None:
+    groups = chain_groups(gm).prunable()
+    loose = dcp_scores(gm, groups, _data(1), dataclasses.replace(FAST, epsilon=0.5, aux_epochs=0))
+    tight = dcp_scores(gm, groups, _data(1), dataclasses.replace(FAST, epsilon=1e-9, aux_epochs=0))
+    losses = loose.losses[0]
+    assert abs(losses[-2] - losses[-1]) / losses[0] <= 0.5
+    assert all(abs(a - b) / losses[0] > 0.5 for a, b in zip(losses[:-2], losses[1:-1], strict=True))
+    assert len(loose.order[0]) < len(tight.order[0]) == 8
+
+
+def test_dcp_is_deterministic_and_leaves_the_model_unchanged(gm: torch.fx.GraphModule) -> None:
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    groups = chain_groups(gm).prunable()
+    first = dcp_scores(gm, groups, _data(), FAST)
+    second = dcp_scores(gm, groups, _data(), FAST)
+    for gid, scores in first.scores.items():
+        assert torch.equal(scores, second.scores[gid])
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+    weight = first.weights["conv2.weight"]
+    assert weight[:, 4:].abs().sum() == 0 and weight[:, :4].abs().sum() > 0
+
+
+def test_groups_without_one_dense_consumer_fall_back_or_refuse() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(4, 2)
+    )
+    gm = capture(model.eval(), (torch.randn(2, 2, 3, 3),))
+    groups = chain_groups(gm).prunable()  # conv → depthwise conv: not a DCP layer
+    data = Calibration([(torch.randn(4, 2, 3, 3), torch.tensor([0, 1, 0, 1]))])
+    result = dcp_scores(gm, groups, data, dataclasses.replace(FAST, aux_epochs=0))
+    assert result.fallback == (0,)
+    with pytest.raises(RecipeError, match="cannot select"):
+        dcp_scores(gm, groups, data, dataclasses.replace(FAST, fallback="error"))
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(RecipeError, match="rate"):
+        DCPOptions(rate=1.0)
+    with pytest.raises(RecipeError, match="epsilon"):
+        DCPOptions(epsilon=0.0)
