@@ -21,7 +21,6 @@ each stay under the machine's time limit), and a summary is printed from all lin
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import statistics
@@ -146,6 +145,7 @@ def run_tilefx(model: nn.Module, inputs: tuple[Any, ...], reference: torch.Tenso
     except Exception as exc:
         row["graph_seconds"] = None
         row["graph_error"] = error_row(exc)
+    row["tp_graph_seconds"] = torch_pruning_graph_seconds(model, inputs)
     for ratio in RATIOS:
         start = time.perf_counter()
         try:
@@ -213,19 +213,25 @@ def fix_hf_attention(model: nn.Module) -> None:
             module.all_head_size = query.out_features
 
 
-def run_torch_pruning(name: str, reference: torch.Tensor) -> dict[str, Any]:
+def torch_pruning_graph_seconds(model: nn.Module, inputs: tuple[Any, ...]) -> float | None:
+    """Seconds for Torch-Pruning to build its dependency graph (None if it cannot)."""
     import torch_pruning as tp
 
-    row: dict[str, Any] = {}
-    model, inputs = build(name)
     example = inputs[0] if len(inputs) == 1 else inputs
     try:
         start = time.perf_counter()
         tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-        row["graph_seconds"] = time.perf_counter() - start
-    except Exception as exc:
-        row["graph_seconds"] = None
-        row["graph_error"] = error_row(exc)
+        return time.perf_counter() - start
+    except Exception:
+        return None
+
+
+def run_torch_pruning(name: str, reference: torch.Tensor) -> dict[str, Any]:
+    import torch_pruning as tp
+
+    model, inputs = build(name)
+    example = inputs[0] if len(inputs) == 1 else inputs
+    row: dict[str, Any] = {"graph_seconds": torch_pruning_graph_seconds(model, inputs)}
     for ratio in RATIOS:
         model, inputs = build(name)
         row["params_dense"] = count_params(model)
@@ -247,22 +253,34 @@ def run_torch_pruning(name: str, reference: torch.Tensor) -> dict[str, Any]:
 
 
 # ---- driver --------------------------------------------------------------------------------
-def measure(name: str) -> dict[str, Any]:
+def measure(name: str, tool: str) -> dict[str, Any]:
+    """One JSON line: the model's dense numbers and one tool's results."""
     model, inputs = build(name)
     with torch.no_grad():
         reference = first_output(model(*inputs))
-    row: dict[str, Any] = {"model": name, "input": [tuple(t.shape) for t in inputs], "macs_dense": count_macs(model, inputs),
-                           "params_dense": count_params(model)}  # fmt: skip
-    start = time.perf_counter()
-    row["tilefx"] = run_tilefx(copy.deepcopy(model), inputs, reference)
-    row["tilefx_seconds"] = time.perf_counter() - start
+    row: dict[str, Any] = {"model": name, "tool": tool, "input": [tuple(t.shape) for t in inputs],
+                           "macs_dense": count_macs(model, inputs), "params_dense": count_params(model)}  # fmt: skip
     start = time.perf_counter()
     try:
-        row["tp"] = run_torch_pruning(name, reference)
+        row["result"] = (
+            run_tilefx(model, inputs, reference) if tool == "tilefx" else run_torch_pruning(name, reference)
+        )
     except Exception as exc:
-        row["tp"] = {"dense": error_row(exc)}
-    row["tp_seconds"] = time.perf_counter() - start
+        row["result"] = {"dense": error_row(exc)}
+    row["seconds"] = time.perf_counter() - start
     return row
+
+
+def load(out: Path) -> list[dict[str, Any]]:
+    """Per model: dense numbers plus {tool: result}; the last line for a (model, tool) wins."""
+    merged: dict[str, dict[str, Any]] = {}
+    lines = out.read_text().splitlines() if out.exists() else []
+    for line in map(json.loads, lines):
+        row = merged.setdefault(line["model"], {"tilefx": {}, "tp": {}})
+        row.update({k: v for k, v in line.items() if k not in ("tool", "result", "seconds")})
+        if "tool" in line:
+            row[line["tool"]] = line.get("result", {})
+    return list(merged.values())
 
 
 def ok(tool: dict[str, Any], ratio: float) -> bool:
@@ -291,7 +309,14 @@ def summary(rows: list[dict[str, Any]]) -> str:
             f"| {median([reduction(r, 'tilefx', ratio, 'macs') for r in both])} / {median([reduction(r, 'tp', ratio, 'macs') for r in both])} "
             f"| {median([reduction(r, 'tilefx', ratio, 'params') for r in both])} / {median([reduction(r, 'tp', ratio, 'params') for r in both])} |"
         )
-    graph_times = [(r["tilefx"].get("graph_seconds"), r["tp"].get("graph_seconds")) for r in rows]
+    # both times from the tilefx run (same process, same moment); else TP's own line
+    graph_times = [
+        (
+            r["tilefx"].get("graph_seconds"),
+            r["tilefx"].get("tp_graph_seconds") or r["tp"].get("graph_seconds"),
+        )
+        for r in rows
+    ]
     paired = [(a, b) for a, b in graph_times if a is not None and b is not None]
     lines += ["", f"dependency graph build, median over {len(paired)} models: tilefx (capture + channel groups) "
               f"{median([a for a, _ in paired])} s, Torch-Pruning {median([b for _, b in paired])} s"]  # fmt: skip
@@ -312,6 +337,8 @@ def _seconds(value: float | None) -> str:
 
 
 def cell(tool: dict[str, Any], ratio: float) -> str:
+    if not tool:
+        return "not run"
     result = tool.get(str(ratio)) or tool.get("dense") or {}
     if result.get("ok"):
         return "ok"
@@ -324,30 +351,39 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="these models only")
     parser.add_argument("--shard", default="1/1", help="k/n: the k-th of n slices of the model list")
     parser.add_argument(
-        "--out", default="channel_coverage.jsonl", help="JSON lines, appended; done models skipped"
+        "--out",
+        default="channel_coverage.jsonl",
+        help="JSON lines, appended; done (model, tool) pairs skipped",
     )
     parser.add_argument("--summary", action="store_true", help="only print the summary of --out")
+    parser.add_argument("--tools", nargs="+", default=["tilefx", "tp"], choices=["tilefx", "tp"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore")
     out = Path(args.out)
-    done = {json.loads(line)["model"] for line in out.read_text().splitlines()} if out.exists() else set()
+    done = (
+        {(r["model"], r.get("tool")) for r in map(json.loads, out.read_text().splitlines())}
+        if out.exists()
+        else set()
+    )
     if not args.summary:
         names = args.models or (list(QUICK) if args.quick else all_models())
         k, n = (int(v) for v in args.shard.split("/"))
-        names = [m for i, m in enumerate(names) if i % n == k - 1 and m not in done]
-        for name in names:
-            start = time.perf_counter()
-            try:
-                row = measure(name)
-            except Exception as exc:  # the model itself failed to build or run: say so, go on
-                row = {"model": name, "build_error": error_row(exc), "trace": traceback.format_exc()[-500:]}
-            with out.open("a") as f:
-                f.write(json.dumps(row, default=str) + "\n")
-            print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+        for name in [m for i, m in enumerate(names) if i % n == k - 1]:
+            for tool in args.tools:
+                if (name, tool) in done:
+                    continue
+                start = time.perf_counter()
+                try:
+                    row = measure(name, tool)
+                except Exception as exc:  # the model itself failed to build or run: say so, go on
+                    row = {"model": name, "tool": tool, "build_error": error_row(exc),
+                           "trace": traceback.format_exc()[-500:]}  # fmt: skip
+                with out.open("a") as f:
+                    f.write(json.dumps(row, default=str) + "\n")
+                print(f"{name} [{tool}]: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     wanted = set(args.models or (QUICK if args.quick else all_models()))
-    rows = [r for r in rows if r["model"] in wanted and "build_error" not in r]
+    rows = [r for r in load(out) if r["model"] in wanted and "build_error" not in r]
     print(summary(rows))
 
 

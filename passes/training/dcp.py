@@ -30,6 +30,10 @@ Which groups: a group whose units reach exactly one consumer, the input channels
 residual stream feeding many convs, which the released code never prunes either) are scored by
 the ``fallback`` criterion (L1 by default; ``"error"`` refuses).
 
+Selection data: the calibration batches are read once into a list (``max_batches`` of them) and
+reused in that order for every pass; keep it to what fits in memory (the paper selects on 10k
+ImageNet images).
+
 Deviations from the paper and the code (each also noted where it happens):
 - Only scores leave DCP: the auxiliary fine-tune and the per-layer reconstructed weights do not
   reach the pruned model (``DCPResult.weights`` holds the latter for a pass that wants them). The
@@ -192,7 +196,11 @@ class _DCP:
         self.work = copy.deepcopy(gm)
         for p in self.work.parameters():
             p.requires_grad_(True)
-        self.data = data
+        # One fixed list of batches: the baseline outputs are cached per batch, so every pass must
+        # see the same batches in the same order (a shuffling DataLoader would not).
+        self.data = Calibration(list(data), loss=data.loss)
+        if not self.data.batches:
+            raise RecipeError("DCP: the calibration data yielded no batches")
         self.options = options
         self.masks: dict[str, torch.Tensor] = {}  # pruned so far: weight target → element mask
 
@@ -300,10 +308,13 @@ class _DCP:
     def _select(self, layer: _Layer, baseline: torch.fx.GraphModule, result: DCPResult) -> None:
         stage = self._stage_of(layer)
         taps = [layer.node] + ([self.pivots[stage]] if stage < len(self.pivots) else [])
-        tapped = Tapped(self.work, taps)
-        targets = self._baseline_outputs(baseline, layer.node)
+        # The layer's input is fixed while its channels are chosen: compute it once, run the rest.
+        source = self._input_of(layer)
+        tapped = Tapped(self.work, taps, cut=[source])
+        prefix = self._outputs(self.work, source)
+        targets = self._outputs(baseline, layer.node)
         self.heads.eval()
-        problem = _Problem(self, layer, tapped, targets, stage)
+        problem = _Problem(self, layer, tapped, targets, prefix, stage)
         order, losses, final_scores, weight = problem.solve()
         units = layer.positions.shape[0]
         scores = torch.zeros(units, dtype=torch.float64)
@@ -322,8 +333,16 @@ class _DCP:
         self.masks[layer.target] = mask
         log.info("DCP: %s keeps %d of %d units after %d steps", layer.node, len(order), units, len(order))
 
-    def _baseline_outputs(self, baseline: torch.fx.GraphModule, node: str) -> list[torch.Tensor]:
-        tapped = Tapped(baseline, [node])
+    def _input_of(self, layer: _Layer) -> str:
+        node = next(n for n in self.work.graph.nodes if n.name == layer.node)
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node):
+            raise RecipeError(f"DCP: the input of {layer.node} is not a graph value")
+        return source.name
+
+    def _outputs(self, gm: torch.fx.GraphModule, node: str) -> list[torch.Tensor]:
+        """``node``'s value on every selection batch (no gradient)."""
+        tapped = Tapped(gm, [node])
         with torch.no_grad():
             return [tapped(inputs)[1][0].detach() for inputs, _ in self.data]
 
@@ -335,11 +354,13 @@ class _Problem:
     dcp: _DCP
     layer: _Layer
     tapped: Tapped
-    targets: list[torch.Tensor]
+    targets: list[torch.Tensor]  # baseline output of the layer, per batch
+    prefix: list[torch.Tensor]  # the layer's input in the pruned-so-far model, per batch
     stage: int
+    _last_mean: float = 0.0
 
     def loss(self, weight: torch.Tensor, inputs: tuple[Any, ...], labels: Any, batch: int) -> torch.Tensor:
-        outputs, taps = self.tapped(inputs, {self.layer.target: weight})
+        outputs, taps = self.tapped(inputs, {self.layer.target: weight}, given=[self.prefix[batch]])
         reconstruction = 0.5 * F.mse_loss(taps[0], self.targets[batch])  # 1/(2Q)·Σ‖O^b − O‖²
         if self.stage < len(self.dcp.heads):
             discrimination = F.cross_entropy(self.dcp.heads[self.stage](taps[1]), labels)

@@ -27,28 +27,48 @@ class Tapped:
 
     ``outputs`` is the model's flat output list. Inputs are flattened the way ``torch.export``'s
     module flattens them (positional leaves in order).
+
+    ``cut`` names nodes whose values the caller supplies (``given=[...]`` in the same order)
+    instead of computing them: everything only they needed is dropped from the graph. A method
+    that re-runs the tail of a network many times on a fixed prefix (DCP's per-layer selection)
+    computes the prefix once.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, taps: Sequence[str] = ()) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, taps: Sequence[str] = (), cut: Sequence[str] = ()) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}
-        missing = [t for t in taps if t not in nodes]
+        missing = [t for t in (*taps, *cut) if t not in nodes]
         if missing:
-            raise VerificationError(f"cannot tap nodes {missing}: not in the graph")
+            raise VerificationError(f"cannot tap or cut nodes {missing}: not in the graph")
         graph = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         outputs = graph.graph_copy(gm.graph, env)
         graph.output((*pytree.tree_leaves(outputs), *(env[nodes[t]] for t in taps)))
+        _cut(graph, [env[nodes[c]] for c in cut])
         self.module = torch.fx.GraphModule(gm, graph)
         self.taps = tuple(taps)
         self._outputs = len(pytree.tree_leaves(outputs))
 
     def __call__(
-        self, inputs: Sequence[Any], params: Mapping[str, torch.Tensor] | None = None
+        self,
+        inputs: Sequence[Any],
+        params: Mapping[str, torch.Tensor] | None = None,
+        given: Sequence[torch.Tensor] = (),
     ) -> tuple[list[Any], list[torch.Tensor]]:
-        flat = pytree.tree_leaves(tuple(inputs))
+        flat = [*pytree.tree_leaves(tuple(inputs)), *given]
         if params:
             result = torch.func.functional_call(self.module, dict(params), tuple(flat), strict=False)
         else:
             result = self.module(*flat)
         result = list(result)
         return result[: self._outputs], result[self._outputs :]
+
+
+def _cut(graph: torch.fx.Graph, nodes: Sequence[torch.fx.Node]) -> None:
+    """Turn ``nodes`` into trailing placeholders and drop what only they needed."""
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1:]
+    for node in nodes:
+        with graph.inserting_after(last[0]) if last else graph.inserting_before(None):
+            given = graph.placeholder(f"given_{node.name}")
+        node.replace_all_uses_with(given)
+        last = [given]
+    graph.eliminate_dead_code()

@@ -128,3 +128,27 @@ def test_options_are_validated() -> None:
         DCPOptions(rate=1.0)
     with pytest.raises(RecipeError, match="epsilon"):
         DCPOptions(epsilon=0.0)
+
+
+class _Reshuffling:
+    """A re-iterable that yields its batches in a different order on every pass (like a DataLoader)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.passes += 1
+        order = (
+            self.batches[self.passes % len(self.batches) :] + self.batches[: self.passes % len(self.batches)]
+        )
+        return iter(order)
+
+
+def test_selection_data_is_read_once_so_shuffling_loaders_keep_targets_aligned(
+    gm: torch.fx.GraphModule,
+) -> None:
+    batches = list(_data())
+    loader = _Reshuffling(batches)
+    result = dcp_scores(gm, chain_groups(gm).prunable(), Calibration(loader), FAST)
+    assert loader.passes == 1
+    assert set(result.order[0]) == {0, 1, 2, 3}
