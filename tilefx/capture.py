@@ -122,7 +122,11 @@ def _explain(model: torch.nn.Module, exc: Exception) -> str:
 
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch, i.e. the user's line that failed."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename and not f.filename.startswith("<")]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "/torch/" not in f.filename and not f.filename.startswith("<")
+    ]
     frames = [f for f in frames if not f.filename.endswith("tilefx/capture.py")]
     return f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch.fx
 
@@ -47,7 +48,7 @@ class PassBase(abc.ABC):
         """Rewrite ``gm``; return the result and whether anything changed."""
 
     def masked_reference(
-        self, before: torch.fx.GraphModule, after: torch.fx.GraphModule
+        self, before: torch.fx.GraphModule, after: torch.fx.GraphModule, example_inputs: Sequence[Any]
     ) -> torch.fx.GraphModule:
         """For ``numerics == "masked"``: the input model with what this pass claims to remove zeroed.
 

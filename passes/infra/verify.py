@@ -133,7 +133,7 @@ class VerifyInstrument(Instrument):
             assert_outputs_close(outputs, self._reference, self.tolerance, f"{where} (declared exact)")
         elif pass_.numerics == "masked":
             assert before is not None
-            reference = pass_.masked_reference(before, gm)
+            reference = pass_.masked_reference(before, gm, am.example_inputs)
             expected = run_checked(reference, am.example_inputs, f"{where} masked reference")
             assert_outputs_close(outputs, expected, self.tolerance, f"{where} (vs its masked reference)")
         self._reference = outputs

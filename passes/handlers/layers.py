@@ -1,0 +1,110 @@
+"""Layers that create channels: convolutions, linear maps, embeddings.
+
+A layer's output channels are fresh identities (its filters, role "out"); its weight's input
+dim is sliced with the identities of the channels it reads (role "in").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..analysis.channel_groups import Channels, Context, ParamRef
+from . import handles
+
+aten = torch.ops.aten
+
+
+def _arg(node: Any, index: int, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(_CONV_NAMES[index], default)
+
+
+_CONV_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+@handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+def conv(node: Any, ctx: Context) -> Channels:
+    """Dense, grouped and depthwise convolutions.
+
+    Grouped: each group keeps the same positions (``groups`` stays; per-group widths shrink).
+    Depthwise (one input channel per group): an input channel and its outputs go together, and
+    the ``groups`` argument shrinks with them.
+    """
+    x, weight, bias, groups = _arg(node, 0), _arg(node, 1), _arg(node, 2), _arg(node, 6, 1)
+    cout, cin_per_group = ctx.shape(weight)[:2]
+    in_ids = ctx.ids_on(x, 1)
+    if groups == 1:
+        out_ids = ctx.fresh(cout)
+        ctx.use(weight, 1, in_ids, "in")
+    elif cin_per_group == 1:
+        out_ids = np.repeat(in_ids, cout // groups)
+        ctx.on_prune(lambda kept: _set_arg(node, 6, int(kept(in_ids).sum())))
+    else:
+        in_grid = in_ids.reshape(groups, cin_per_group)
+        ctx.union(np.broadcast_to(in_grid[:1], in_grid.shape), in_grid)
+        out_ids = ctx.fresh(cout)
+        out_grid = out_ids.reshape(groups, cout // groups)
+        ctx.union(np.broadcast_to(out_grid[:1], out_grid.shape), out_grid)
+        ctx.use(weight, 1, in_grid[0], "in")
+    ctx.use(weight, 0, out_ids, "out")
+    if bias is not None:
+        ctx.use(bias, 0, out_ids, "other")
+    return Channels(1, out_ids)
+
+
+def _set_arg(node: Any, index: int, value: Any) -> None:
+    args = list(node.args)
+    if len(args) <= index:
+        kwargs = dict(node.kwargs)
+        kwargs[_CONV_NAMES[index]] = value
+        node.kwargs = kwargs
+        return
+    args[index] = value
+    node.args = tuple(args)
+
+
+@handles(aten.linear.default)
+def linear(node: Any, ctx: Context) -> Channels:
+    x, weight = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    rank = len(ctx.shape(x))
+    ctx.use(weight, 1, ctx.ids_on(x, rank - 1), "in")
+    out_ids = ctx.fresh(ctx.shape(weight)[0])
+    ctx.use(weight, 0, out_ids, "out")
+    if bias is not None:
+        ctx.use(bias, 0, out_ids, "other")
+    return Channels(rank - 1, out_ids)
+
+
+@handles(aten.addmm.default)
+def addmm(node: Any, ctx: Context) -> Channels | None:
+    """``bias + x @ W`` with W stored [in, out] (transformers' Conv1D, e.g. GPT-2)."""
+    bias, x, weight = node.args[:3]
+    if not isinstance(ctx.value(weight), ParamRef):
+        ctx.freeze_inputs(node, f"node {ctx.where()}: addmm of two activations")
+        return None
+    out = linear_like(node, ctx, x, weight, in_dim=0, out_dim=1)
+    ctx.use(bias, 0, out.ids, "other")
+    return out
+
+
+def linear_like(node: Any, ctx: Context, x: Any, weight: Any, in_dim: int, out_dim: int) -> Channels:
+    """``x @ W`` (W a parameter, ``in_dim``/``out_dim`` its dims): fresh output channels on x's last dim."""
+    rank, w_rank = len(ctx.shape(x)), len(ctx.shape(weight))
+    ctx.use(weight, in_dim % w_rank, ctx.ids_on(x, rank - 1), "in")
+    out_ids = ctx.fresh(ctx.shape(weight)[out_dim])
+    ctx.use(weight, out_dim % w_rank, out_ids, "out")
+    return Channels(len(ctx.shape(node)) - 1, out_ids)
+
+
+@handles(aten.embedding.default)
+def embedding(node: Any, ctx: Context) -> Channels:
+    weight = node.args[0]
+    out_ids = ctx.fresh(ctx.shape(weight)[1])
+    ctx.use(weight, 1, out_ids, "out")
+    return Channels(len(ctx.shape(node)) - 1, out_ids)
+
+
+__all__ = ["addmm", "conv", "embedding", "linear", "linear_like"]

@@ -1,0 +1,210 @@
+"""Physically remove channels: every coupled group shrinks consistently, the model gets smaller."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.fx
+
+from .analysis.channel_groups import ChannelGroups, ChannelGroupsAnalysis, Channels, ChannelTrace
+from .graph_utils import attr_tensor, set_attr_tensor, unique_attr_name
+from .infra.analysis_manager import AnalysisManager
+from .infra.errors import RecipeError
+from .infra.pass_base import Numerics, PassBase, PassResult
+from .metadata import ChannelSelection, Metadata, get_metadata, set_metadata
+
+__all__ = ["PruneChannelsPass", "magnitude_scores"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class PruneChannelsPass(PassBase):
+    """Remove the lowest-scoring ``ratio`` of the units of every prunable channel group.
+
+    Slices producers' filters, consumers' input channels, norm parameters, biases and additive
+    parameters, and shrinks size arguments (views, splits, conv ``groups``). A group never loses
+    all its units. ``scope="global"`` ranks units of all groups together (scores normalised by
+    each group's mean). ``round_to`` keeps each group's unit count a multiple of it.
+    ``scores`` may supply precomputed per-group scores (group id → tensor of ``units``), which is
+    how data-driven criteria (Taylor, DCP) plug in; otherwise ``criterion`` "l1"/"l2" is used.
+
+    Verified as "masked": the result equals the input model with the removed channels zeroed
+    wherever they appear (after every op that carries them).
+    """
+
+    ratio: float = 0.3
+    criterion: Literal["l1", "l2"] = "l1"
+    scope: Literal["layer", "global"] = "layer"
+    protect: tuple[str, ...] = ()
+    round_to: int = 1
+    skip: tuple[str, ...] = ()
+    scores: Any = field(default=None, compare=False, hash=False)
+
+    numerics: ClassVar[Numerics] = "masked"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise RecipeError(f"PruneChannelsPass.ratio must be in [0, 1), got {self.ratio!r}")
+
+    def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
+        groups = am.get(ChannelGroupsAnalysis(self.skip, self.protect))
+        scores = self.scores if self.scores is not None else magnitude_scores(gm, groups, self.criterion)
+        removed = _select(groups, scores, self.ratio, self.scope, self.round_to)
+        if removed.size == 0:
+            return PassResult(gm, modified=False)
+        records = _apply(gm, groups.trace, removed)
+        metadata = get_metadata(gm)
+        for target, selection in records:
+            metadata = metadata.with_annotation(target, selection)
+        set_metadata(gm, metadata)
+        return PassResult(gm, modified=True)
+
+    def masked_reference(
+        self, before: torch.fx.GraphModule, after: torch.fx.GraphModule, example_inputs: Sequence[Any]
+    ) -> torch.fx.GraphModule:
+        """``before`` with every removed channel zeroed after each node that carries it."""
+        analysis = ChannelGroupsAnalysis(self.skip, self.protect).run(
+            before, AnalysisManager(before, example_inputs)
+        )
+        removed = _removed_roots(analysis.trace, get_metadata(before), get_metadata(after))
+        return _mask_activations(before, analysis.trace, removed)
+
+
+def magnitude_scores(
+    gm: torch.fx.GraphModule, groups: ChannelGroups, criterion: str
+) -> dict[int, torch.Tensor]:
+    """L1/L2 norm of each unit's producer filters ("out" slices; all slices if a group has none)."""
+    power = 1 if criterion == "l1" else 2
+    scores = {}
+    for group in groups.prunable():
+        slices = group.slices_by_role("out") or group.slices
+        total = torch.zeros(group.units, dtype=torch.float64)
+        for s in slices:
+            weight = attr_tensor(gm, s.target).detach().double().abs().pow(power)
+            per_position = (
+                weight.sum(dim=[d for d in range(weight.dim()) if d != s.dim]) if weight.dim() > 1 else weight
+            )
+            total += per_position[torch.from_numpy(s.positions)].sum(dim=1)
+        scores[group.id] = total.pow(1.0 / power)
+    return scores
+
+
+def _select(
+    groups: ChannelGroups, scores: dict[int, torch.Tensor], ratio: float, scope: str, round_to: int
+) -> np.ndarray:
+    candidates = [g for g in groups.prunable() if g.units > 1]
+    if scope == "global":
+        return _select_global(groups, candidates, scores, ratio, round_to)
+    removed = []
+    for group in candidates:
+        keep = _rounded_keep(group.units, group.units - math.floor(group.units * ratio), round_to)
+        order = torch.argsort(_score_of(scores, group.id, group.units), stable=True)[: group.units - keep]
+        removed.append(groups.roots[group.id][order.numpy()])
+    return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
+
+
+def _select_global(
+    groups: ChannelGroups, candidates: list[Any], scores: dict[int, torch.Tensor], ratio: float, round_to: int
+) -> np.ndarray:
+    entries = []
+    for group in candidates:
+        score = _score_of(scores, group.id, group.units).double()
+        normalised = score / score.mean().clamp_min(1e-12)
+        entries += [(float(v), group.id, u) for u, v in enumerate(normalised.tolist())]
+    budget = math.floor(sum(g.units for g in candidates) * ratio)
+    left = {g.id: g.units for g in candidates}
+    chosen: dict[int, list[int]] = {g.id: [] for g in candidates}
+    for _, gid, unit in sorted(entries):
+        if budget == 0:
+            break
+        if left[gid] > 1:
+            chosen[gid].append(unit)
+            left[gid] -= 1
+            budget -= 1
+    removed = []
+    for group in candidates:
+        keep = _rounded_keep(group.units, group.units - len(chosen[group.id]), round_to)
+        units = chosen[group.id][: group.units - keep]  # lowest first, as chosen
+        removed.append(groups.roots[group.id][np.array(units, dtype=np.int64)])
+    return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
+
+
+def _rounded_keep(units: int, keep: int, round_to: int) -> int:
+    return min(units, max(round_to, math.ceil(max(keep, 1) / round_to) * round_to))
+
+
+def _score_of(scores: dict[int, torch.Tensor], gid: int, units: int) -> torch.Tensor:
+    score = torch.as_tensor(scores[gid]).flatten()
+    if score.numel() != units or not bool(torch.isfinite(score).all()):
+        raise RecipeError(
+            f"channel scores for group {gid} must be {units} finite numbers, got shape {tuple(score.shape)}"
+        )
+    return score
+
+
+def _apply(
+    gm: torch.fx.GraphModule, trace: ChannelTrace, removed: np.ndarray
+) -> list[tuple[str, ChannelSelection]]:
+    kept = trace.kept_lookup(removed)
+    masks: dict[tuple[str, int], np.ndarray] = {}
+    for use in trace.uses:
+        masks.setdefault((use.target, use.dim), kept(use.ids))
+    records = []
+    for (target, dim), mask in masks.items():
+        if mask.all():
+            continue
+        index = np.nonzero(mask)[0]
+        tensor = attr_tensor(gm, target)
+        set_attr_tensor(gm, target, tensor.detach().index_select(dim, torch.from_numpy(index)).clone())
+        records.append((target, ChannelSelection(dim, tuple(index.tolist()), len(mask))))
+    for hook in trace.hooks:
+        hook(kept)
+    gm.recompile()
+    return records
+
+
+def _removed_roots(trace: ChannelTrace, before: Metadata, after: Metadata) -> np.ndarray:
+    """Recover which units a run removed from the ChannelSelection records it added."""
+    removed: list[np.ndarray] = []
+    for use in trace.uses:
+        old = before.of(use.target, ChannelSelection)
+        for selection in after.of(use.target, ChannelSelection):
+            if selection in old or selection.dim != use.dim:
+                continue
+            dropped = np.setdiff1d(np.arange(selection.original), np.array(selection.kept, dtype=np.int64))
+            removed.append(trace.uf.find(use.ids[dropped]))
+    return np.unique(np.concatenate(removed)) if removed else np.zeros(0, dtype=np.int64)
+
+
+def _mask_activations(
+    gm: torch.fx.GraphModule, trace: ChannelTrace, removed: np.ndarray
+) -> torch.fx.GraphModule:
+    kept = trace.kept_lookup(removed)
+    for node in list(gm.graph.nodes):
+        value, val = trace.values.get(node.name), node.meta.get("val")
+        if (
+            not isinstance(value, Channels)
+            or not isinstance(val, torch.Tensor)
+            or not val.is_floating_point()
+        ):
+            continue
+        mask = kept(value.ids)
+        if mask.all():
+            continue
+        shape = [1] * val.dim()
+        shape[value.dim] = -1
+        name = unique_attr_name(gm, "_tilefx_channel_mask")
+        gm.register_buffer(name, torch.from_numpy(mask).to(val.dtype).reshape(shape))
+        with gm.graph.inserting_after(node):
+            mask_node = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(mask_node):
+            masked = gm.graph.call_function(aten.mul.Tensor, (node, mask_node))
+        node.replace_all_uses_with(masked, delete_user_cb=lambda user, masked=masked: user is not masked)
+    gm.recompile()
+    return gm
