@@ -13,7 +13,7 @@ import torch.fx
 
 from .analysis.channel_groups import ChannelGroups, ChannelGroupsAnalysis, Channels, ChannelTrace
 from .graph_utils import attr_tensor, set_attr_tensor, unique_attr_name
-from .infra.analysis_manager import AnalysisManager
+from .infra.analysis_manager import Analysis, AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
 from .metadata import ChannelSelection, Metadata, get_metadata, set_metadata
@@ -31,8 +31,9 @@ class PruneChannelsPass(PassBase):
     parameters, and shrinks size arguments (views, splits, conv ``groups``). A group never loses
     all its units. ``scope="global"`` ranks units of all groups together (scores normalised by
     each group's mean). ``round_to`` keeps each group's unit count a multiple of it.
-    ``scores`` may supply precomputed per-group scores (group id → tensor of ``units``), which is
-    how data-driven criteria (Taylor, DCP) plug in; otherwise ``criterion`` "l1"/"l2" is used.
+    ``scores`` may supply precomputed per-group scores (group id → tensor of ``units``) or an
+    analysis returning them (``ChannelImportance``: BN scale, Taylor, DCP), asked of this pass's
+    analysis manager on the graph it receives; otherwise ``criterion`` "l1"/"l2" is used.
 
     Verified as "masked": the result equals the input model with the removed channels zeroed
     wherever they appear (after every op that carries them).
@@ -54,7 +55,7 @@ class PruneChannelsPass(PassBase):
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         groups = am.get(ChannelGroupsAnalysis(self.skip, self.protect))
-        scores = self.scores if self.scores is not None else magnitude_scores(gm, groups, self.criterion)
+        scores = self._scores(gm, am, groups)
         removed = _select(groups, scores, self.ratio, self.scope, self.round_to)
         if removed.size == 0:
             return PassResult(gm, modified=False)
@@ -64,6 +65,13 @@ class PruneChannelsPass(PassBase):
             metadata = metadata.with_annotation(target, selection)
         set_metadata(gm, metadata)
         return PassResult(gm, modified=True)
+
+    def _scores(self, gm: torch.fx.GraphModule, am: AnalysisManager, groups: ChannelGroups) -> dict[int, torch.Tensor]:
+        if self.scores is None:
+            return magnitude_scores(gm, groups, self.criterion)
+        if isinstance(self.scores, Analysis):
+            return dict(am.get(self.scores).scores)
+        return dict(self.scores)
 
     def masked_reference(
         self, before: torch.fx.GraphModule, after: torch.fx.GraphModule, example_inputs: Sequence[Any]

@@ -7,25 +7,63 @@ from __future__ import annotations
 
 from typing import Any
 
+from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
+from tilefx.passes.analysis.importance import ChannelImportance
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.infra.pass_base import PassBase
+from tilefx.passes.prune_channels import PruneChannelsPass
+from tilefx.passes.training.calibration import as_calibration
+from tilefx.passes.training.dcp import DCPOptions
 
-from .recipe import Recipe
+from .recipe import ChannelPruning, Recipe
 
 __all__ = ["default_pipeline"]
 
 
 def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
-    """Passes in the order the methods compose (seeds.md): fold, shrink channels, sparsify, clean up."""
+    """Passes in the order the methods compose (seeds.md): fold, shrink channels, sparsify, clean up.
+
+    Channel pruning by ``bn_scale`` runs before folding: it reads the batch norms' γ, which
+    folding removes (every other criterion scores the folded graph, the one it prunes).
+    """
     passes: list[PassBase] = []
+    channels = recipe.channels
+    before_fold = channels is not None and channels.criterion == "bn_scale"
+    if channels is not None and before_fold:
+        passes.append(_channel_pass(channels, recipe.skip, calibration))
     if recipe.fold_batchnorm:
         passes.append(FoldBatchNormPass())
     passes.append(EliminateDeadCodePass())
-    for name in ("channels", "connections", "blocks"):
+    if channels is not None and not before_fold:
+        passes += [_channel_pass(channels, recipe.skip, calibration), EliminateDeadCodePass()]
+    for name in ("connections", "blocks"):
         if getattr(recipe, name) is not None:
             raise RecipeError(
                 f"Recipe.{name}: this pruning method is not available in this build of tilefx yet"
             )
     return passes
+
+
+def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: Any) -> PassBase:
+    scores = None
+    if options.criterion not in ("l1", "l2"):
+        data = None
+        if options.criterion in ("taylor", "dcp"):
+            data = as_calibration(calibration, f'ChannelPruning(criterion="{options.criterion}")')
+        scores = ChannelImportance(
+            ChannelGroupsAnalysis(skip, options.protect),
+            options.criterion,
+            calibration=data,
+            options=DCPOptions(rate=options.ratio) if options.criterion == "dcp" else None,
+        )
+    return PruneChannelsPass(
+        ratio=options.ratio,
+        criterion=options.criterion if options.criterion in ("l1", "l2") else "l1",
+        scope=options.scope,
+        protect=options.protect,
+        round_to=options.round_to,
+        skip=skip,
+        scores=scores,
+    )

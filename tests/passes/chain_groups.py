@@ -47,4 +47,5 @@ def chain_groups(gm: torch.fx.GraphModule) -> ChannelGroups:
                 len(groups), units, tuple(slices), tuple(nodes), frozen, "output" if frozen else None
             )
         )
-    return ChannelGroups(tuple(groups))
+    # criteria read only the groups; the union-find trace is PruneChannelsPass's business
+    return ChannelGroups(tuple(groups), trace=None, roots=())  # type: ignore[arg-type]

@@ -47,7 +47,7 @@ def _gm(model: nn.Module) -> torch.fx.GraphModule:
 
 
 def _group(slices: list[ParamSlice], units: int) -> ChannelGroups:
-    return ChannelGroups((ChannelGroup(0, units, tuple(slices), ("n",)),))
+    return ChannelGroups((ChannelGroup(0, units, tuple(slices), ("n",)),), trace=None, roots=())  # type: ignore[arg-type]
 
 
 def test_l1_and_l2_sum_each_units_out_slices_by_hand() -> None:
