@@ -4,7 +4,7 @@ resnet50, mobilenet_v2 and vit_b_16 (random weights; latency does not depend on 
 at 50% of channels, L1, batch 1, 224×224. Columns: the dense nn.Module; tilefx's dense graph
 (captured + BN folded, no pruning: isolates what capture/folding alone changes); tilefx pruned;
 Torch-Pruning pruned (same ratio, MetaPruner + L1). Medians of ``--runs`` runs after warm-up, in
-one process; ratios are dense / pruned (> 1 = faster).
+one process, the variants timed in rotation; ratios are dense / pruned (> 1 = faster).
 
     OMP_NUM_THREADS=1 python benchmarks/channel_latency.py [--runs 20] [--threads 1]
 """
@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import count_macs, machine, median_ms  # noqa: E402
+from _measure import count_macs, machine  # noqa: E402
 from channel_coverage import attention_heads, classifier_layers  # noqa: E402
 
 import tilefx  # noqa: E402
@@ -47,6 +50,22 @@ def torch_pruning_pruned(name: str, x: torch.Tensor, ratio: float) -> torch.nn.M
     return model
 
 
+def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of each function, timed in rotation so load changes on a shared machine hit
+    every variant alike (the ratios are what this benchmark reports)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(runs):
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[key].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def row(name: str, ratio: float, runs: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
@@ -54,14 +73,15 @@ def row(name: str, ratio: float, runs: int) -> dict[str, Any]:
     folded = tilefx.optimize(model, (x,))
     pruned = tilefx.optimize(model, (x,), recipe=tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=ratio)))
     peer = torch_pruning_pruned(name, x, ratio)
-    result = {
-        "model": name,
-        "dense": median_ms(lambda: model(x), runs),
-        "folded": median_ms(lambda: folded(x), runs),
-        "pruned": median_ms(lambda: pruned(x), runs),
-        "tp": median_ms(lambda: peer(x), runs) if peer is not None else None,
-        "macs": (count_macs(model, (x,)), count_macs(pruned, (x,))),
+    fns: dict[str, Callable[[], Any]] = {
+        "dense": lambda: model(x),
+        "folded": lambda: folded(x),
+        "pruned": lambda: pruned(x),
     }
+    if peer is not None:
+        fns["tp"] = lambda: peer(x)
+    result: dict[str, Any] = {"model": name, "tp": None, **interleaved_medians(fns, runs)}
+    result["macs"] = (count_macs(model, (x,)), count_macs(pruned, (x,)))
     return result
 
 
