@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tilefx.passes.training.calibration import Calibration
+
 
 class ConvBN(nn.Module):
     def __init__(self, bias: bool = False) -> None:
@@ -51,3 +53,43 @@ class SharedProducer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         return self.bn(y) + y
+
+
+class Informative(nn.Module):
+    """conv1 makes 4 channels from a labelled signal (small filters) and 4 from zero-mean noise
+    (large filters, normalised back to unit scale by the batch norm); conv2 reads the signal
+    channels and all but ignores the noise ones. L1 on the producer's filters prefers the noise
+    channels; DCP must keep the signal ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 8, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.conv1.weight.zero_()
+            self.conv1.weight[:4, 0] = torch.tensor([1.0, -1.0, 0.8, -0.8]).reshape(4, 1, 1)
+            self.conv1.weight[4:, 1] = 10.0
+            self.bn.running_var[4:] = 100.0
+            self.conv2.weight.fill_(1e-3)
+            self.conv2.weight[:, :4] = torch.eye(4).reshape(4, 4, 1, 1) * 2
+            self.conv2.bias.zero_()
+            self.fc.weight.copy_(torch.tensor([[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 1.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv2(self.bn(self.conv1(x)))).mean((2, 3)))
+
+
+def informative_data(batches: int = 3, n: int = 32) -> Calibration:
+    """Labelled batches for :class:`Informative`: channel 0 carries the label, channel 1 noise."""
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(batches):
+        labels = torch.randint(0, 2, (n,), generator=generator)
+        signal = (labels.float() * 2 - 1).reshape(n, 1, 1, 1) + 0.3 * torch.randn(
+            n, 1, 4, 4, generator=generator
+        )
+        noise = torch.randn(n, 1, 4, 4, generator=generator)
+        out.append((torch.cat([signal, noise], 1), labels))
+    return Calibration(out)

@@ -7,8 +7,7 @@ import torch
 import torch.nn as nn
 
 import tilefx
-from tests.models import randomize_bn
-from tests.passes.test_dcp import Informative, _data
+from tests.models import Informative, informative_data, randomize_bn
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.metadata import ChannelSelection, get_metadata
@@ -67,7 +66,7 @@ def test_data_driven_criteria_without_calibration_fail_before_any_work(criterion
 def test_dcp_scores_decide_which_channels_the_pass_keeps() -> None:
     recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="dcp"))
     pruned = tilefx.optimize(
-        Informative().eval(), (torch.randn(2, 2, 4, 4),), recipe=recipe, calibration=_data()
+        Informative().eval(), (torch.randn(2, 2, 4, 4),), recipe=recipe, calibration=informative_data()
     )
     (selection,) = get_metadata(pruned).of("conv1.weight", ChannelSelection)
     assert selection.dim == 0 and selection.kept == (0, 1, 2, 3)

@@ -8,51 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tests.models import Informative, informative_data
 from tests.passes.chain_groups import chain_groups
 from tilefx.capture import capture
 from tilefx.passes.analysis.importance import score_groups
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.dcp import DCPOptions, dcp_scores
-
-
-class Informative(nn.Module):
-    """conv1 makes 4 channels from a labelled signal (small filters) and 4 from zero-mean noise
-    (large filters, normalised back to unit scale by the batch norm); conv2 reads the signal
-    channels and all but ignores the noise ones. L1 on the producer's filters prefers the noise
-    channels; DCP must keep the signal ones."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 8, 1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 4, 1)
-        self.fc = nn.Linear(4, 2)
-        with torch.no_grad():
-            self.conv1.weight.zero_()
-            self.conv1.weight[:4, 0] = torch.tensor([1.0, -1.0, 0.8, -0.8]).reshape(4, 1, 1)
-            self.conv1.weight[4:, 1] = 10.0
-            self.bn.running_var[4:] = 100.0
-            self.conv2.weight.fill_(1e-3)
-            self.conv2.weight[:, :4] = torch.eye(4).reshape(4, 4, 1, 1) * 2
-            self.conv2.bias.zero_()
-            self.fc.weight.copy_(torch.tensor([[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 1.0]]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv2(self.bn(self.conv1(x)))).mean((2, 3)))
-
-
-def _data(batches: int = 3, n: int = 32) -> Calibration:
-    generator = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(batches):
-        labels = torch.randint(0, 2, (n,), generator=generator)
-        signal = (labels.float() * 2 - 1).reshape(n, 1, 1, 1) + 0.3 * torch.randn(
-            n, 1, 4, 4, generator=generator
-        )
-        noise = torch.randn(n, 1, 4, 4, generator=generator)
-        out.append((torch.cat([signal, noise], 1), labels))
-    return Calibration(out)
 
 
 @pytest.fixture
@@ -72,7 +34,7 @@ def test_dcp_keeps_the_informative_channels_that_l1_would_drop(
     gm: torch.fx.GraphModule, variant: DCPOptions
 ) -> None:
     group = _conv1_group(gm)
-    result = dcp_scores(gm, chain_groups(gm).prunable(), _data(), variant)
+    result = dcp_scores(gm, chain_groups(gm).prunable(), informative_data(), variant)
     assert set(result.order[group.id]) == {0, 1, 2, 3}  # type: ignore[attr-defined]
     scores = result.scores[group.id]  # type: ignore[attr-defined]
     assert scores[:4].min() >= 1 > scores[4:].max()
@@ -83,15 +45,17 @@ def test_dcp_keeps_the_informative_channels_that_l1_would_drop(
 def test_fixed_rate_stops_at_floor_of_rate_times_units(gm: torch.fx.GraphModule) -> None:
     groups = chain_groups(gm).prunable()
     for rate, kept in ((0.5, 4), (0.3, 6), (0.9, 1), (0.0, 8)):
-        result = dcp_scores(gm, groups, _data(1), dataclasses.replace(FAST, rate=rate, aux_epochs=0))
+        result = dcp_scores(
+            gm, groups, informative_data(1), dataclasses.replace(FAST, rate=rate, aux_epochs=0)
+        )
         assert len(result.order[0]) == kept
         assert len(result.losses[0]) == kept + 1
 
 
 def test_epsilon_stops_when_the_relative_loss_change_is_small(gm: torch.fx.GraphModule) -> None:
     groups = chain_groups(gm).prunable()
-    loose = dcp_scores(gm, groups, _data(1), dataclasses.replace(FAST, epsilon=0.5, aux_epochs=0))
-    tight = dcp_scores(gm, groups, _data(1), dataclasses.replace(FAST, epsilon=1e-9, aux_epochs=0))
+    loose = dcp_scores(gm, groups, informative_data(1), dataclasses.replace(FAST, epsilon=0.5, aux_epochs=0))
+    tight = dcp_scores(gm, groups, informative_data(1), dataclasses.replace(FAST, epsilon=1e-9, aux_epochs=0))
     losses = loose.losses[0]
     assert abs(losses[-2] - losses[-1]) / losses[0] <= 0.5
     assert all(abs(a - b) / losses[0] > 0.5 for a, b in zip(losses[:-2], losses[1:-1], strict=True))
@@ -101,8 +65,8 @@ def test_epsilon_stops_when_the_relative_loss_change_is_small(gm: torch.fx.Graph
 def test_dcp_is_deterministic_and_leaves_the_model_unchanged(gm: torch.fx.GraphModule) -> None:
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     groups = chain_groups(gm).prunable()
-    first = dcp_scores(gm, groups, _data(), FAST)
-    second = dcp_scores(gm, groups, _data(), FAST)
+    first = dcp_scores(gm, groups, informative_data(), FAST)
+    second = dcp_scores(gm, groups, informative_data(), FAST)
     for gid, scores in first.scores.items():
         assert torch.equal(scores, second.scores[gid])
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
@@ -147,7 +111,7 @@ class _Reshuffling:
 def test_selection_data_is_read_once_so_shuffling_loaders_keep_targets_aligned(
     gm: torch.fx.GraphModule,
 ) -> None:
-    batches = list(_data())
+    batches = list(informative_data())
     loader = _Reshuffling(batches)
     result = dcp_scores(gm, chain_groups(gm).prunable(), Calibration(loader), FAST)
     assert loader.passes == 1
