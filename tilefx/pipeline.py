@@ -11,8 +11,9 @@ from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.infra.pass_base import PassBase
+from tilefx.passes.prune_channels import PruneChannelsPass
 
-from .recipe import Recipe
+from .recipe import ChannelPruning, Recipe
 
 __all__ = ["default_pipeline"]
 
@@ -23,9 +24,26 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
     if recipe.fold_batchnorm:
         passes.append(FoldBatchNormPass())
     passes.append(EliminateDeadCodePass())
-    for name in ("channels", "connections", "blocks"):
+    if recipe.channels is not None:
+        passes += [_channel_pass(recipe.channels, recipe.skip, calibration), EliminateDeadCodePass()]
+    for name in ("connections", "blocks"):
         if getattr(recipe, name) is not None:
             raise RecipeError(
                 f"Recipe.{name}: this pruning method is not available in this build of tilefx yet"
             )
     return passes
+
+
+def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: Any) -> PassBase:
+    if options.criterion not in ("l1", "l2"):
+        raise RecipeError(
+            f"ChannelPruning.criterion={options.criterion!r} is not available in this build yet"
+        )
+    return PruneChannelsPass(
+        ratio=options.ratio,
+        criterion=options.criterion,
+        scope=options.scope,
+        protect=options.protect,
+        round_to=options.round_to,
+        skip=skip,
+    )

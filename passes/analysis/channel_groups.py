@@ -398,8 +398,8 @@ def _skipped(node: torch.fx.Node, skip: tuple[str, ...]) -> bool:
 def _build_groups(ctx: Context) -> ChannelGroups:
     uf = ctx.uf
     frozen: dict[int, str] = {}
-    for i, reason in uf.frozen.items():
-        frozen.setdefault(int(uf.find(np.array([i]))[0]), reason)
+    for i, why in uf.frozen.items():
+        frozen.setdefault(int(uf.find(np.array([i]))[0]), why)
     first_use: dict[tuple[str, int], tuple[Use, np.ndarray]] = {}
     signature: dict[int, set[tuple[str, int]]] = {}
     for use in ctx.uses:
