@@ -1,0 +1,473 @@
+"""TETRIS (Ji et al., NeurIPS 2018): reorder tensor axes so that small weights fill whole blocks.
+
+A pure function over tensors (no fx). It ports the authors' EM algorithm (``blocksparse`` in
+``SEAL-UCSB/block_compression/accuracy/compress.py``, seeds.md §1) and generalises it to
+*shared permutation variables*, which folding reorderings into neighbouring layers needs:
+
+- the input is a list of :class:`Operand` s; each is an N-d weight with, per axis, a permutation
+  variable id (any hashable; ``None`` = the axis stays fixed) and a block size (0 = whole axis);
+- one variable may label several (operand, axis) pairs (W1's out axis and W2's in axis, or every
+  residual-stream axis); all of them get the same order;
+- **E-step**, per operand: prune its ``floor(sparsity · #blocks)`` lowest-L1 blocks under the current
+  orders (each operand prunes its own fraction);
+- **M-step**, per variable (in order of first appearance), mask held fixed:
+  ``S[i, j] = Σ_(operand, axis) pruned magnitude if current slice i is moved to position j``, summed
+  over every use of the variable; then ``method="faithful"``: the authors' greedy max-gain pair swaps
+  on ``G = diag(S) + diag(S)ᵀ − S − Sᵀ`` with incremental updates of G's rows/columns i, j while
+  ``max G ≥ tol``; or ``method="assignment"`` (extension, not the paper's): the exact minimiser of
+  ``Σ_i S[i, π(i)]`` by ``scipy.optimize.linear_sum_assignment``;
+- stop when one E+M round lowers the total pruned magnitude by less than ``tol`` (the authors'
+  rule; 1e-5 as in their NumPy version), or after ``max_iters`` rounds.
+
+For a single operand whose every non-whole axis has its own variable, ``method="faithful"`` with
+the default options is the authors' algorithm. Two deliberate differences, both only in *how* the
+same greedy choice is computed: (1) the authors cache per-row maxima of G and refresh only some rows
+after a swap, so the cached maximum can go stale and a swap with negative true gain can be taken;
+here the cache is refreshed for every row whose maximum sat in column i or j, so every swap is the
+true max-gain swap and the objective never increases; (2) S and G are kept in float64.
+
+Extensions, each a documented option (off by default, so the faithful algorithm stays selectable):
+
+- ``init="norm"``: initial orders sort the slices of each variable by their L1 norm (summed over
+  its uses), which for weights whose magnitude is close to ``r_i · c_j`` (outlier rows/columns,
+  as in transformers) gathers the small weights in one corner; ``init="profile"`` orders slices by
+  the leading singular vector of their normalised block-magnitude profile (spectral seriation);
+- ``restarts=k``: iterated local search: perturb the best orders found (a random ``perturb`` fraction
+  of each variable's positions reshuffled), re-run EM, keep the result if the objective fell;
+- ``anneal=(s1, s2, ...)``: sparsity continuation: run EM at each of these sparsities in turn
+  (warm-started), then at the target;
+- ``final_e_step=True``: one more E-step after convergence (can only lower the objective; the
+  authors return the mask of the last E-step).
+:data:`BEST` is the combination measured best on MiniLM (benchmarks/tetris_quality.py).
+
+If one variable labels two axes of the *same* operand, the M-step's S is only an estimate (moving
+both axes at once is not linear in the mask); an M-step that would raise the objective is then
+rejected, so monotonicity still holds.
+
+Errors: :class:`RecipeError` (a ``ValueError``) for sparsity outside ``[0, 1)``, a block that does
+not tile an axis (unless ``pad=True``: the axis is zero-padded to a multiple of the block, the
+padding stays at the end and is never permuted), mismatched variable sizes or malformed operands;
+:class:`WeightError` (a ``ValueError``) for NaN/inf weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ..infra.errors import RecipeError
+from .block_selection import (
+    block_grid,
+    block_sums,
+    check_finite,
+    check_sparsity,
+    expand_blocks,
+    lowest_blocks,
+    pad_to_blocks,
+)
+
+__all__ = [
+    "BEST",
+    "FAITHFUL",
+    "Operand",
+    "TetrisOptions",
+    "TetrisResult",
+    "tetris",
+    "tetris_weight",
+]
+
+log = logging.getLogger(__name__)
+
+Method = Literal["faithful", "assignment"]
+Init = Literal["identity", "norm", "profile"]
+
+
+@dataclass(frozen=True, eq=False)
+class Operand:
+    """One weight in a TETRIS problem.
+
+    ``variables[d]``: the permutation variable of axis ``d`` (hashable id) or None (axis fixed).
+    ``block[d]``: block size along axis ``d``; 0 = the whole axis. ``sparsity``: this operand's
+    fraction of blocks to prune (None = the call's). ``name`` is used in error messages.
+    """
+
+    weight: torch.Tensor
+    variables: tuple[Hashable | None, ...]
+    block: tuple[int, ...]
+    sparsity: float | None = None
+    name: str = "weight"
+
+
+@dataclass(frozen=True)
+class TetrisOptions:
+    """How to search. Defaults are the authors' algorithm; see the module docstring for each option."""
+
+    method: Method = "faithful"
+    init: Init = "identity"
+    restarts: int = 0
+    perturb: float = 0.15
+    anneal: tuple[float, ...] = ()
+    final_e_step: bool = False
+    tol: float = 1e-5
+    max_iters: int = 100
+    pad: bool = False
+    seed: int = 0
+
+
+FAITHFUL = TetrisOptions()
+BEST = TetrisOptions(method="assignment", init="norm", restarts=4, final_e_step=True)
+
+
+@dataclass(frozen=True, eq=False)
+class TetrisResult:
+    """Orders and masks.
+
+    ``orders[v]``: int64 tensor; new index i holds old index ``orders[v][i]`` (as
+    :class:`~tilefx.passes.metadata.Permutation`). ``keep[k]``: bool, operand k's shape, True = kept,
+    in the *original* coordinates. ``block_keep[k]``: bool block grid in the *permuted* coordinates
+    (what :class:`~tilefx.passes.metadata.BlockSparsity` holds once the orders are folded).
+    ``history``: total pruned L1 after every E-step and every M-step (non-increasing).
+    """
+
+    orders: Mapping[Hashable, torch.Tensor]
+    keep: tuple[torch.Tensor, ...]
+    block_keep: tuple[torch.Tensor, ...]
+    history: tuple[float, ...]
+    total_l1: float
+    seconds: float = 0.0
+    iterations: int = 0
+
+    @property
+    def pruned_l1(self) -> float:
+        return self.history[-1] if self.history else 0.0
+
+    @property
+    def kept_fraction(self) -> float:
+        """Fraction of the total L1 magnitude (all operands) that the keep-masks keep."""
+        return 1.0 - self.pruned_l1 / self.total_l1 if self.total_l1 > 0 else 1.0
+
+
+def tetris_weight(
+    weight: torch.Tensor, block: Sequence[int], sparsity: float, options: TetrisOptions = FAITHFUL
+) -> TetrisResult:
+    """The authors' single-tensor problem: every axis that a block does not span gets its own order.
+
+    ``block`` may be shorter than ``weight.dim()``; missing trailing axes are whole (0), so a conv's
+    ``(b_out, b_in)`` spans the kernel. Variables are the axis numbers ``0, 1, ...``.
+    """
+    full = tuple(block) + (0,) * (weight.dim() - len(block))
+    variables = tuple(d if b not in (0, n) else None for d, (n, b) in enumerate(zip(weight.shape, full)))
+    return tetris([Operand(weight, variables, full)], sparsity, options)
+
+
+def tetris(
+    operands: Sequence[Operand],
+    sparsity: float,
+    options: TetrisOptions = FAITHFUL,
+    initial: Mapping[Hashable, torch.Tensor] | None = None,
+) -> TetrisResult:
+    """Jointly reorder and block-prune ``operands``; see the module docstring for the contract.
+
+    ``initial`` optionally warm-starts some variables' orders (it overrides ``options.init`` for them).
+    """
+    start = time.perf_counter()
+    problem = _Problem.build(operands, sparsity, options)
+    rng = np.random.default_rng(options.seed)
+    state = problem.initial_state(options.init, initial or {})
+    for warm in options.anneal:
+        state = problem.em(state, problem.with_sparsity(warm), options)
+    state = problem.em(state, problem.rates, options)
+    best = state
+    for _ in range(options.restarts):
+        trial = problem.em(problem.perturbed(best, options.perturb, rng), problem.rates, options)
+        winner = trial if trial.objective < best.objective - options.tol else best
+        # The history stays the best trajectory: one entry per restart, the best objective so far.
+        best = replace(winner, history=best.history + (winner.objective,), iterations=best.iterations + trial.iterations)
+    return problem.result(best, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class _Use:
+    operand: int
+    axis: int
+
+
+@dataclass(frozen=True)
+class _State:
+    orders: dict[Hashable, np.ndarray]
+    grids: tuple[np.ndarray, ...]  # per operand: bool keep-mask over the block grid (permuted coords)
+    objective: float
+    history: tuple[float, ...] = ()
+    iterations: int = 0
+
+
+@dataclass
+class _Problem:
+    magnitudes: list[np.ndarray]  # |W|, zero-padded to whole blocks, float64, original coordinates
+    sizes: list[tuple[int, ...]]  # resolved block sizes per operand
+    rates: tuple[float, ...]  # per-operand sparsity
+    uses: dict[Hashable, list[_Use]]  # variable -> its (operand, axis) pairs, in first-appearance order
+    lengths: dict[Hashable, int]  # variable -> real (unpadded) axis length
+    shapes: list[tuple[int, ...]]  # original (unpadded) shapes
+
+    @classmethod
+    def build(cls, operands: Sequence[Operand], sparsity: float, options: TetrisOptions) -> _Problem:
+        _check_options(options)
+        check_sparsity(sparsity)
+        if not operands:
+            raise RecipeError("tetris needs at least one operand")
+        magnitudes, sizes, rates, shapes = [], [], [], []
+        uses: dict[Hashable, list[_Use]] = {}
+        lengths: dict[Hashable, int] = {}
+        for k, op in enumerate(operands):
+            shape = tuple(op.weight.shape)
+            if len(op.variables) != len(shape):
+                raise RecipeError(f"{op.name}: {len(op.variables)} variables for a {len(shape)}-d weight {shape}")
+            rate = sparsity if op.sparsity is None else op.sparsity
+            check_sparsity(rate, f"{op.name}: sparsity")
+            magnitude = op.weight.detach().to("cpu", torch.float64).abs().numpy()
+            check_finite(magnitude, op.name)
+            grid = block_grid(shape, op.block, pad=options.pad)
+            for axis, var in enumerate(op.variables):
+                if var is None:
+                    continue
+                if lengths.setdefault(var, shape[axis]) != shape[axis]:
+                    raise RecipeError(
+                        f"permutation variable {var!r} has length {lengths[var]} elsewhere but "
+                        f"{op.name} axis {axis} has length {shape[axis]}"
+                    )
+                uses.setdefault(var, []).append(_Use(k, axis))
+            magnitudes.append(pad_to_blocks(magnitude, grid))
+            sizes.append(grid)
+            rates.append(float(rate))
+            shapes.append(shape)
+        return cls(magnitudes, sizes, tuple(rates), uses, lengths, shapes)
+
+    def with_sparsity(self, sparsity: float) -> tuple[float, ...]:
+        return tuple(sparsity for _ in self.rates)
+
+    # ----- state helpers -------------------------------------------------------------------------
+    def permuted(self, k: int, orders: Mapping[Hashable, np.ndarray]) -> np.ndarray:
+        """Operand k's magnitude in the coordinates given by ``orders`` (padding stays at the end)."""
+        out = self.magnitudes[k]
+        for use_var, use_list in self.uses.items():
+            for use in use_list:
+                if use.operand == k:
+                    out = np.take(out, _padded(orders[use_var], out.shape[use.axis]), axis=use.axis)
+        return out
+
+    def e_step(self, orders: dict[Hashable, np.ndarray], rates: Sequence[float]) -> _State:
+        grids, objective = [], 0.0
+        for k in range(len(self.magnitudes)):
+            sums = block_sums(self.permuted(k, orders), self.sizes[k])
+            keep = lowest_blocks(sums, rates[k])
+            grids.append(keep)
+            objective += float(sums[~keep].sum())
+        return _State(dict(orders), tuple(grids), objective)
+
+    def objective(self, orders: Mapping[Hashable, np.ndarray], grids: Sequence[np.ndarray]) -> float:
+        return sum(
+            float(block_sums(self.permuted(k, orders), self.sizes[k])[~grids[k]].sum())
+            for k in range(len(self.magnitudes))
+        )
+
+    def initial_state(self, init: Init, initial: Mapping[Hashable, torch.Tensor]) -> _State:
+        orders = {v: self._initial_order(v, init) for v in self.uses}
+        for var, order in initial.items():
+            given = np.asarray(torch.as_tensor(order).cpu(), dtype=np.int64)
+            if var not in orders or sorted(given.tolist()) != list(range(self.lengths[var])):
+                raise RecipeError(f"initial order for {var!r} is not a bijection of a known variable")
+            orders[var] = given
+        return _State(orders, (), float("inf"))
+
+    def _initial_order(self, var: Hashable, init: Init) -> np.ndarray:
+        n = self.lengths[var]
+        if init == "identity":
+            return np.arange(n)
+        if init == "norm":
+            norms = sum(_slice_norms(self.magnitudes[u.operand], u.axis)[:n] for u in self.uses[var])
+            return np.argsort(-np.asarray(norms), kind="stable")
+        profiles = np.concatenate([_profile(self.magnitudes[u.operand], u.axis, self.sizes[u.operand])[:n] for u in self.uses[var]], axis=1)
+        return _spectral_order(profiles)
+
+    def perturbed(self, state: _State, fraction: float, rng: np.random.Generator) -> _State:
+        orders = {}
+        for var, order in state.orders.items():
+            order = order.copy()
+            count = max(2, int(round(fraction * len(order))))
+            picked = rng.choice(len(order), size=min(count, len(order)), replace=False)
+            order[picked] = order[rng.permutation(picked)]
+            orders[var] = order
+        return _State(orders, (), float("inf"))
+
+    # ----- EM ------------------------------------------------------------------------------------
+    def em(self, state: _State, rates: Sequence[float], options: TetrisOptions) -> _State:
+        orders = dict(state.orders)
+        history: list[float] = []
+        iterations = 0
+        current = self.e_step(orders, rates)
+        while True:
+            iterations += 1
+            history.append(current.objective)
+            prev = current.objective
+            grids = current.grids
+            value = prev
+            for var in self.uses:
+                value, orders = self.m_step(var, orders, grids, value, options)
+                history.append(value)
+            if prev - value < options.tol or iterations >= options.max_iters:
+                break
+            current = self.e_step(orders, rates)
+        final = _State(orders, grids, value, tuple(history), iterations)
+        if options.final_e_step:
+            refreshed = self.e_step(orders, rates)
+            if refreshed.objective <= value:
+                final = replace(refreshed, history=final.history + (refreshed.objective,), iterations=iterations)
+        return final
+
+    def m_step(
+        self,
+        var: Hashable,
+        orders: dict[Hashable, np.ndarray],
+        grids: Sequence[np.ndarray],
+        value: float,
+        options: TetrisOptions,
+    ) -> tuple[float, dict[Hashable, np.ndarray]]:
+        n = self.lengths[var]
+        cost = np.zeros((n, n))
+        for use in self.uses[var]:
+            cost += self._swap_cost(use, orders, grids[use.operand], n)
+        relative = _greedy_swaps(cost, options.tol) if options.method == "faithful" else _assignment(cost, options.tol)
+        if np.array_equal(relative, np.arange(n)):
+            return value, orders
+        moved = {**orders, var: orders[var][relative]}
+        new_value = self.objective(moved, grids)
+        if new_value > value:  # only possible when a variable labels two axes of one operand
+            return value, orders
+        return new_value, moved
+
+    def _swap_cost(self, use: _Use, orders: Mapping[Hashable, np.ndarray], grid: np.ndarray, n: int) -> np.ndarray:
+        """``S[i, j]``: this use's pruned magnitude if current slice i is put at position j."""
+        sizes = self.sizes[use.operand]
+        permuted = self.permuted(use.operand, orders)
+        # Sum within blocks along every other axis, then contract with the block mask: T[i, r].
+        others = [b if a != use.axis else 1 for a, b in enumerate(sizes)]
+        reduced = block_sums(permuted, others)
+        pruned = (~grid).astype(np.float64)
+        table = np.moveaxis(reduced, use.axis, 0).reshape(reduced.shape[use.axis], -1) @ (
+            np.moveaxis(pruned, use.axis, 0).reshape(pruned.shape[use.axis], -1).T
+        )
+        return table[:n][:, np.arange(n) // sizes[use.axis]]
+
+    def result(self, state: _State, seconds: float) -> TetrisResult:
+        keep, block_keep = [], []
+        for k, shape in enumerate(self.shapes):
+            element = expand_blocks(state.grids[k], self.sizes[k])
+            for var, use_list in self.uses.items():
+                for use in use_list:
+                    if use.operand == k:
+                        element = _unpermute(element, _padded(state.orders[var], element.shape[use.axis]), use.axis)
+            keep.append(torch.from_numpy(np.ascontiguousarray(element[tuple(slice(0, n) for n in shape)])))
+            block_keep.append(torch.from_numpy(state.grids[k].copy()))
+        orders = {v: torch.from_numpy(o.astype(np.int64)) for v, o in state.orders.items()}
+        total = float(sum(m.sum() for m in self.magnitudes))
+        log.debug("tetris: kept %.4f of L1 in %d rounds, %.2fs", 1 - state.objective / max(total, 1e-300), state.iterations, seconds)
+        return TetrisResult(orders, tuple(keep), tuple(block_keep), state.history, total, seconds, state.iterations)
+
+
+# ----- M-step solvers ------------------------------------------------------------------------------
+def _greedy_swaps(cost: np.ndarray, tol: float) -> np.ndarray:
+    """The authors' greedy: repeatedly swap the pair with the largest gain while it is ≥ tol.
+
+    Returns the relative order (new position p holds current slice ``order[p]``).
+    """
+    s = cost.copy()
+    n = len(s)
+    order = np.arange(n)
+    d = np.diagonal(s).copy()
+    g = d[:, None] + d[None, :] - s - s.T
+    arg = g.argmax(axis=1)
+    best = g[np.arange(n), arg]
+    while True:
+        i = int(best.argmax())
+        if best[i] < tol:
+            return order
+        j = int(arg[i])
+        s[[i, j]] = s[[j, i]]
+        order[[i, j]] = order[[j, i]]
+        d[i], d[j] = s[i, i], s[j, j]
+        for k in (i, j):
+            row = d + d[k] - s[k, :] - s[:, k]
+            g[k, :] = row
+            g[:, k] = row
+        stale = (arg == i) | (arg == j)
+        stale[[i, j]] = True
+        rows = np.flatnonzero(stale)
+        arg[rows] = g[rows].argmax(axis=1)
+        best[rows] = g[rows, arg[rows]]
+        for k in (i, j):
+            better = g[:, k] > best
+            arg[better] = k
+            best[better] = g[better, k]
+
+
+def _assignment(cost: np.ndarray, tol: float) -> np.ndarray:
+    """Exact M-step (extension): the permutation minimising ``Σ_i cost[i, π(i)]``."""
+    rows, cols = linear_sum_assignment(cost)
+    if np.trace(cost) - cost[rows, cols].sum() < tol:
+        return np.arange(len(cost))
+    order = np.empty(len(cost), dtype=np.int64)
+    order[cols] = rows
+    return order
+
+
+# ----- small helpers -------------------------------------------------------------------------------
+def _padded(order: np.ndarray, length: int) -> np.ndarray:
+    return order if len(order) == length else np.concatenate([order, np.arange(len(order), length)])
+
+
+def _unpermute(array: np.ndarray, order: np.ndarray, axis: int) -> np.ndarray:
+    out = np.empty_like(array)
+    index = [slice(None)] * array.ndim
+    index[axis] = order
+    out[tuple(index)] = array
+    return out
+
+
+def _slice_norms(magnitude: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(magnitude, axis, 0).reshape(magnitude.shape[axis], -1).sum(axis=1)
+
+
+def _profile(magnitude: np.ndarray, axis: int, sizes: Sequence[int]) -> np.ndarray:
+    """Per slice along ``axis``: its magnitude summed within blocks of the other axes, normalised."""
+    others = [b if a != axis else 1 for a, b in enumerate(sizes)]
+    reduced = block_sums(magnitude, others)
+    rows = np.moveaxis(reduced, axis, 0).reshape(reduced.shape[axis], -1)
+    return rows / np.maximum(rows.sum(axis=1, keepdims=True), 1e-300)
+
+
+def _spectral_order(profiles: np.ndarray) -> np.ndarray:
+    centred = profiles - profiles.mean(axis=0, keepdims=True)
+    if not centred.any():
+        return np.arange(len(profiles))
+    u, _, _ = np.linalg.svd(centred, full_matrices=False)
+    lead = u[:, 0] * np.sign(u[np.argmax(np.abs(u[:, 0])), 0])
+    return np.argsort(lead, kind="stable")
+
+
+def _check_options(options: TetrisOptions) -> None:
+    if options.method not in ("faithful", "assignment"):
+        raise RecipeError(f"TetrisOptions.method must be 'faithful' or 'assignment', got {options.method!r}")
+    if options.init not in ("identity", "norm", "profile"):
+        raise RecipeError(f"TetrisOptions.init must be 'identity', 'norm' or 'profile', got {options.init!r}")
+    if options.restarts < 0 or options.max_iters < 1 or not 0 < options.perturb <= 1:
+        raise RecipeError(f"TetrisOptions out of range: {options}")
+    for s in options.anneal:
+        check_sparsity(s, "TetrisOptions.anneal entry")
