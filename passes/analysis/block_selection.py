@@ -25,6 +25,7 @@ __all__ = [
     "check_finite",
     "check_sparsity",
     "expand_blocks",
+    "lowest",
     "lowest_blocks",
     "num_pruned_blocks",
     "pad_to_blocks",
@@ -78,9 +79,20 @@ def num_pruned_blocks(num_blocks: int, sparsity: float) -> int:
 
 def lowest_blocks(sums: np.ndarray, sparsity: float) -> np.ndarray:
     """Keep-mask over the block grid: False for the ``floor(sparsity·#blocks)`` smallest sums."""
-    keep = np.ones(sums.size, dtype=bool)
-    keep[np.argsort(sums.ravel(), kind="stable")[: num_pruned_blocks(sums.size, sparsity)]] = False
-    return keep.reshape(sums.shape)
+    return lowest(sums, num_pruned_blocks(sums.size, sparsity))
+
+
+def lowest(scores: np.ndarray, count: int, prefer: np.ndarray | None = None) -> np.ndarray:
+    """Keep-mask: False for the ``count`` smallest scores.
+
+    Ties go first to entries where ``prefer`` is True (e.g. already pruned, so a second run picks
+    the same set), then to the lowest flat index.
+    """
+    flat = scores.ravel()
+    order = np.argsort(flat, kind="stable") if prefer is None else np.lexsort((~prefer.ravel(), flat))
+    keep = np.ones(flat.size, dtype=bool)
+    keep[order[:count]] = False
+    return keep.reshape(scores.shape)
 
 
 def expand_blocks(grid_mask: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
