@@ -70,8 +70,10 @@ from .block_selection import (
     check_sparsity,
     expand_blocks,
     lowest_blocks,
+    num_pruned_blocks,
     pad_to_blocks,
 )
+from .tetris_init import grow_orders, norm_order, profile_order
 
 __all__ = [
     "BEST",
@@ -86,7 +88,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Method = Literal["faithful", "assignment"]
-Init = Literal["identity", "norm", "profile"]
+Init = Literal["identity", "norm", "profile", "grow", "multi"]
+_GROW_LIMIT = 2048  # most kept blocks the greedy growth init is tried for (its cost grows with them)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,7 +119,9 @@ class TetrisOptions:
     anneal: tuple[float, ...] = ()
     final_e_step: bool = False
     tol: float = 1e-5
+    rtol: float = 0.0
     max_iters: int = 100
+    skip_unit_blocks: bool = False
     pad: bool = False
     seed: int = 0
 
@@ -160,10 +165,13 @@ def tetris_weight(
     """The authors' single-tensor problem: every axis that a block does not span gets its own order.
 
     ``block`` may be shorter than ``weight.dim()``; missing trailing axes are whole (0), so a conv's
-    ``(b_out, b_in)`` spans the kernel. Variables are the axis numbers ``0, 1, ...``.
+    ``(b_out, b_in)`` spans the kernel. Variables are the axis numbers ``0, 1, ...``. With
+    ``options.skip_unit_blocks`` an axis of block size 1 gets no variable either: permuting it cannot
+    change the best mask's objective (every slice is its own block), only the EM trajectory.
     """
     full = tuple(block) + (0,) * (weight.dim() - len(block))
-    variables = tuple(d if b not in (0, n) else None for d, (n, b) in enumerate(zip(weight.shape, full)))
+    skipped = (0, 1) if options.skip_unit_blocks else (0,)
+    variables = tuple(d if b not in (*skipped, n) else None for d, (n, b) in enumerate(zip(weight.shape, full)))
     return tetris([Operand(weight, variables, full)], sparsity, options)
 
 
@@ -180,11 +188,18 @@ def tetris(
     start = time.perf_counter()
     problem = _Problem.build(operands, sparsity, options)
     rng = np.random.default_rng(options.seed)
-    state = problem.initial_state(options.init, initial or {})
-    for warm in options.anneal:
-        state = problem.em(state, problem.with_sparsity(warm), options)
-    state = problem.em(state, problem.rates, options)
-    best = state
+    inits: tuple[Init, ...] = ("identity", "norm", "profile", "grow") if options.init == "multi" else (options.init,)
+    best: _State | None = None
+    for init in inits:
+        if len(inits) > 1 and init == "grow" and problem.grow_orders() is None:
+            continue  # would repeat "profile"
+        state = problem.initial_state(init, initial or {})
+        for warm in options.anneal:
+            state = problem.em(state, problem.with_sparsity(warm), options)
+        state = problem.em(state, problem.rates, options)
+        if best is None or state.objective < best.objective - options.tol:
+            best = state
+    assert best is not None
     for _ in range(options.restarts):
         trial = problem.em(problem.perturbed(best, options.perturb, rng), problem.rates, options)
         winner = trial if trial.objective < best.objective - options.tol else best
@@ -279,7 +294,8 @@ class _Problem:
         )
 
     def initial_state(self, init: Init, initial: Mapping[Hashable, torch.Tensor]) -> _State:
-        orders = {v: self._initial_order(v, init) for v in self.uses}
+        grown = self.grow_orders() if init == "grow" else None
+        orders = grown or {v: self._initial_order(v, init) for v in self.uses}
         for var, order in initial.items():
             given = np.asarray(torch.as_tensor(order).cpu(), dtype=np.int64)
             if var not in orders or sorted(given.tolist()) != list(range(self.lengths[var])):
@@ -289,13 +305,29 @@ class _Problem:
 
     def _initial_order(self, var: Hashable, init: Init) -> np.ndarray:
         n = self.lengths[var]
-        if init == "identity":
-            return np.arange(n)
         if init == "norm":
-            norms = sum(_slice_norms(self.magnitudes[u.operand], u.axis)[:n] for u in self.uses[var])
-            return np.argsort(-np.asarray(norms), kind="stable")
-        profiles = np.concatenate([_profile(self.magnitudes[u.operand], u.axis, self.sizes[u.operand])[:n] for u in self.uses[var]], axis=1)
-        return _spectral_order(profiles)
+            return norm_order([(self.magnitudes[u.operand], u.axis) for u in self.uses[var]], n)
+        if init in ("profile", "grow"):  # grow falls back to profile where it does not apply
+            return profile_order([(self.magnitudes[u.operand], u.axis, self.sizes[u.operand]) for u in self.uses[var]], n)
+        return np.arange(n)
+
+    def grow_orders(self) -> dict[Hashable, np.ndarray] | None:
+        """Greedy growth (tetris_init.grow_orders) for one operand with exactly two variables."""
+        pairs = [(v, u) for v, us in self.uses.items() for u in us]
+        if len(self.magnitudes) != 1 or len(pairs) != 2 or pairs[0][0] == pairs[1][0]:
+            return None
+        (row_var, row), (col_var, col) = sorted(pairs, key=lambda p: p[1].axis)
+        magnitude, sizes = self.magnitudes[0], self.sizes[0]
+        others = tuple(d for d in range(magnitude.ndim) if d not in (row.axis, col.axis))
+        if any(sizes[d] != magnitude.shape[d] for d in others):
+            return None
+        blocks = magnitude.size // int(np.prod(sizes))
+        keep = blocks - num_pruned_blocks(blocks, self.rates[0])
+        if not 0 < keep <= _GROW_LIMIT:
+            return None
+        plane = magnitude.sum(axis=others) if others else magnitude
+        rows, cols = grow_orders(plane, sizes[row.axis], sizes[col.axis], keep)
+        return {row_var: rows[rows < self.lengths[row_var]], col_var: cols[cols < self.lengths[col_var]]}
 
     def perturbed(self, state: _State, fraction: float, rng: np.random.Generator) -> _State:
         orders = {}
@@ -322,7 +354,7 @@ class _Problem:
             for var in self.uses:
                 value, orders = self.m_step(var, orders, grids, value, options)
                 history.append(value)
-            if prev - value < options.tol or iterations >= options.max_iters:
+            if prev - value < max(options.tol, options.rtol * prev) or iterations >= options.max_iters:
                 break
             current = self.e_step(orders, rates)
         final = _State(orders, grids, value, tuple(history), iterations)
@@ -441,32 +473,11 @@ def _unpermute(array: np.ndarray, order: np.ndarray, axis: int) -> np.ndarray:
     return out
 
 
-def _slice_norms(magnitude: np.ndarray, axis: int) -> np.ndarray:
-    return np.moveaxis(magnitude, axis, 0).reshape(magnitude.shape[axis], -1).sum(axis=1)
-
-
-def _profile(magnitude: np.ndarray, axis: int, sizes: Sequence[int]) -> np.ndarray:
-    """Per slice along ``axis``: its magnitude summed within blocks of the other axes, normalised."""
-    others = [b if a != axis else 1 for a, b in enumerate(sizes)]
-    reduced = block_sums(magnitude, others)
-    rows = np.moveaxis(reduced, axis, 0).reshape(reduced.shape[axis], -1)
-    return rows / np.maximum(rows.sum(axis=1, keepdims=True), 1e-300)
-
-
-def _spectral_order(profiles: np.ndarray) -> np.ndarray:
-    centred = profiles - profiles.mean(axis=0, keepdims=True)
-    if not centred.any():
-        return np.arange(len(profiles))
-    u, _, _ = np.linalg.svd(centred, full_matrices=False)
-    lead = u[:, 0] * np.sign(u[np.argmax(np.abs(u[:, 0])), 0])
-    return np.argsort(lead, kind="stable")
-
-
 def _check_options(options: TetrisOptions) -> None:
     if options.method not in ("faithful", "assignment"):
         raise RecipeError(f"TetrisOptions.method must be 'faithful' or 'assignment', got {options.method!r}")
-    if options.init not in ("identity", "norm", "profile"):
-        raise RecipeError(f"TetrisOptions.init must be 'identity', 'norm' or 'profile', got {options.init!r}")
+    if options.init not in ("identity", "norm", "profile", "grow", "multi"):
+        raise RecipeError(f"TetrisOptions.init must be one of identity/norm/profile/grow/multi, got {options.init!r}")
     if options.restarts < 0 or options.max_iters < 1 or not 0 < options.perturb <= 1:
         raise RecipeError(f"TetrisOptions out of range: {options}")
     for s in options.anneal:
