@@ -26,18 +26,25 @@ after a swap, so the cached maximum can go stale and a swap with negative true g
 here the cache is refreshed for every row whose maximum sat in column i or j, so every swap is the
 true max-gain swap and the objective never increases; (2) S and G are kept in float64.
 
-Extensions, each a documented option (off by default, so the faithful algorithm stays selectable):
+Extensions, each a documented option (off by default, so the faithful algorithm stays selectable);
+the initial orders are in :mod:`.tetris_init`:
 
-- ``init="norm"``: initial orders sort the slices of each variable by their L1 norm (summed over
-  its uses), which for weights whose magnitude is close to ``r_i · c_j`` (outlier rows/columns,
-  as in transformers) gathers the small weights in one corner; ``init="profile"`` orders slices by
-  the leading singular vector of their normalised block-magnitude profile (spectral seriation);
+- ``init="norm"``: slices sorted by L1 norm (summed over the variable's uses);
+  ``init="profile"``: spectral seriation of the slices' block-magnitude profiles;
+  ``init="cluster"``: balanced k-means of those profiles, one cluster per block (helps thin blocks
+  such as (16, 1), where only the row grouping matters);
+  ``init="grow"``: greedy constructive co-clustering of one 2-d problem (kept blocks added one at a
+  time from the best unplaced rows/columns; helps square blocks); falls back to "profile" where it
+  does not apply (several operands, or a variable on two axes);
+  ``init="multi"``: EM from identity, cluster and grow, keeping the best;
 - ``restarts=k``: iterated local search: perturb the best orders found (a random ``perturb`` fraction
   of each variable's positions reshuffled), re-run EM, keep the result if the objective fell;
 - ``anneal=(s1, s2, ...)``: sparsity continuation: run EM at each of these sparsities in turn
-  (warm-started), then at the target;
+  (warm-started), then at the target (measured: no gain on MiniLM; kept for experiments);
 - ``final_e_step=True``: one more E-step after convergence (can only lower the objective; the
-  authors return the mask of the last E-step).
+  authors return the mask of the last E-step);
+- ``rtol``: also stop when a round gains less than ``rtol`` × the objective (speed);
+- ``skip_unit_blocks`` (``tetris_weight`` only): no variable for an axis of block size 1.
 :data:`BEST` is the combination measured best on MiniLM (benchmarks/tetris_quality.py).
 
 If one variable labels two axes of the *same* operand, the M-step's S is only an estimate (moving
@@ -73,7 +80,7 @@ from .block_selection import (
     num_pruned_blocks,
     pad_to_blocks,
 )
-from .tetris_init import grow_orders, norm_order, profile_order
+from .tetris_init import cluster_order, grow_orders, norm_order, profile_order
 
 __all__ = [
     "BEST",
@@ -88,7 +95,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Method = Literal["faithful", "assignment"]
-Init = Literal["identity", "norm", "profile", "grow", "multi"]
+Init = Literal["identity", "norm", "profile", "cluster", "grow", "multi"]
 _GROW_LIMIT = 2048  # most kept blocks the greedy growth init is tried for (its cost grows with them)
 
 
@@ -127,7 +134,7 @@ class TetrisOptions:
 
 
 FAITHFUL = TetrisOptions()
-BEST = TetrisOptions(method="assignment", init="norm", restarts=4, final_e_step=True)
+BEST = TetrisOptions(init="multi", restarts=2, final_e_step=True, skip_unit_blocks=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,7 +195,7 @@ def tetris(
     start = time.perf_counter()
     problem = _Problem.build(operands, sparsity, options)
     rng = np.random.default_rng(options.seed)
-    inits: tuple[Init, ...] = ("identity", "norm", "profile", "grow") if options.init == "multi" else (options.init,)
+    inits: tuple[Init, ...] = ("identity", "cluster", "grow") if options.init == "multi" else (options.init,)
     best: _State | None = None
     for init in inits:
         if len(inits) > 1 and init == "grow" and problem.grow_orders() is None:
@@ -231,6 +238,7 @@ class _Problem:
     uses: dict[Hashable, list[_Use]]  # variable -> its (operand, axis) pairs, in first-appearance order
     lengths: dict[Hashable, int]  # variable -> real (unpadded) axis length
     shapes: list[tuple[int, ...]]  # original (unpadded) shapes
+    seed: int = 0
 
     @classmethod
     def build(cls, operands: Sequence[Operand], sparsity: float, options: TetrisOptions) -> _Problem:
@@ -263,7 +271,7 @@ class _Problem:
             sizes.append(grid)
             rates.append(float(rate))
             shapes.append(shape)
-        return cls(magnitudes, sizes, tuple(rates), uses, lengths, shapes)
+        return cls(magnitudes, sizes, tuple(rates), uses, lengths, shapes, options.seed)
 
     def with_sparsity(self, sparsity: float) -> tuple[float, ...]:
         return tuple(sparsity for _ in self.rates)
@@ -307,6 +315,12 @@ class _Problem:
         n = self.lengths[var]
         if init == "norm":
             return norm_order([(self.magnitudes[u.operand], u.axis) for u in self.uses[var]], n)
+        if init == "cluster":
+            use = self.uses[var][0]
+            return cluster_order(
+                [(self.magnitudes[u.operand], u.axis, self.sizes[u.operand]) for u in self.uses[var]],
+                n, self.sizes[use.operand][use.axis], self.seed,
+            )
         if init in ("profile", "grow"):  # grow falls back to profile where it does not apply
             return profile_order([(self.magnitudes[u.operand], u.axis, self.sizes[u.operand]) for u in self.uses[var]], n)
         return np.arange(n)
@@ -476,8 +490,8 @@ def _unpermute(array: np.ndarray, order: np.ndarray, axis: int) -> np.ndarray:
 def _check_options(options: TetrisOptions) -> None:
     if options.method not in ("faithful", "assignment"):
         raise RecipeError(f"TetrisOptions.method must be 'faithful' or 'assignment', got {options.method!r}")
-    if options.init not in ("identity", "norm", "profile", "grow", "multi"):
-        raise RecipeError(f"TetrisOptions.init must be one of identity/norm/profile/grow/multi, got {options.init!r}")
+    if options.init not in ("identity", "norm", "profile", "cluster", "grow", "multi"):
+        raise RecipeError(f"TetrisOptions.init must be one of identity/norm/profile/cluster/grow/multi, got {options.init!r}")
     if options.restarts < 0 or options.max_iters < 1 or not 0 < options.perturb <= 1:
         raise RecipeError(f"TetrisOptions out of range: {options}")
     for s in options.anneal:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .block_selection import block_sums
 
-__all__ = ["grow_orders", "norm_order", "profile_order"]
+__all__ = ["cluster_order", "grow_orders", "norm_order", "profile_order"]
 
 
 def norm_order(magnitudes: Sequence[tuple[np.ndarray, int]], n: int) -> np.ndarray:
@@ -40,6 +40,28 @@ def profile_order(magnitudes: Sequence[tuple[np.ndarray, int, Sequence[int]]], n
     u, _, _ = np.linalg.svd(centred, full_matrices=False)
     lead = u[:, 0] * np.sign(u[np.argmax(np.abs(u[:, 0])), 0])
     return np.argsort(lead, kind="stable")
+
+
+def cluster_order(magnitudes: Sequence[tuple[np.ndarray, int, Sequence[int]]], n: int, block: int, seed: int) -> np.ndarray:
+    """Balanced k-means of the slices' block-magnitude profiles into ``n // block`` groups of ``block``.
+
+    k-means (scikit-learn, ``n_init=4``, seeded) gives centroids; an exact balanced assignment
+    (``linear_sum_assignment`` on squared distances, each centroid offered ``block`` times) makes
+    every group exactly one block; groups are then laid out in order of decreasing profile mass.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.cluster import KMeans
+
+    groups = n // block
+    if groups < 2 or n % block:
+        return profile_order(magnitudes, n)
+    profiles = np.concatenate([_profile(m, axis, sizes)[:n] for m, axis, sizes in magnitudes], axis=1)
+    centres = KMeans(n_clusters=groups, n_init=4, random_state=seed).fit(profiles).cluster_centers_
+    cost = ((profiles[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+    rows, slots = linear_sum_assignment(np.repeat(cost, block, axis=1))
+    group = np.empty(n, dtype=np.int64)
+    group[rows] = slots // block
+    return np.lexsort((np.arange(n), group)).astype(np.int64)
 
 
 def _profile(magnitude: np.ndarray, axis: int, sizes: Sequence[int]) -> np.ndarray:
@@ -69,6 +91,7 @@ class _Grower:
         self.row_profile = np.zeros((0, a.shape[1]))  # per row-block: column sums over its rows
         self.col_profile = np.zeros((0, a.shape[0]))  # per column-block: row sums over its columns
         self.kept = np.zeros((self.gr, self.gc), dtype=bool)
+        self.cells = np.full((self.gr, self.gc), -np.inf)  # block sums between placed row/column-blocks
 
     def step(self) -> bool:
         options = [self._new(), self._extend_rows(), self._extend_cols(), self._old()]
@@ -108,10 +131,7 @@ class _Grower:
         return value, lambda: self._place_row(ci, rows)
 
     def _old(self) -> tuple[float, object] | None:
-        if not self.rows or not self.cols:
-            return None
-        cells = np.stack([self.row_profile[:, c].sum(axis=1) for c in self.cols], axis=1)
-        cells[self.kept[: len(self.rows), : len(self.cols)]] = -np.inf
+        cells = np.where(self.kept, -np.inf, self.cells)
         ri, ci = np.unravel_index(int(cells.argmax()), cells.shape)
         if not np.isfinite(cells[ri, ci]):
             return None
@@ -121,12 +141,16 @@ class _Grower:
         self.rows.append(r)
         self.free_r[r] = False
         self.row_profile = np.vstack([self.row_profile, self.a[r].sum(axis=0)])
+        for ci, c in enumerate(self.cols):
+            self.cells[len(self.rows) - 1, ci] = self.row_profile[-1, c].sum()
         return len(self.rows) - 1
 
     def _add_cols(self, c: np.ndarray) -> int:
         self.cols.append(c)
         self.free_c[c] = False
         self.col_profile = np.vstack([self.col_profile, self.a[:, c].sum(axis=1)])
+        if self.rows:
+            self.cells[: len(self.rows), len(self.cols) - 1] = self.row_profile[:, c].sum(axis=1)
         return len(self.cols) - 1
 
     def _place(self, r: np.ndarray, c: np.ndarray) -> None:

@@ -132,3 +132,23 @@ def test_mismatched_shared_variable_lengths_are_rejected() -> None:
 def test_zero_sparsity_keeps_everything() -> None:
     result = tetris_weight(torch.randn(16, 16), (4, 4), 0.0)
     assert bool(result.keep[0].all()) and result.kept_fraction == 1.0
+
+
+@pytest.mark.parametrize("init", ["norm", "profile", "cluster", "grow", "multi"])
+def test_extension_inits_are_monotone_bijective_and_beat_naive(init: str) -> None:
+    w = _structured(64, 96, seed=6)
+    options = TetrisOptions(init=init, restarts=1)  # type: ignore[arg-type]
+    result = tetris_weight(w, (8, 8), 0.75, options)
+    history = np.asarray(result.history)
+    assert (np.diff(history) <= 1e-9 * history[0]).all()
+    assert result.kept_fraction >= _naive_kept(w, (8, 8), 0.75) - 1e-12
+    assert _is_bijection(result.orders[0], 64) and _is_bijection(result.orders[1], 96)
+
+
+def test_warm_start_must_be_a_bijection() -> None:
+    w = torch.randn(16, 16)
+    good = tetris_weight(w, (4, 4), 0.5)
+    again = tetris([Operand(w, (0, 1), (4, 4))], 0.5, FAITHFUL, good.orders)
+    assert again.kept_fraction >= good.kept_fraction - 1e-12
+    with pytest.raises(RecipeError, match="bijection"):
+        tetris([Operand(w, (0, 1), (4, 4))], 0.5, FAITHFUL, {0: torch.zeros(16, dtype=torch.long)})
