@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import torch
 import torch.fx
@@ -51,7 +51,9 @@ class ElementMask:
     mask: torch.Tensor
 
     def element_mask(self, shape: torch.Size) -> torch.Tensor:
-        _check(tuple(self.mask.shape) == tuple(shape), f"mask {tuple(self.mask.shape)} vs weight {tuple(shape)}")
+        _check(
+            tuple(self.mask.shape) == tuple(shape), f"mask {tuple(self.mask.shape)} vs weight {tuple(shape)}"
+        )
         return self.mask.bool()
 
     @property
@@ -68,7 +70,9 @@ class NMSparsity:
     mask: torch.Tensor  # same shape as the weight
 
     def element_mask(self, shape: torch.Size) -> torch.Tensor:
-        _check(tuple(self.mask.shape) == tuple(shape), f"mask {tuple(self.mask.shape)} vs weight {tuple(shape)}")
+        _check(
+            tuple(self.mask.shape) == tuple(shape), f"mask {tuple(self.mask.shape)} vs weight {tuple(shape)}"
+        )
         groups = matrix_view(self.mask.bool()).reshape(shape[0], -1, self.m)
         _check(bool((groups.sum(-1) <= self.n).all()), f"mask keeps more than {self.n} of {self.m}")
         return self.mask.bool()
@@ -91,8 +95,14 @@ class BlockSparsity:
     def element_mask(self, shape: torch.Size) -> torch.Tensor:
         rows, cols = self.block
         out, rest = shape[0], math.prod(shape[1:])
-        _check(out % rows == 0 and rest % cols == 0, f"block {self.block} does not tile matrix view {(out, rest)}")
-        _check(tuple(self.mask.shape) == (out // rows, rest // cols), f"block mask {tuple(self.mask.shape)} vs grid {(out // rows, rest // cols)}")
+        _check(
+            out % rows == 0 and rest % cols == 0,
+            f"block {self.block} does not tile matrix view {(out, rest)}",
+        )
+        _check(
+            tuple(self.mask.shape) == (out // rows, rest // cols),
+            f"block mask {tuple(self.mask.shape)} vs grid {(out // rows, rest // cols)}",
+        )
         full = self.mask.bool().repeat_interleave(rows, 0).repeat_interleave(cols, 1)
         return full.reshape(shape)
 
@@ -118,10 +128,13 @@ class Permutation:
     order: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        _check(sorted(self.order) == list(range(len(self.order))), f"order along dim {self.dim} is not a bijection")
+        _check(
+            sorted(self.order) == list(range(len(self.order))),
+            f"order along dim {self.dim} is not a bijection",
+        )
 
 
-Annotation = Union[ElementMask, NMSparsity, BlockSparsity, ChannelSelection, Permutation]
+Annotation = ElementMask | NMSparsity | BlockSparsity | ChannelSelection | Permutation
 A = TypeVar("A", ElementMask, NMSparsity, BlockSparsity, ChannelSelection, Permutation)
 
 

@@ -1,3 +1,40 @@
-"""tilefx: a pruning compiler for PyTorch."""
+"""tilefx: a pruning compiler for PyTorch.
+
+``optimize`` captures a model with torch.export and runs verified fx passes that prune and
+reorder it; ``compile`` lowers the result to TVM block-sparse kernels called from torch.
+"""
+
+from tilefx.passes.infra.errors import (
+    CaptureError,
+    LoweringError,
+    OptimizeError,
+    PassError,
+    RecipeError,
+    UnsupportedOpError,
+    VerificationError,
+)
+
+from .api import compile, optimize
+from .capture import capture
+from .pipeline import default_pipeline
+from .recipe import BlockPruning, ChannelPruning, ConnectionPruning, Recipe
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BlockPruning",
+    "CaptureError",
+    "ChannelPruning",
+    "ConnectionPruning",
+    "LoweringError",
+    "OptimizeError",
+    "PassError",
+    "Recipe",
+    "RecipeError",
+    "UnsupportedOpError",
+    "VerificationError",
+    "capture",
+    "compile",
+    "default_pipeline",
+    "optimize",
+]

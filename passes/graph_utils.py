@@ -1,0 +1,61 @@
+"""Small helpers for editing ATen-level graphs: resolving get_attr tensors and owning modules."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+__all__ = ["attr_tensor", "get_attr_users", "param_node", "set_attr_tensor", "unique_attr_name"]
+
+
+def attr_tensor(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    """The parameter or buffer a get_attr target names."""
+    owner, _, name = target.rpartition(".")
+    value = getattr(gm.get_submodule(owner) if owner else gm, name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"get_attr target {target!r} is not a tensor")
+    return value
+
+
+def set_attr_tensor(gm: torch.fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Replace (or create) the parameter/buffer ``target``, keeping its kind (parameter vs buffer)."""
+    owner_name, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    if name in owner._buffers:
+        owner._buffers[name] = value.detach()
+        return
+    old = owner._parameters.get(name)
+    requires_grad = old.requires_grad if old is not None else False
+    if hasattr(owner, name) and old is None:
+        delattr(owner, name)
+    owner.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=requires_grad))
+
+
+def unique_attr_name(gm: torch.fx.GraphModule, wanted: str) -> str:
+    """``wanted`` if free, else ``wanted_1``, ``wanted_2``, ..."""
+    candidate, i = wanted, 0
+    while _exists(gm, candidate):
+        i += 1
+        candidate = f"{wanted}_{i}"
+    return candidate
+
+
+def _exists(gm: torch.fx.GraphModule, target: str) -> bool:
+    owner_name, _, name = target.rpartition(".")
+    try:
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+    except AttributeError:
+        return False
+    return hasattr(owner, name)
+
+
+def param_node(arg: object) -> str | None:
+    """The get_attr target feeding an argument, or None if the argument is computed or a constant."""
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        return str(arg.target)
+    return None
+
+
+def get_attr_users(gm: torch.fx.GraphModule, target: str) -> list[torch.fx.Node]:
+    """Every node reading ``target`` through any get_attr node (weights may be read twice)."""
+    return [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users]
