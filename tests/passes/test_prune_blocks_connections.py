@@ -164,3 +164,14 @@ def test_synaptic_strength_uses_the_input_bn_scale() -> None:
     assert not bool(mask[:, 5].any()) and int((~mask).sum()) == 32  # the 32 connections from channel 5
     none = AnalysisManager(gm, x).get(SynapticStrength(StrengthOptions(input_scale="none")))
     torch.testing.assert_close(none["conv2.weight"], conv2.flatten(2).norm(dim=2))
+
+
+def test_connections_then_blocks_through_the_verifying_pass_manager() -> None:
+    from tilefx.passes.infra.manager import PassManager
+
+    gm, x = _capture()
+    passes = [PruneConnectionsPass(sparsity=0.5), PruneBlocksPass(block=(8, 4), sparsity=0.5)]
+    result = PassManager(passes).run(gm, x)  # verifies masked numerics and honest `modified`
+    assert [m for _, m in result.ran] == [True, True]
+    again = PassManager([PruneBlocksPass(block=(8, 4), sparsity=0.5)]).run(result.graph_module, x)
+    assert again.ran == (("PruneBlocksPass", False),)
