@@ -55,8 +55,9 @@ def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
-          extra=None, post_step=None) -> nn.Module:  # type: ignore[no-untyped-def]
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, extra=None, post_step=None
+) -> nn.Module:  # type: ignore[no-untyped-def]
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     g = torch.Generator().manual_seed(1)
     model.train()
@@ -88,7 +89,9 @@ def conv_sparsity(model: nn.Module) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--penalty", type=float, default=1e-2)
@@ -100,19 +103,24 @@ def main() -> None:
     print(f"dense                                   test acc {accuracy(dense, xte, yte):.4f}")
 
     # 1-2: post-training estimate on the captured graph (convs only, as the paper prunes kernels)
-    gm = torch.export.export(copy.deepcopy(dense), (xte[:2],), strict=False).module()
+    gm = torch.export.export(copy.deepcopy(dense), (xte[:2],), strict=True).module()
     pass_ = PruneConnectionsPass(args.sparsity, selection=LayerSelection(kinds=("conv",)))
     pass_.run(gm, AnalysisManager(gm, (xte[:2],)))
     pruned = copy.deepcopy(dense)
-    masks = {name: rec.element_mask(p.shape) for name, p in pruned.named_parameters()
-             for rec in get_metadata(gm).of(name, BlockSparsity)}
+    masks = {
+        name: rec.element_mask(p.shape)
+        for name, p in pruned.named_parameters()
+        for rec in get_metadata(gm).of(name, BlockSparsity)
+    }
     with torch.no_grad():
         for name, p in pruned.named_parameters():
             if name in masks:
                 p.mul_(masks[name])
     assert torch.allclose(gm(xte[:2]), pruned.eval()(xte[:2]), atol=1e-5)  # the pass == hand-masked module
-    print(f"post-training estimate, no fine-tune    test acc {accuracy(pruned, xte, yte):.4f}  "
-          f"conv connection sparsity {conv_sparsity(pruned):.3f}")
+    print(
+        f"post-training estimate, no fine-tune    test acc {accuracy(pruned, xte, yte):.4f}  "
+        f"conv connection sparsity {conv_sparsity(pruned):.3f}"
+    )
 
     def remask(model: nn.Module) -> None:
         with torch.no_grad():
@@ -121,8 +129,10 @@ def main() -> None:
                     p.mul_(masks[name])
 
     tuned = train(pruned, xtr, ytr, max(2, args.epochs // 2), 0.01, post_step=remask)
-    print(f"post-training estimate + fine-tune      test acc {accuracy(tuned, xte, yte):.4f}  "
-          f"conv connection sparsity {conv_sparsity(tuned):.3f}")
+    print(
+        f"post-training estimate + fine-tune      test acc {accuracy(tuned, xte, yte):.4f}  "
+        f"conv connection sparsity {conv_sparsity(tuned):.3f}"
+    )
 
     # 3: training-time form
     hook = SynapticStrengthHook(args.sparsity, penalty=args.penalty)
@@ -132,8 +142,10 @@ def main() -> None:
     model = train(model, xtr, ytr, max(2, args.epochs // 2), 0.01, post_step=hook.post_step)
     plain = hook.materialise(model)
     assert torch.allclose(plain.eval()(xte), model.eval()(xte), atol=1e-5)
-    print(f"training-time + fine-tune, materialised test acc {accuracy(plain, xte, yte):.4f}  "
-          f"conv connection sparsity {conv_sparsity(plain):.3f}")
+    print(
+        f"training-time + fine-tune, materialised test acc {accuracy(plain, xte, yte):.4f}  "
+        f"conv connection sparsity {conv_sparsity(plain):.3f}"
+    )
     print(f"total {time.perf_counter() - start:.1f}s")
 
 

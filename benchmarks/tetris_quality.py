@@ -107,7 +107,7 @@ def element_kept(magnitude: np.ndarray, sparsity: float) -> tuple[float, np.ndar
 
 
 def naive_kept(magnitude: np.ndarray, block: Sequence[int], sparsity: float) -> tuple[float, np.ndarray]:
-    sizes = tuple(block) + magnitude.shape[len(block):]
+    sizes = tuple(block) + magnitude.shape[len(block) :]
     sums = block_sums(magnitude, sizes)
     grid = lowest_blocks(sums, sparsity)
     keep = grid
@@ -159,7 +159,7 @@ def minilm(directory: Path) -> tuple[torch.nn.Module, object]:
     model = BertModel(BertConfig.from_json_file(directory / "config.json"), add_pooling_layer=True)
     state = load_file(directory / "model.safetensors")
     state.pop("embeddings.position_ids", None)  # a buffer in the checkpoint, not a parameter
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=True)
     if missing or unexpected:
         raise SystemExit(f"MiniLM weights do not match: missing {missing}, unexpected {unexpected}")
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -173,7 +173,9 @@ def embed(model: torch.nn.Module, tokenizer: object) -> torch.Tensor:
     ids = torch.tensor([e.ids for e in encoded])
     attention = torch.tensor([e.attention_mask for e in encoded])
     with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=attention, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        hidden = model(
+            input_ids=ids, attention_mask=attention, token_type_ids=torch.zeros_like(ids)
+        ).last_hidden_state
     mask = attention[..., None].float()
     return (hidden * mask).sum(1) / mask.sum(1)
 
@@ -194,17 +196,31 @@ def resnet_weights(quick: bool) -> dict[str, np.ndarray]:
     model = torchvision.models.resnet18(weights=None)
     convs = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if p.dim() == 4}
     if quick:
-        convs = {n: w for n, w in convs.items() if n.startswith(("conv1", "layer1.0", "layer3.0", "layer4.1"))}
+        convs = {
+            n: w for n, w in convs.items() if n.startswith(("conv1", "layer1.0", "layer3.0", "layer4.1"))
+        }
     return convs
 
 
 # ----- reporting -------------------------------------------------------------------------------------
 def table(rows: list[Row], title: str, cosines: dict[tuple, float] | None = None) -> str:
     methods = list(METHODS)
-    lines = [f"### {title}", "", "kept-L1 fraction (mean over matrices); gap closed = mean / median over matrices "
-             f"with >= {MIN_BLOCKS} blocks; seconds per matrix (mean)", ""]
-    head = "| block | sparsity | n | element | naive | " + " | ".join(methods) + " | " + \
-        " | ".join(f"gap {m}" for m in methods) + " | " + " | ".join(f"s {m}" for m in methods) + " |"
+    lines = [
+        f"### {title}",
+        "",
+        "kept-L1 fraction (mean over matrices); gap closed = mean / median over matrices "
+        f"with >= {MIN_BLOCKS} blocks; seconds per matrix (mean)",
+        "",
+    ]
+    head = (
+        "| block | sparsity | n | element | naive | "
+        + " | ".join(methods)
+        + " | "
+        + " | ".join(f"gap {m}" for m in methods)
+        + " | "
+        + " | ".join(f"s {m}" for m in methods)
+        + " |"
+    )
     if cosines is not None:
         head += " cos element | cos naive | " + " | ".join(f"cos {m}" for m in methods) + " |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -216,21 +232,37 @@ def table(rows: list[Row], title: str, cosines: dict[tuple, float] | None = None
     return "\n".join(lines)
 
 
-def _line(group: list[Row], block: tuple[int, int], sparsity: float, methods: list[str],
-          cosines: dict[tuple, float] | None) -> str:
+def _line(
+    group: list[Row],
+    block: tuple[int, int],
+    sparsity: float,
+    methods: list[str],
+    cosines: dict[tuple, float] | None,
+) -> str:
     def mean(values: list[float]) -> str:
         return f"{statistics.fmean(values):.3f}" if values else "-"
 
     big = [r for r in group if _blocks(r) >= MIN_BLOCKS]
-    cells = [str(block), f"{sparsity:.0%}", str(len(group)), mean([r.element for r in group]), mean([r.naive for r in group])]
+    cells = [
+        str(block),
+        f"{sparsity:.0%}",
+        str(len(group)),
+        mean([r.element for r in group]),
+        mean([r.naive for r in group]),
+    ]
     cells += [mean([r.kept[m] for r in group if m in r.kept]) for m in methods]
     for m in methods:
         gaps = [r.gap(m) for r in big if m in r.kept]
         cells.append(f"{statistics.fmean(gaps):.1%} / {statistics.median(gaps):.1%}" if gaps else "-")
-    cells += [f"{statistics.fmean(t):.2f}" if (t := [r.seconds[m] for r in group if m in r.seconds]) else "-" for m in methods]
+    cells += [
+        f"{statistics.fmean(t):.2f}" if (t := [r.seconds[m] for r in group if m in r.seconds]) else "-"
+        for m in methods
+    ]
     if cosines is not None:
-        cells += [f"{cosines[(block, sparsity, m)]:.4f}" if (block, sparsity, m) in cosines else "-"
-                  for m in ("element", "naive", *methods)]
+        cells += [
+            f"{cosines[(block, sparsity, m)]:.4f}" if (block, sparsity, m) in cosines else "-"
+            for m in ("element", "naive", *methods)
+        ]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -242,8 +274,9 @@ def _blocks(row: Row) -> int:
 WEIGHT_SHAPES: dict[str, tuple[int, ...]] = {}
 
 
-def cosine_table(model: torch.nn.Module, tokenizer: object, weights: dict[str, np.ndarray],
-                 masks: dict[tuple, bytes]) -> dict[tuple, float]:
+def cosine_table(
+    model: torch.nn.Module, tokenizer: object, weights: dict[str, np.ndarray], masks: dict[tuple, bytes]
+) -> dict[tuple, float]:
     dense = embed(model, tokenizer)
     params = dict(model.named_parameters())
     out = {}
@@ -254,18 +287,24 @@ def cosine_table(model: torch.nn.Module, tokenizer: object, weights: dict[str, n
                 if not all(k in masks for k in keys):
                     continue
                 with torch.no_grad():
-                    for name, key in zip(weights, keys):
-                        keep = np.unpackbits(masks[key], count=weights[name].size).reshape(weights[name].shape)
+                    for name, key in zip(weights, keys, strict=True):
+                        keep = np.unpackbits(masks[key], count=weights[name].size).reshape(
+                            weights[name].shape
+                        )
                         params[name].copy_(torch.from_numpy(weights[name] * keep))
                 pruned = embed(model, tokenizer)
-                out[(block, sparsity, method)] = float(torch.nn.functional.cosine_similarity(pruned, dense).mean())
+                out[(block, sparsity, method)] = float(
+                    torch.nn.functional.cosine_similarity(pruned, dense).mean()
+                )
     with torch.no_grad():
         for name in weights:
             params[name].copy_(torch.from_numpy(weights[name]))
     return out
 
 
-def run(weights: dict[str, np.ndarray], jobs: int, want_masks: bool) -> tuple[list[Row], dict[tuple, bytes], list[str]]:
+def run(
+    weights: dict[str, np.ndarray], jobs: int, want_masks: bool
+) -> tuple[list[Row], dict[tuple, bytes], list[str]]:
     tasks = [(name, w, want_masks) for name, w in weights.items()]
     if jobs > 1:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
@@ -279,8 +318,12 @@ def run(weights: dict[str, np.ndarray], jobs: int, want_masks: bool) -> tuple[li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="MiniLM layers 0 and 5 and 6 resnet18 convs only")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="MiniLM layers 0 and 5 and 6 resnet18 convs only"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (2 on a 2-core machine)")
     parser.add_argument("--models", default="minilm,resnet18", help="comma list of minilm, resnet18")
     parser.add_argument("--json", type=Path, help="also write every row as JSON here")
@@ -304,7 +347,12 @@ def main() -> None:
         WEIGHT_SHAPES.update({n: w.shape for n, w in convs.items()})
         cnn_rows, _, skipped = run(convs, args.jobs, want_masks=False)
         print()
-        print(table(cnn_rows, f"torchvision resnet18 (random init, seed 0): {len(convs)} conv weights, blocks span the kernel"))
+        print(
+            table(
+                cnn_rows,
+                f"torchvision resnet18 (random init, seed 0): {len(convs)} conv weights, blocks span the kernel",
+            )
+        )
         print("\nskipped: " + ("; ".join(skipped) if skipped else "none"))
         all_rows += cnn_rows
     print(f"\ntotal {time.perf_counter() - start:.0f}s with {args.jobs} job(s)")

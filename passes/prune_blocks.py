@@ -55,9 +55,13 @@ class PruneBlocksPass(PassBase):
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, "PruneBlocksPass.sparsity")
         if len(self.block) != 2 or min(self.block) < 1:
-            raise RecipeError(f"PruneBlocksPass.block must be two positive sizes (b_out, b_in), got {self.block}")
+            raise RecipeError(
+                f"PruneBlocksPass.block must be two positive sizes (b_out, b_in), got {self.block}"
+            )
         if self.indivisible not in ("skip", "raise"):
-            raise RecipeError(f"PruneBlocksPass.indivisible must be 'skip' or 'raise', got {self.indivisible!r}")
+            raise RecipeError(
+                f"PruneBlocksPass.indivisible must be 'skip' or 'raise', got {self.indivisible!r}"
+            )
 
     def plan(self, gm: torch.fx.GraphModule) -> list[LayerPlan]:
         """Per weight layer: the sparsity it will get, or None and the reason it is skipped."""
@@ -67,7 +71,9 @@ class PruneBlocksPass(PassBase):
                 check_sparsity(sparsity, f"sparsity of {layer.param}")
                 problem = self._indivisible(layer)
                 if problem and self.indivisible == "raise":
-                    raise RecipeError(f"PruneBlocksPass: {problem}; pick a dividing block or indivisible='skip'")
+                    raise RecipeError(
+                        f"PruneBlocksPass: {problem}; pick a dividing block or indivisible='skip'"
+                    )
                 if problem:
                     sparsity, reason = None, problem
             plans.append(LayerPlan(layer.param, sparsity, reason))

@@ -53,14 +53,19 @@ class PruneConnectionsPass(PassBase):
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, "PruneConnectionsPass.sparsity")
         if self.criterion not in ("synaptic_strength", "l1"):
-            raise RecipeError(f"PruneConnectionsPass.criterion must be 'synaptic_strength' or 'l1', got {self.criterion!r}")
+            raise RecipeError(
+                f"PruneConnectionsPass.criterion must be 'synaptic_strength' or 'l1', got {self.criterion!r}"
+            )
         if self.scope not in ("global", "layer"):
             raise RecipeError(f"PruneConnectionsPass.scope must be 'global' or 'layer', got {self.scope!r}")
         if self.scope == "global" and self.selection.per_layer:
             raise RecipeError("PruneConnectionsPass: per-layer sparsities need scope='layer'")
 
     def plan(self, gm: torch.fx.GraphModule) -> list[LayerPlan]:
-        return [LayerPlan(layer.param, s, reason) for layer, s, reason in self.selection.choose(weight_layers(gm), self.sparsity)]
+        return [
+            LayerPlan(layer.param, s, reason)
+            for layer, s, reason in self.selection.choose(weight_layers(gm), self.sparsity)
+        ]
 
     def scores(self, gm: torch.fx.GraphModule, layer: WeightLayer) -> np.ndarray:
         """The criterion for every connection of ``layer``: float64 ``[out, in/groups]``."""
@@ -70,23 +75,41 @@ class PruneConnectionsPass(PassBase):
         return connection_strength(gm, layer, options).numpy()
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
-        chosen = [(layer, s) for layer, s, _ in self.selection.choose(weight_layers(gm), self.sparsity) if s is not None]
+        chosen = [
+            (layer, s)
+            for layer, s, _ in self.selection.choose(weight_layers(gm), self.sparsity)
+            if s is not None
+        ]
         if not chosen:
             return PassResult(gm, False)
         scores = [self.scores(gm, layer) for layer, _ in chosen]
-        previous = [self._previously_pruned(gm, layer, score.shape) for (layer, _), score in zip(chosen, scores)]
+        previous = [
+            self._previously_pruned(gm, layer, score.shape)
+            for (layer, _), score in zip(chosen, scores, strict=True)
+        ]
         if self.scope == "global":
-            keeps = _split(lowest(np.concatenate([s.ravel() for s in scores]), _count(scores, self.sparsity),
-                                  np.concatenate([p.ravel() for p in previous])), scores)
+            keeps = _split(
+                lowest(
+                    np.concatenate([s.ravel() for s in scores]),
+                    _count(scores, self.sparsity),
+                    np.concatenate([p.ravel() for p in previous]),
+                ),
+                scores,
+            )
         else:
-            keeps = [lowest(s, _count([s], rate), p) for s, (_, rate), p in zip(scores, chosen, previous)]
+            keeps = [
+                lowest(s, _count([s], rate), p)
+                for s, (_, rate), p in zip(scores, chosen, previous, strict=True)
+            ]
         modified = False
-        for (layer, _), keep in zip(chosen, keeps):
+        for (layer, _), keep in zip(chosen, keeps, strict=True):
             modified |= _apply(gm, layer, keep)
         return PassResult(gm, modified)
 
     @staticmethod
-    def _previously_pruned(gm: torch.fx.GraphModule, layer: WeightLayer, shape: tuple[int, ...]) -> np.ndarray:
+    def _previously_pruned(
+        gm: torch.fx.GraphModule, layer: WeightLayer, shape: tuple[int, ...]
+    ) -> np.ndarray:
         records = [a for a in get_metadata(gm).of(layer.param, BlockSparsity) if a.block == (1, layer.kernel)]
         if not records or tuple(records[-1].mask.shape) != shape:
             return np.zeros(shape, dtype=bool)
@@ -100,7 +123,7 @@ def _count(scores: list[np.ndarray], sparsity: float) -> int:
 
 def _split(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
     bounds = np.cumsum([s.size for s in like])[:-1]
-    return [part.reshape(s.shape) for part, s in zip(np.split(flat, bounds), like)]
+    return [part.reshape(s.shape) for part, s in zip(np.split(flat, bounds), like, strict=True)]
 
 
 def _apply(gm: torch.fx.GraphModule, layer: WeightLayer, keep: np.ndarray) -> bool:
@@ -110,7 +133,9 @@ def _apply(gm: torch.fx.GraphModule, layer: WeightLayer, keep: np.ndarray) -> bo
     element = record.element_mask(weight.shape).to(weight.device)
     metadata = get_metadata(gm)
     old = metadata.of(layer.param, BlockSparsity)
-    same_record = bool(old) and old[-1].block == record.block and torch.equal(old[-1].mask.cpu().bool(), record.mask)
+    same_record = (
+        bool(old) and old[-1].block == record.block and torch.equal(old[-1].mask.cpu().bool(), record.mask)
+    )
     already_zero = not bool(weight.detach()[~element].any())
     if same_record and already_zero:
         return False

@@ -47,11 +47,15 @@ def check_finite(weight: np.ndarray, name: str = "weight") -> None:
 def block_grid(shape: Sequence[int], block: Sequence[int], *, pad: bool = False) -> tuple[int, ...]:
     """Resolved block sizes (0 → whole axis). Raises :class:`RecipeError` if a size does not divide."""
     if len(block) != len(shape):
-        raise RecipeError(f"block {tuple(block)} has {len(block)} axes but the weight has {len(shape)}: {tuple(shape)}")
-    sizes = tuple(n if b == 0 else b for n, b in zip(shape, block))
-    for axis, (n, b) in enumerate(zip(shape, sizes)):
+        raise RecipeError(
+            f"block {tuple(block)} has {len(block)} axes but the weight has {len(shape)}: {tuple(shape)}"
+        )
+    sizes = tuple(n if b == 0 else b for n, b in zip(shape, block, strict=True))
+    for axis, (n, b) in enumerate(zip(shape, sizes, strict=True)):
         if b < 0 or b > n:
-            raise RecipeError(f"block size {b} on axis {axis} is outside [0, {n}] for weight shape {tuple(shape)}")
+            raise RecipeError(
+                f"block size {b} on axis {axis} is outside [0, {n}] for weight shape {tuple(shape)}"
+            )
         if n % b and not pad:
             raise RecipeError(
                 f"block {tuple(block)} does not tile weight shape {tuple(shape)} (axis {axis}: {n} % {b} != 0); "
@@ -62,13 +66,13 @@ def block_grid(shape: Sequence[int], block: Sequence[int], *, pad: bool = False)
 
 def pad_to_blocks(weight: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
     """Zero-pad every axis up to a multiple of its block size (a no-op when they already divide)."""
-    widths = [(0, -n % b) for n, b in zip(weight.shape, sizes)]
+    widths = [(0, -n % b) for n, b in zip(weight.shape, sizes, strict=True)]
     return np.pad(weight, widths) if any(w for _, w in widths) else weight
 
 
 def block_sums(magnitude: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
     """Sum of ``magnitude`` over every block: an array of the block-grid's shape."""
-    split = [d for n, b in zip(magnitude.shape, sizes) for d in (n // b, b)]
+    split = [d for n, b in zip(magnitude.shape, sizes, strict=True) for d in (n // b, b)]
     return magnitude.reshape(split).sum(axis=tuple(range(1, 2 * magnitude.ndim, 2)))
 
 

@@ -85,7 +85,9 @@ class SynapticStrength(Analysis[dict[str, torch.Tensor]]):
         return {layer.param: connection_strength(gm, layer, self.options) for layer in weight_layers(gm)}
 
 
-def connection_strength(gm: torch.fx.GraphModule, layer: WeightLayer, options: StrengthOptions) -> torch.Tensor:
+def connection_strength(
+    gm: torch.fx.GraphModule, layer: WeightLayer, options: StrengthOptions
+) -> torch.Tensor:
     """Strength of every connection of ``layer``: float64 ``[out, in/groups]``."""
     weight = gm.get_parameter(layer.param).detach().to("cpu", torch.float64)
     kernel = weight.reshape(weight.shape[0], weight.shape[1], -1)

@@ -178,7 +178,9 @@ def tetris_weight(
     """
     full = tuple(block) + (0,) * (weight.dim() - len(block))
     skipped = (0, 1) if options.skip_unit_blocks else (0,)
-    variables = tuple(d if b not in (*skipped, n) else None for d, (n, b) in enumerate(zip(weight.shape, full)))
+    variables = tuple(
+        d if b not in (*skipped, n) else None for d, (n, b) in enumerate(zip(weight.shape, full, strict=True))
+    )
     return tetris([Operand(weight, variables, full)], sparsity, options)
 
 
@@ -211,7 +213,9 @@ def tetris(
         trial = problem.em(problem.perturbed(best, options.perturb, rng), problem.rates, options)
         winner = trial if trial.objective < best.objective - options.tol else best
         # The history stays the best trajectory: one entry per restart, the best objective so far.
-        best = replace(winner, history=best.history + (winner.objective,), iterations=best.iterations + trial.iterations)
+        best = replace(
+            winner, history=best.history + (winner.objective,), iterations=best.iterations + trial.iterations
+        )
     return problem.result(best, time.perf_counter() - start)
 
 
@@ -252,7 +256,9 @@ class _Problem:
         for k, op in enumerate(operands):
             shape = tuple(op.weight.shape)
             if len(op.variables) != len(shape):
-                raise RecipeError(f"{op.name}: {len(op.variables)} variables for a {len(shape)}-d weight {shape}")
+                raise RecipeError(
+                    f"{op.name}: {len(op.variables)} variables for a {len(shape)}-d weight {shape}"
+                )
             rate = sparsity if op.sparsity is None else op.sparsity
             check_sparsity(rate, f"{op.name}: sparsity")
             magnitude = op.weight.detach().to("cpu", torch.float64).abs().numpy()
@@ -319,10 +325,14 @@ class _Problem:
             use = self.uses[var][0]
             return cluster_order(
                 [(self.magnitudes[u.operand], u.axis, self.sizes[u.operand]) for u in self.uses[var]],
-                n, self.sizes[use.operand][use.axis], self.seed,
+                n,
+                self.sizes[use.operand][use.axis],
+                self.seed,
             )
         if init in ("profile", "grow"):  # grow falls back to profile where it does not apply
-            return profile_order([(self.magnitudes[u.operand], u.axis, self.sizes[u.operand]) for u in self.uses[var]], n)
+            return profile_order(
+                [(self.magnitudes[u.operand], u.axis, self.sizes[u.operand]) for u in self.uses[var]], n
+            )
         return np.arange(n)
 
     def grow_orders(self) -> dict[Hashable, np.ndarray] | None:
@@ -375,7 +385,9 @@ class _Problem:
         if options.final_e_step:
             refreshed = self.e_step(orders, rates)
             if refreshed.objective <= value:
-                final = replace(refreshed, history=final.history + (refreshed.objective,), iterations=iterations)
+                final = replace(
+                    refreshed, history=final.history + (refreshed.objective,), iterations=iterations
+                )
         return final
 
     def m_step(
@@ -390,7 +402,11 @@ class _Problem:
         cost = np.zeros((n, n))
         for use in self.uses[var]:
             cost += self._swap_cost(use, orders, grids[use.operand], n)
-        relative = _greedy_swaps(cost, options.tol) if options.method == "faithful" else _assignment(cost, options.tol)
+        relative = (
+            _greedy_swaps(cost, options.tol)
+            if options.method == "faithful"
+            else _assignment(cost, options.tol)
+        )
         if np.array_equal(relative, np.arange(n)):
             return value, orders
         moved = {**orders, var: orders[var][relative]}
@@ -399,7 +415,9 @@ class _Problem:
             return value, orders
         return new_value, moved
 
-    def _swap_cost(self, use: _Use, orders: Mapping[Hashable, np.ndarray], grid: np.ndarray, n: int) -> np.ndarray:
+    def _swap_cost(
+        self, use: _Use, orders: Mapping[Hashable, np.ndarray], grid: np.ndarray, n: int
+    ) -> np.ndarray:
         """``S[i, j]``: this use's pruned magnitude if current slice i is put at position j."""
         sizes = self.sizes[use.operand]
         permuted = self.permuted(use.operand, orders)
@@ -419,13 +437,22 @@ class _Problem:
             for var, use_list in self.uses.items():
                 for use in use_list:
                     if use.operand == k:
-                        element = _unpermute(element, _padded(state.orders[var], element.shape[use.axis]), use.axis)
+                        element = _unpermute(
+                            element, _padded(state.orders[var], element.shape[use.axis]), use.axis
+                        )
             keep.append(torch.from_numpy(np.ascontiguousarray(element[tuple(slice(0, n) for n in shape)])))
             block_keep.append(torch.from_numpy(state.grids[k].copy()))
         orders = {v: torch.from_numpy(o.astype(np.int64)) for v, o in state.orders.items()}
         total = float(sum(m.sum() for m in self.magnitudes))
-        log.debug("tetris: kept %.4f of L1 in %d rounds, %.2fs", 1 - state.objective / max(total, 1e-300), state.iterations, seconds)
-        return TetrisResult(orders, tuple(keep), tuple(block_keep), state.history, total, seconds, state.iterations)
+        log.debug(
+            "tetris: kept %.4f of L1 in %d rounds, %.2fs",
+            1 - state.objective / max(total, 1e-300),
+            state.iterations,
+            seconds,
+        )
+        return TetrisResult(
+            orders, tuple(keep), tuple(block_keep), state.history, total, seconds, state.iterations
+        )
 
 
 # ----- M-step solvers ------------------------------------------------------------------------------
@@ -481,7 +508,7 @@ def _padded(order: np.ndarray, length: int) -> np.ndarray:
 
 def _unpermute(array: np.ndarray, order: np.ndarray, axis: int) -> np.ndarray:
     out = np.empty_like(array)
-    index = [slice(None)] * array.ndim
+    index: list[slice | np.ndarray] = [slice(None)] * array.ndim
     index[axis] = order
     out[tuple(index)] = array
     return out
@@ -491,7 +518,9 @@ def _check_options(options: TetrisOptions) -> None:
     if options.method not in ("faithful", "assignment"):
         raise RecipeError(f"TetrisOptions.method must be 'faithful' or 'assignment', got {options.method!r}")
     if options.init not in ("identity", "norm", "profile", "cluster", "grow", "multi"):
-        raise RecipeError(f"TetrisOptions.init must be one of identity/norm/profile/cluster/grow/multi, got {options.init!r}")
+        raise RecipeError(
+            f"TetrisOptions.init must be one of identity/norm/profile/cluster/grow/multi, got {options.init!r}"
+        )
     if options.restarts < 0 or options.max_iters < 1 or not 0 < options.perturb <= 1:
         raise RecipeError(f"TetrisOptions out of range: {options}")
     for s in options.anneal:

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -42,7 +42,9 @@ def profile_order(magnitudes: Sequence[tuple[np.ndarray, int, Sequence[int]]], n
     return np.argsort(lead, kind="stable")
 
 
-def cluster_order(magnitudes: Sequence[tuple[np.ndarray, int, Sequence[int]]], n: int, block: int, seed: int) -> np.ndarray:
+def cluster_order(
+    magnitudes: Sequence[tuple[np.ndarray, int, Sequence[int]]], n: int, block: int, seed: int
+) -> np.ndarray:
     """Balanced k-means of the slices' block-magnitude profiles into ``n // block`` groups of ``block``.
 
     k-means (scikit-learn, ``n_init=4``, seeded) gives centroids; an exact balanced assignment
@@ -80,6 +82,9 @@ def grow_orders(a: np.ndarray, br: int, bc: int, keep: int) -> tuple[np.ndarray,
     return grower.orders()
 
 
+_Move = tuple[float, Callable[[], None]]  # (value of the kept block it adds, apply it)
+
+
 class _Grower:
     def __init__(self, a: np.ndarray, br: int, bc: int) -> None:
         self.a, self.br, self.bc = a, br, bc
@@ -94,15 +99,15 @@ class _Grower:
         self.cells = np.full((self.gr, self.gc), -np.inf)  # block sums between placed row/column-blocks
 
     def step(self) -> bool:
-        options = [self._new(), self._extend_rows(), self._extend_cols(), self._old()]
-        options = [o for o in options if o is not None]
-        if not options:
+        moves = [
+            m for m in (self._new(), self._extend_rows(), self._extend_cols(), self._old()) if m is not None
+        ]
+        if not moves:
             return False
-        best = max(options, key=lambda o: o[0])
-        best[1]()
+        max(moves, key=lambda m: m[0])[1]()
         return True
 
-    def _new(self) -> tuple[float, object] | None:
+    def _new(self) -> _Move | None:
         if len(self.rows) >= self.gr or len(self.cols) >= self.gc:
             return None
         rows, cols = np.flatnonzero(self.free_r), np.flatnonzero(self.free_c)
@@ -116,26 +121,26 @@ class _Grower:
         value = float(self.a[np.ix_(r, c)].sum())
         return value, lambda: self._place(r, c)
 
-    def _extend_rows(self) -> tuple[float, object] | None:
+    def _extend_rows(self) -> _Move | None:
         """An existing row-block gets a new column-block of its best unplaced columns."""
         if not self.rows or len(self.cols) >= self.gc:
             return None
         value, ri, cols = _best_extension(self.row_profile, self.free_c, self.bc)
         return value, lambda: self._place_col(ri, cols)
 
-    def _extend_cols(self) -> tuple[float, object] | None:
+    def _extend_cols(self) -> _Move | None:
         """An existing column-block gets a new row-block of its best unplaced rows."""
         if not self.cols or len(self.rows) >= self.gr:
             return None
         value, ci, rows = _best_extension(self.col_profile, self.free_r, self.br)
         return value, lambda: self._place_row(ci, rows)
 
-    def _old(self) -> tuple[float, object] | None:
+    def _old(self) -> _Move | None:
         cells = np.where(self.kept, -np.inf, self.cells)
         ri, ci = np.unravel_index(int(cells.argmax()), cells.shape)
         if not np.isfinite(cells[ri, ci]):
             return None
-        return float(cells[ri, ci]), lambda: self.kept.__setitem__((ri, ci), True)
+        return float(cells[ri, ci]), lambda: self._keep(int(ri), int(ci))
 
     def _add_rows(self, r: np.ndarray) -> int:
         self.rows.append(r)
@@ -152,6 +157,9 @@ class _Grower:
         if self.rows:
             self.cells[: len(self.rows), len(self.cols) - 1] = self.row_profile[:, c].sum(axis=1)
         return len(self.cols) - 1
+
+    def _keep(self, ri: int, ci: int) -> None:
+        self.kept[ri, ci] = True
 
     def _place(self, r: np.ndarray, c: np.ndarray) -> None:
         self.kept[self._add_rows(r), self._add_cols(c)] = True

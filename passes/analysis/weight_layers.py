@@ -56,7 +56,7 @@ def weight_layers(gm: torch.fx.GraphModule) -> list[WeightLayer]:
         seen.add(str(weight.target))
         tensor = _tensor(gm, str(weight.target))
         kind: Literal["linear", "conv"] = "linear" if node.target == _LINEAR else "conv"
-        groups = int(_arg(node, 6, "groups", 1)) if kind == "conv" else 1
+        groups = int(_arg(node, 6, "groups", 1)) if kind == "conv" else 1  # type: ignore[call-overload]
         layers.append(WeightLayer(node, str(weight.target), kind, tuple(tensor.shape), groups))
     return layers
 
@@ -103,16 +103,20 @@ class LayerSelection:
         if isinstance(self.per_layer, Mapping):
             object.__setattr__(self, "per_layer", tuple(sorted(self.per_layer.items())))
 
-    def choose(self, layers: Sequence[WeightLayer], sparsity: float) -> list[tuple[WeightLayer, float | None, str]]:
+    def choose(
+        self, layers: Sequence[WeightLayer], sparsity: float
+    ) -> list[tuple[WeightLayer, float | None, str]]:
         """Per layer: (layer, sparsity or None when skipped, reason)."""
-        overrides = dict(self.per_layer)  # type: ignore[arg-type]
+        overrides = dict(self.per_layer)
         unknown = set(overrides) - {layer.param for layer in layers}
         if unknown:
             raise RecipeError(f"per_layer names no linear/conv weight: {sorted(unknown)}")
         out: list[tuple[WeightLayer, float | None, str]] = []
         for index, layer in enumerate(layers):
             reason = self._skip_reason(index, len(layers), layer)
-            out.append((layer, None, reason) if reason else (layer, overrides.get(layer.param, sparsity), "selected"))
+            out.append(
+                (layer, None, reason) if reason else (layer, overrides.get(layer.param, sparsity), "selected")
+            )
         return out
 
     def _skip_reason(self, index: int, count: int, layer: WeightLayer) -> str:

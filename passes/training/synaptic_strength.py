@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,8 @@ __all__ = ["SynapticConv2d", "SynapticStrengthHook"]
 class SynapticConv2d(nn.Module):
     """A conv with per-connection strength: ``K = s ⊙ V/‖V‖`` times a fixed 0/1 connection mask."""
 
+    mask: torch.Tensor
+
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         if not isinstance(conv.padding, (tuple, int)):
@@ -46,7 +48,12 @@ class SynapticConv2d(nn.Module):
         self.strength = nn.Parameter(weight.flatten(2).norm(dim=2))
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
         self.register_buffer("mask", torch.ones_like(self.strength))
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.stride, self.padding, self.dilation, self.groups = (
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+        )
 
     def kernel(self) -> torch.Tensor:
         norms = self.direction.flatten(2).norm(dim=2).clamp_min(1e-12)
@@ -58,11 +65,13 @@ class SynapticConv2d(nn.Module):
 
     def to_conv(self) -> nn.Conv2d:
         out, local, kh, kw = self.direction.shape
-        conv = nn.Conv2d(local * self.groups, out, (kh, kw), self.stride, self.padding, self.dilation, self.groups,
-                         bias=self.bias is not None)
+        layout: dict[str, Any] = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+        conv = nn.Conv2d(
+            local * self.groups, out, (kh, kw), groups=self.groups, bias=self.bias is not None, **layout
+        )
         with torch.no_grad():
             conv.weight.copy_(self.kernel())
-            if self.bias is not None:
+            if self.bias is not None and conv.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv.to(self.direction.device)
 
@@ -111,10 +120,10 @@ class SynapticStrengthHook:
                 keep = _keep(scores, self.sparsity).split([m.strength.numel() for m in layers])
             else:
                 keep = [_keep(m.strength.abs().flatten(), self.sparsity) for m in layers]
-            for m, k in zip(layers, keep):
+            for m, k in zip(layers, keep, strict=True):
                 m.mask.copy_(k.reshape(m.mask.shape).to(m.mask.dtype))
             self.post_step(model)
-        return sum(int((m.mask == 0).sum()) for m in layers)
+        return sum(int((m.mask == 0).sum().item()) for m in layers)
 
     def post_step(self, model: nn.Module) -> None:
         """Hold pruned strengths at zero (the mask already removes them from the forward)."""

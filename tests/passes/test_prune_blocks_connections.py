@@ -44,10 +44,12 @@ def _capture(model: nn.Module | None = None) -> tuple[torch.fx.GraphModule, tupl
         nn.init.normal_(bn.running_mean)
         nn.init.uniform_(bn.running_var, 0.5, 2.0)
     x = (torch.randn(2, 3, 8, 8),)
-    return torch.export.export(model, x, strict=False).module(), x
+    return torch.export.export(model, x, strict=True).module(), x
 
 
-def _run(pass_: PruneBlocksPass | PruneConnectionsPass, gm: torch.fx.GraphModule, x: tuple[torch.Tensor]) -> bool:
+def _run(
+    pass_: PruneBlocksPass | PruneConnectionsPass, gm: torch.fx.GraphModule, x: tuple[torch.Tensor]
+) -> bool:
     return pass_.run(gm, AnalysisManager(gm, x)).modified
 
 
@@ -69,7 +71,9 @@ def test_prune_blocks_matches_hand_masked_model_and_is_idempotent() -> None:
     assert conv2.block == (8, 4 * 9)  # a conv block spans the kernel on the matrix view
     assert tuple(conv2.mask.shape) == (4, 4) and int((~conv2.mask).sum()) == 8
     weight = gm.get_parameter("conv2.weight")
-    assert torch.equal(weight == 0, ~conv2.element_mask(weight.shape)) or bool((weight[~conv2.element_mask(weight.shape)] == 0).all())
+    assert torch.equal(weight == 0, ~conv2.element_mask(weight.shape)) or bool(
+        (weight[~conv2.element_mask(weight.shape)] == 0).all()
+    )
     fc1 = meta.of("fc1.weight", BlockSparsity)[0]
     assert fc1.block == (8, 4) and int((~fc1.mask).sum()) == (64 // 8) * (512 // 4) // 2
 
@@ -86,7 +90,9 @@ def test_prune_blocks_chooses_the_lowest_l1_blocks() -> None:
 def test_prune_blocks_skips_or_rejects_indivisible_layers() -> None:
     gm, x = _capture()
     plans = {p.param: p for p in PruneBlocksPass(block=(16, 16), sparsity=0.5).plan(gm)}
-    assert plans["conv1.weight"].sparsity is None and "does not divide" in plans["conv1.weight"].reason  # in=3
+    assert (
+        plans["conv1.weight"].sparsity is None and "does not divide" in plans["conv1.weight"].reason
+    )  # in=3
     assert plans["fc2.weight"].sparsity is None  # out=10
     assert plans["fc1.weight"].sparsity == 0.5
     with pytest.raises(RecipeError, match="does not divide"):
@@ -101,7 +107,9 @@ def test_layer_selection_options() -> None:
     assert plans["fc2.weight"].sparsity is None and "last" in plans["fc2.weight"].reason
     assert plans["fc1.weight"].sparsity == 0.9 and plans["conv2.weight"].sparsity == 0.5
     with pytest.raises(RecipeError, match="per_layer"):
-        PruneBlocksPass(block=(1, 1), sparsity=0.5, selection=LayerSelection(per_layer={"nope": 0.1})).plan(gm)
+        PruneBlocksPass(block=(1, 1), sparsity=0.5, selection=LayerSelection(per_layer={"nope": 0.1})).plan(
+            gm
+        )
 
 
 @pytest.mark.parametrize("sparsity", [1.0, -0.5])
@@ -126,7 +134,10 @@ def test_nan_weights_raise() -> None:
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_prune_connections_exact_sparsity_masked_and_idempotent(criterion: str, scope: str) -> None:
     gm = _check_masked(PruneConnectionsPass(sparsity=0.7, criterion=criterion, scope=scope))  # type: ignore[arg-type]
-    records = {name: get_metadata(gm).of(name, BlockSparsity)[0] for name in ("conv1.weight", "conv2.weight", "conv3.weight", "fc1.weight", "fc2.weight")}
+    records = {
+        name: get_metadata(gm).of(name, BlockSparsity)[0]
+        for name in ("conv1.weight", "conv2.weight", "conv3.weight", "fc1.weight", "fc2.weight")
+    }
     assert records["conv2.weight"].block == (1, 9) and tuple(records["conv2.weight"].mask.shape) == (32, 16)
     assert records["conv3.weight"].block == (1, 9) and tuple(records["conv3.weight"].mask.shape) == (32, 8)
     assert records["fc1.weight"].block == (1, 1)
@@ -148,14 +159,18 @@ def test_synaptic_strength_uses_the_input_bn_scale() -> None:
     gamma = gm.get_parameter("bn1.weight").detach().double().abs()
     expected = conv2.flatten(2).norm(dim=2) * gamma[None, :]
     torch.testing.assert_close(strengths["conv2.weight"], expected)
-    assert torch.equal(strengths["conv1.weight"], gm.get_parameter("conv1.weight").detach().double().flatten(2).norm(dim=2))
+    assert torch.equal(
+        strengths["conv1.weight"], gm.get_parameter("conv1.weight").detach().double().flatten(2).norm(dim=2)
+    )
     # fc1 reads flatten(relu(conv3)): no BN directly behind it, so γ = 1
     assert torch.equal(strengths["fc1.weight"], gm.get_parameter("fc1.weight").detach().double().abs())
     assert layers["conv3.weight"].groups == 4
     # conv3 (groups=4) reads maxpool(relu(bn2)): group g's local channel i is bn2 channel 8g + i
     conv3 = gm.get_parameter("conv3.weight").detach().double().flatten(2).norm(dim=2)
     gamma2 = gm.get_parameter("bn2.weight").detach().double().abs()
-    torch.testing.assert_close(strengths["conv3.weight"], conv3 * gamma2.reshape(4, 8).repeat_interleave(8, 0))
+    torch.testing.assert_close(
+        strengths["conv3.weight"], conv3 * gamma2.reshape(4, 8).repeat_interleave(8, 0)
+    )
     gm2, _ = _capture()
     with torch.no_grad():
         gm2.get_parameter("bn1.weight")[5] = 1e-4

@@ -13,8 +13,13 @@ from tilefx.passes.training.synaptic_strength import SynapticConv2d, SynapticStr
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 12, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(12 * 16, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(12 * 16, 4),
     ).eval()
 
 
@@ -35,7 +40,11 @@ def test_prepare_is_exact_and_prune_hits_the_count() -> None:
     plain = hook.materialise(wrapped).eval()
     assert not any(isinstance(m, SynapticConv2d) for m in plain.modules())
     torch.testing.assert_close(plain(x), wrapped(x), rtol=1e-5, atol=1e-6)
-    zero = sum(int((m.weight.flatten(2).abs().sum(2) == 0).sum()) for m in plain.modules() if isinstance(m, nn.Conv2d))
+    zero = sum(
+        int((m.weight.flatten(2).abs().sum(2) == 0).sum())
+        for m in plain.modules()
+        if isinstance(m, nn.Conv2d)
+    )
     assert zero == pruned
 
 

@@ -16,7 +16,11 @@ METHODS = [FAITHFUL, TetrisOptions(method="assignment"), BEST]
 def _structured(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     """Weights whose magnitude has row/column structure hidden by a random shuffle."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * torch.rand(1, cols, generator=g)
+    w = (
+        torch.randn(rows, cols, generator=g)
+        * torch.rand(rows, 1, generator=g)
+        * torch.rand(1, cols, generator=g)
+    )
     return w[torch.randperm(rows, generator=g)][:, torch.randperm(cols, generator=g)]
 
 
@@ -94,7 +98,10 @@ def test_variable_on_two_axes_of_one_operand_stays_monotone() -> None:
 
 
 def test_per_operand_sparsity() -> None:
-    ops = [Operand(torch.randn(32, 32), (0, 1), (8, 8), sparsity=0.25), Operand(torch.randn(32, 32), (2, 3), (8, 8))]
+    ops = [
+        Operand(torch.randn(32, 32), (0, 1), (8, 8), sparsity=0.25),
+        Operand(torch.randn(32, 32), (2, 3), (8, 8)),
+    ]
     result = tetris(ops, 0.75)
     assert [int((~g).sum()) for g in result.block_keep] == [4, 12]
 
