@@ -8,6 +8,9 @@ A pure function over tensors (no fx). It ports the authors' EM algorithm (``bloc
   variable id (any hashable; ``None`` = the axis stays fixed) and a block size (0 = whole axis);
 - one variable may label several (operand, axis) pairs (W1's out axis and W2's in axis, or every
   residual-stream axis); all of them get the same order;
+- an axis may instead be a :class:`Concat` of segments with their own variables (block-diagonal
+  order): the input axis of a consumer of ``cat``, or the out axis of a grouped conv whose
+  channels may only move within their group;
 - **E-step**, per operand: prune its ``floor(sparsity · #blocks)`` lowest-L1 blocks under the current
   orders (each operand prunes its own fraction);
 - **M-step**, per variable (in order of first appearance), mask held fixed:
@@ -85,6 +88,7 @@ from .tetris_init import cluster_order, grow_orders, norm_order, profile_order
 __all__ = [
     "BEST",
     "FAITHFUL",
+    "Concat",
     "Operand",
     "TetrisOptions",
     "TetrisResult",
@@ -99,17 +103,29 @@ Init = Literal["identity", "norm", "profile", "cluster", "grow", "multi"]
 _GROW_LIMIT = 2048  # most kept blocks the greedy growth init is tried for (its cost grows with them)
 
 
+@dataclass(frozen=True)
+class Concat:
+    """An axis made of consecutive segments with their own variables: a block-diagonal permutation.
+
+    ``parts``: ``((variable or None, length), ...)`` in axis order; the lengths must sum to the axis.
+    This is what the input axis of a consumer of ``cat`` needs (each producer keeps its own order).
+    """
+
+    parts: tuple[tuple[Hashable | None, int], ...]
+
+
 @dataclass(frozen=True, eq=False)
 class Operand:
     """One weight in a TETRIS problem.
 
-    ``variables[d]``: the permutation variable of axis ``d`` (hashable id) or None (axis fixed).
+    ``variables[d]``: the permutation variable of axis ``d`` (hashable id), None (axis fixed), or a
+    :class:`Concat` of segment variables.
     ``block[d]``: block size along axis ``d``; 0 = the whole axis. ``sparsity``: this operand's
     fraction of blocks to prune (None = the call's). ``name`` is used in error messages.
     """
 
     weight: torch.Tensor
-    variables: tuple[Hashable | None, ...]
+    variables: tuple[Hashable | Concat | None, ...]
     block: tuple[int, ...]
     sparsity: float | None = None
     name: str = "weight"
@@ -223,6 +239,7 @@ def tetris(
 class _Use:
     operand: int
     axis: int
+    offset: int = 0  # first position of the variable's segment on this axis (Concat)
 
 
 @dataclass(frozen=True)
@@ -264,15 +281,14 @@ class _Problem:
             magnitude = op.weight.detach().to("cpu", torch.float64).abs().numpy()
             check_finite(magnitude, op.name)
             grid = block_grid(shape, op.block, pad=options.pad)
-            for axis, var in enumerate(op.variables):
-                if var is None:
-                    continue
-                if lengths.setdefault(var, shape[axis]) != shape[axis]:
-                    raise RecipeError(
-                        f"permutation variable {var!r} has length {lengths[var]} elsewhere but "
-                        f"{op.name} axis {axis} has length {shape[axis]}"
-                    )
-                uses.setdefault(var, []).append(_Use(k, axis))
+            for axis, spec in enumerate(op.variables):
+                for var, offset, length in _segments(spec, shape[axis], f"{op.name} axis {axis}"):
+                    if lengths.setdefault(var, length) != length:
+                        raise RecipeError(
+                            f"permutation variable {var!r} has length {lengths[var]} elsewhere but "
+                            f"{op.name} axis {axis} gives it length {length}"
+                        )
+                    uses.setdefault(var, []).append(_Use(k, axis, offset))
             magnitudes.append(pad_to_blocks(magnitude, grid))
             sizes.append(grid)
             rates.append(float(rate))
@@ -283,14 +299,27 @@ class _Problem:
         return tuple(sparsity for _ in self.rates)
 
     # ----- state helpers -------------------------------------------------------------------------
+    def axis_orders(self, k: int, orders: Mapping[Hashable, np.ndarray]) -> dict[int, np.ndarray]:
+        """Per permuted axis of operand k: new position -> old position over the whole (padded) axis."""
+        shape = self.magnitudes[k].shape
+        indices: dict[int, np.ndarray] = {}
+        for var, use_list in self.uses.items():
+            for use in use_list:
+                if use.operand == k:
+                    index = indices.setdefault(use.axis, np.arange(shape[use.axis]))
+                    index[use.offset : use.offset + len(orders[var])] = use.offset + orders[var]
+        return indices
+
     def permuted(self, k: int, orders: Mapping[Hashable, np.ndarray]) -> np.ndarray:
         """Operand k's magnitude in the coordinates given by ``orders`` (padding stays at the end)."""
         out = self.magnitudes[k]
-        for use_var, use_list in self.uses.items():
-            for use in use_list:
-                if use.operand == k:
-                    out = np.take(out, _padded(orders[use_var], out.shape[use.axis]), axis=use.axis)
+        for axis, index in self.axis_orders(k, orders).items():
+            out = np.take(out, index, axis=axis)
         return out
+
+    def segment(self, use: _Use, n: int) -> np.ndarray:
+        """The ``n`` slices of ``use``'s operand that its variable's segment covers (original order)."""
+        return np.take(self.magnitudes[use.operand], np.arange(use.offset, use.offset + n), axis=use.axis)
 
     def e_step(self, orders: dict[Hashable, np.ndarray], rates: Sequence[float]) -> _State:
         grids, objective = [], 0.0
@@ -320,18 +349,18 @@ class _Problem:
     def _initial_order(self, var: Hashable, init: Init) -> np.ndarray:
         n = self.lengths[var]
         if init == "norm":
-            return norm_order([(self.magnitudes[u.operand], u.axis) for u in self.uses[var]], n)
+            return norm_order([(self.segment(u, n), u.axis) for u in self.uses[var]], n)
         if init == "cluster":
             use = self.uses[var][0]
             return cluster_order(
-                [(self.magnitudes[u.operand], u.axis, self.sizes[u.operand]) for u in self.uses[var]],
+                [(self.segment(u, n), u.axis, self.sizes[u.operand]) for u in self.uses[var]],
                 n,
                 self.sizes[use.operand][use.axis],
                 self.seed,
             )
         if init in ("profile", "grow"):  # grow falls back to profile where it does not apply
             return profile_order(
-                [(self.magnitudes[u.operand], u.axis, self.sizes[u.operand]) for u in self.uses[var]], n
+                [(self.segment(u, n), u.axis, self.sizes[u.operand]) for u in self.uses[var]], n
             )
         return np.arange(n)
 
@@ -341,6 +370,8 @@ class _Problem:
         if len(self.magnitudes) != 1 or len(pairs) != 2 or pairs[0][0] == pairs[1][0]:
             return None
         (row_var, row), (col_var, col) = sorted(pairs, key=lambda p: p[1].axis)
+        if row.offset or col.offset or row.axis == col.axis:
+            return None
         magnitude, sizes = self.magnitudes[0], self.sizes[0]
         others = tuple(d for d in range(magnitude.ndim) if d not in (row.axis, col.axis))
         if any(sizes[d] != magnitude.shape[d] for d in others):
@@ -428,18 +459,15 @@ class _Problem:
         table = np.moveaxis(reduced, use.axis, 0).reshape(reduced.shape[use.axis], -1) @ (
             np.moveaxis(pruned, use.axis, 0).reshape(pruned.shape[use.axis], -1).T
         )
-        return table[:n][:, np.arange(n) // sizes[use.axis]]
+        positions = use.offset + np.arange(n)
+        return table[positions][:, positions // sizes[use.axis]]
 
     def result(self, state: _State, seconds: float) -> TetrisResult:
         keep, block_keep = [], []
         for k, shape in enumerate(self.shapes):
             element = expand_blocks(state.grids[k], self.sizes[k])
-            for var, use_list in self.uses.items():
-                for use in use_list:
-                    if use.operand == k:
-                        element = _unpermute(
-                            element, _padded(state.orders[var], element.shape[use.axis]), use.axis
-                        )
+            for axis, index in self.axis_orders(k, state.orders).items():
+                element = _unpermute(element, index, axis)
             keep.append(torch.from_numpy(np.ascontiguousarray(element[tuple(slice(0, n) for n in shape)])))
             block_keep.append(torch.from_numpy(state.grids[k].copy()))
         orders = {v: torch.from_numpy(o.astype(np.int64)) for v, o in state.orders.items()}
@@ -502,8 +530,20 @@ def _assignment(cost: np.ndarray, tol: float) -> np.ndarray:
 
 
 # ----- small helpers -------------------------------------------------------------------------------
-def _padded(order: np.ndarray, length: int) -> np.ndarray:
-    return order if len(order) == length else np.concatenate([order, np.arange(len(order), length)])
+def _segments(spec: Hashable | Concat | None, length: int, where: str) -> list[tuple[Hashable, int, int]]:
+    """(variable, offset, length) for every permuted segment of one axis."""
+    if spec is None:
+        return []
+    if not isinstance(spec, Concat):
+        return [(spec, 0, length)]
+    if sum(n for _, n in spec.parts) != length or any(n < 1 for _, n in spec.parts):
+        raise RecipeError(f"{where}: Concat parts {spec.parts} do not add up to the axis length {length}")
+    out, offset = [], 0
+    for var, n in spec.parts:
+        if var is not None:
+            out.append((var, offset, n))
+        offset += n
+    return out
 
 
 def _unpermute(array: np.ndarray, order: np.ndarray, axis: int) -> np.ndarray:

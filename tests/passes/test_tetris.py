@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from tilefx.passes.analysis.block_selection import block_sums, lowest_blocks
-from tilefx.passes.analysis.tetris import BEST, FAITHFUL, Operand, TetrisOptions, tetris, tetris_weight
+from tilefx.passes.analysis.tetris import (
+    BEST,
+    FAITHFUL,
+    Concat,
+    Operand,
+    TetrisOptions,
+    tetris,
+    tetris_weight,
+)
 from tilefx.passes.infra.errors import RecipeError, WeightError
 
 METHODS = [FAITHFUL, TetrisOptions(method="assignment"), BEST]
@@ -159,3 +167,24 @@ def test_warm_start_must_be_a_bijection() -> None:
     assert again.kept_fraction >= good.kept_fraction - 1e-12
     with pytest.raises(RecipeError, match="bijection"):
         tetris([Operand(w, (0, 1), (4, 4))], 0.5, FAITHFUL, {0: torch.zeros(16, dtype=torch.long)})
+
+
+def test_concat_axis_is_permuted_block_diagonally() -> None:
+    a, b = _structured(32, 16, seed=7), _structured(48, 16, seed=8)  # two producers, cat along channels
+    consumer = _structured(24, 80, seed=9)  # reads cat([a_out, b_out]): 32 + 48 inputs
+    ops = [
+        Operand(a, ("a", None), (8, 0)),
+        Operand(b, ("b", None), (8, 0)),
+        Operand(consumer, (None, Concat((("a", 32), ("b", 48)))), (0, 8)),
+    ]
+    result = tetris(ops, 0.5, TetrisOptions(init="norm"))
+    oa, ob = result.orders["a"], result.orders["b"]
+    assert _is_bijection(oa, 32) and _is_bijection(ob, 48)
+    full = torch.cat([oa, 32 + ob])
+    expected = result.block_keep[2].repeat_interleave(8, 1).expand(24, 80)
+    assert torch.equal(result.keep[2][:, full], expected)
+    assert torch.equal(result.keep[0][oa], result.block_keep[0].repeat_interleave(8, 0).expand(32, 16))
+    history = np.asarray(result.history)
+    assert (np.diff(history) <= 1e-9 * history[0]).all()
+    with pytest.raises(RecipeError, match="add up"):
+        tetris([Operand(consumer, (None, Concat((("a", 32), ("b", 40)))), (0, 8))], 0.5)
