@@ -39,6 +39,7 @@ the initial orders are in :mod:`.tetris_init`:
   ``init="grow"``: greedy constructive co-clustering of one 2-d problem (kept blocks added one at a
   time from the best unplaced rows/columns; helps square blocks); falls back to "profile" where it
   does not apply (several operands, or a variable on two axes);
+  ``init="auto"``: grow where it applies, else cluster (one EM run: :data:`FAST`);
   ``init="multi"``: EM from identity, cluster and grow, keeping the best;
 - ``restarts=k``: iterated local search: perturb the best orders found (a random ``perturb`` fraction
   of each variable's positions reshuffled), re-run EM, keep the result if the objective fell;
@@ -88,6 +89,7 @@ from .tetris_init import cluster_order, grow_orders, norm_order, profile_order
 __all__ = [
     "BEST",
     "FAITHFUL",
+    "FAST",
     "Concat",
     "Operand",
     "TetrisOptions",
@@ -99,7 +101,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Method = Literal["faithful", "assignment"]
-Init = Literal["identity", "norm", "profile", "cluster", "grow", "multi"]
+Init = Literal["identity", "norm", "profile", "cluster", "grow", "auto", "multi"]
 _GROW_LIMIT = 2048  # most kept blocks the greedy growth init is tried for (its cost grows with them)
 
 
@@ -151,6 +153,7 @@ class TetrisOptions:
 
 FAITHFUL = TetrisOptions()
 BEST = TetrisOptions(init="multi", restarts=2, final_e_step=True, skip_unit_blocks=True)
+FAST = TetrisOptions(init="auto", final_e_step=True, skip_unit_blocks=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -337,7 +340,7 @@ class _Problem:
         )
 
     def initial_state(self, init: Init, initial: Mapping[Hashable, torch.Tensor]) -> _State:
-        grown = self.grow_orders() if init == "grow" else None
+        grown = self.grow_orders() if init in ("grow", "auto") else None
         orders = grown or {v: self._initial_order(v, init) for v in self.uses}
         for var, order in initial.items():
             given = np.asarray(torch.as_tensor(order).cpu(), dtype=np.int64)
@@ -350,7 +353,7 @@ class _Problem:
         n = self.lengths[var]
         if init == "norm":
             return norm_order([(self.segment(u, n), u.axis) for u in self.uses[var]], n)
-        if init == "cluster":
+        if init in ("cluster", "auto"):  # auto: grow where it applies, else cluster
             use = self.uses[var][0]
             return cluster_order(
                 [(self.segment(u, n), u.axis, self.sizes[u.operand]) for u in self.uses[var]],
@@ -557,9 +560,9 @@ def _unpermute(array: np.ndarray, order: np.ndarray, axis: int) -> np.ndarray:
 def _check_options(options: TetrisOptions) -> None:
     if options.method not in ("faithful", "assignment"):
         raise RecipeError(f"TetrisOptions.method must be 'faithful' or 'assignment', got {options.method!r}")
-    if options.init not in ("identity", "norm", "profile", "cluster", "grow", "multi"):
+    if options.init not in ("identity", "norm", "profile", "cluster", "grow", "auto", "multi"):
         raise RecipeError(
-            f"TetrisOptions.init must be one of identity/norm/profile/cluster/grow/multi, got {options.init!r}"
+            f"TetrisOptions.init must be one of identity/norm/profile/cluster/grow/auto/multi, got {options.init!r}"
         )
     if options.restarts < 0 or options.max_iters < 1 or not 0 < options.perturb <= 1:
         raise RecipeError(f"TetrisOptions out of range: {options}")
