@@ -149,7 +149,7 @@ def test_zero_sparsity_keeps_everything() -> None:
     assert bool(result.keep[0].all()) and result.kept_fraction == 1.0
 
 
-@pytest.mark.parametrize("init", ["norm", "profile", "cluster", "grow", "multi"])
+@pytest.mark.parametrize("init", ["norm", "profile", "cluster", "grow", "auto", "multi"])
 def test_extension_inits_are_monotone_bijective_and_beat_naive(init: str) -> None:
     w = _structured(64, 96, seed=6)
     options = TetrisOptions(init=init, restarts=1)  # type: ignore[arg-type]
