@@ -44,7 +44,7 @@ def _capture(model: nn.Module | None = None) -> tuple[torch.fx.GraphModule, tupl
         nn.init.normal_(bn.running_mean)
         nn.init.uniform_(bn.running_var, 0.5, 2.0)
     x = (torch.randn(2, 3, 8, 8),)
-    return torch.export.export(model, x, strict=True).module(), x
+    return torch.export.export(model, x, strict=False).module(), x
 
 
 def _run(
