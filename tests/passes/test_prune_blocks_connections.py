@@ -57,7 +57,7 @@ def _check_masked(pass_: PruneBlocksPass | PruneConnectionsPass) -> torch.fx.Gra
     gm, x = _capture()
     before = copy.deepcopy(gm)
     assert _run(pass_, gm, x)
-    reference = pass_.masked_reference(copy.deepcopy(before), gm)
+    reference = pass_.masked_reference(copy.deepcopy(before), gm, x)
     torch.testing.assert_close(gm(*x), reference(*x), rtol=0, atol=0)
     assert not torch.equal(gm(*x), before(*x))
     assert not _run(pass_, gm, x), "a second run must report modified=False"
