@@ -21,7 +21,7 @@ from .graph_utils import attr_tensor, set_attr_tensor
 from .infra.analysis_manager import AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
-from .metadata import Permutation, get_metadata, set_metadata
+from .metadata import BlockSparsity, ElementMask, NMSparsity, Permutation, get_metadata, set_metadata
 
 __all__ = ["OrderPlanner", "ReorderDimsPass", "group_key", "permutable_groups"]
 
@@ -127,7 +127,13 @@ def fold(gm: torch.fx.GraphModule, groups: ChannelGroups, orders: Mapping[int, n
     metadata = get_metadata(gm)
     for (target, dim), order in index.items():
         tensor = attr_tensor(gm, target)
-        set_attr_tensor(gm, target, tensor.detach().index_select(dim, torch.from_numpy(order)).clone())
+        moved = torch.from_numpy(order)
+        set_attr_tensor(gm, target, tensor.detach().index_select(dim, moved).clone())
+        for record in metadata.params.get(target, ()):
+            if isinstance(record, (ElementMask, NMSparsity, BlockSparsity)):
+                # a permuted block pattern is no longer blocks: keep it as an element mask
+                mask = record.element_mask(tensor.shape).index_select(dim, moved)
+                metadata = metadata.with_annotation(target, ElementMask(mask))
         metadata = metadata.with_annotation(target, Permutation(dim, tuple(order.tolist())))
     set_metadata(gm, metadata)
 

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from tilefx.passes.analysis.tetris_planner import TetrisPlanner
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.infra.pass_base import PassBase
+from tilefx.passes.prune_blocks import PruneBlocksPass
 from tilefx.passes.prune_channels import PruneChannelsPass
+from tilefx.passes.prune_connections import PruneConnectionsPass
+from tilefx.passes.reorder_dims import ReorderDimsPass
 
-from .recipe import ChannelPruning, Recipe
+from .recipe import BlockPruning, ChannelPruning, Recipe
 
 __all__ = ["default_pipeline"]
 
@@ -26,11 +30,11 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
     passes.append(EliminateDeadCodePass())
     if recipe.channels is not None:
         passes += [_channel_pass(recipe.channels, recipe.skip, calibration), EliminateDeadCodePass()]
-    for name in ("connections", "blocks"):
-        if getattr(recipe, name) is not None:
-            raise RecipeError(
-                f"Recipe.{name}: this pruning method is not available in this build of tilefx yet"
-            )
+    if recipe.connections is not None:
+        options = recipe.connections
+        passes.append(PruneConnectionsPass(sparsity=options.sparsity, criterion=options.criterion))
+    if recipe.blocks is not None:
+        passes += _block_passes(recipe.blocks, recipe.skip)
     return passes
 
 
@@ -47,3 +51,11 @@ def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: A
         round_to=options.round_to,
         skip=skip,
     )
+
+
+def _block_passes(options: BlockPruning, skip: tuple[str, ...]) -> list[PassBase]:
+    """TETRIS picks group orders for the block pruning to come; they are folded, then blocks pruned."""
+    passes: list[PassBase] = []
+    if options.reorder == "tetris":
+        passes.append(ReorderDimsPass(planner=TetrisPlanner(options.block, options.sparsity), skip=skip))
+    return [*passes, PruneBlocksPass(block=options.block, sparsity=options.sparsity)]
