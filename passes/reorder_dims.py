@@ -127,12 +127,12 @@ def fold(gm: torch.fx.GraphModule, groups: ChannelGroups, orders: Mapping[int, n
     metadata = get_metadata(gm)
     for (target, dim), order in index.items():
         tensor = attr_tensor(gm, target)
-        moved = torch.from_numpy(order)
-        set_attr_tensor(gm, target, tensor.detach().index_select(dim, moved).clone())
+        picked = torch.from_numpy(order)
+        set_attr_tensor(gm, target, tensor.detach().index_select(dim, picked).clone())
         for record in metadata.params.get(target, ()):
             if isinstance(record, (ElementMask, NMSparsity, BlockSparsity)):
                 # a permuted block pattern is no longer blocks: keep it as an element mask
-                mask = record.element_mask(tensor.shape).index_select(dim, moved)
+                mask = record.element_mask(tensor.shape).index_select(dim, picked)
                 metadata = metadata.with_annotation(target, ElementMask(mask))
         metadata = metadata.with_annotation(target, Permutation(dim, tuple(order.tolist())))
     set_metadata(gm, metadata)
