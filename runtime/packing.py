@@ -31,7 +31,8 @@ class BsrWeight:
 
     @property
     def nnzb(self) -> int:
-        return int(self.indices.numel())
+        """Stored blocks (an all-zero weight still keeps one zero block so buffers are non-empty)."""
+        return int(self.indptr[-1])
 
     def to_dense(self) -> torch.Tensor:
         """The dense matrix back (for tests and debugging)."""
@@ -39,7 +40,7 @@ class BsrWeight:
         n, k = self.shape
         out = torch.zeros(n // r, r, k // c, c, dtype=self.data.dtype)
         rows = torch.repeat_interleave(torch.arange(n // r), (self.indptr[1:] - self.indptr[:-1]).long())
-        out[rows, :, self.indices.long(), :] = self.data.transpose(1, 2)
+        out[rows, :, self.indices[: self.nnzb].long(), :] = self.data[: self.nnzb].transpose(1, 2)
         return out.reshape(n, k)
 
 
@@ -76,9 +77,12 @@ def pack_bsr(weight: torch.Tensor, block: tuple[int, int], mask: torch.Tensor | 
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: sorted by block row, then column
     indptr = torch.zeros(n // r + 1, dtype=torch.int32)
     indptr[1:] = torch.cumsum(mask.sum(dim=1), 0).to(torch.int32)
+    data, indices = tiles[rows, cols].contiguous(), cols.to(torch.int32).contiguous()
+    if indices.numel() == 0:  # zero-size buffers are not compact arrays to TVM; indptr keeps it unread
+        data, indices = torch.zeros(1, c, r), torch.zeros(1, dtype=torch.int32)
     return BsrWeight(
-        data=tiles[rows, cols].contiguous(),
-        indices=cols.to(torch.int32).contiguous(),
+        data=data,
+        indices=indices,
         indptr=indptr,
         shape=(n, k),
         block=(r, c),

@@ -62,7 +62,7 @@ class _BsrModule(torch.nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, block={self.block}, nnzb={self.w_indices.numel()}"
+        return f"in={self.in_features}, out={self.out_features}, block={self.block}, nnzb={int(self.w_indptr[-1])}"
 
 
 class BsrLinear(_BsrModule):
