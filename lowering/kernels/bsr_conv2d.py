@@ -19,14 +19,11 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
+from .bsr_dense import TILE as _TILE
 from .bsr_dense import activation, transpose_x
 from .spec import KernelSpec
 
 __all__ = ["token_lanes_func"]
-
-#: Side of the square tiles used to transpose the result of a linear layer back to [M, N].
-_TILE = 8
-
 
 def _src_y(g, y, kk):  # type: ignore[no-untyped-def]
     """Input row read by output row ``y`` through kernel tap ``kk = (ci, dy, dx)``."""
@@ -38,7 +35,7 @@ def _src_x(g, x, kk):  # type: ignore[no-untyped-def]
     return x * g.stride[1] - g.padding[1] + kk % g.kernel[1] * g.dilation[1]
 
 
-@T.macro(hygienic=False)
+@T.macro
 def im2col(X, XT, g, oh, ow, m_rows, m_pad):  # type: ignore[no-untyped-def]
     """``XT[(ci,dy,dx), (b,y,x)]`` = the input pixel that kernel tap sees, 0 in the padding."""
     for kk in T.parallel(g.k):
@@ -55,7 +52,7 @@ def im2col(X, XT, g, oh, ow, m_rows, m_pad):  # type: ignore[no-untyped-def]
             XT[kk, m] = T.float32(0)
 
 
-@T.macro(hygienic=False)
+@T.macro
 def pointwise_relayout(X, XT, g, m_rows, m_pad):  # type: ignore[no-untyped-def]
     """im2col of a 1×1/stride-1 conv: a per-image copy of contiguous channel planes."""
     for kk in T.parallel(g.k):

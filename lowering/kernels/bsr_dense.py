@@ -23,7 +23,7 @@ from tvm.script import tirx as T
 
 from .spec import KernelSpec
 
-__all__ = ["activation", "row_lanes_func", "transpose_x"]
+__all__ = ["TILE", "activation", "row_lanes_func", "transpose_x"]
 
 
 def activation(relu: bool):  # type: ignore[no-untyped-def]
@@ -33,12 +33,25 @@ def activation(relu: bool):  # type: ignore[no-untyped-def]
     return lambda v: v
 
 
-@T.macro(hygienic=False)
+#: Side of the square tiles transposes use: both the strided and the contiguous side stay in L1.
+TILE = 8
+
+
+@T.macro
 def transpose_x(X, XT, m_rows, k_cols, m_pad):  # type: ignore[no-untyped-def]
     """``XT[k, m] = X[m, k]``, zero rows ``m ≥ m_rows`` so padded tiles accumulate nothing."""
+    if m_rows % TILE == 0 and k_cols % TILE == 0:
+        for t in T.parallel((k_cols // TILE) * (m_rows // TILE)):
+            for kk in T.unroll(TILE):
+                for mm in T.vectorized(TILE):
+                    XT[t // (m_rows // TILE) * TILE + kk, t % (m_rows // TILE) * TILE + mm] = X[
+                        t % (m_rows // TILE) * TILE + mm, t // (m_rows // TILE) * TILE + kk
+                    ]
+    else:
+        for kk in T.parallel(k_cols):
+            for m in range(m_rows):
+                XT[kk, m] = X[m, kk]
     for kk in T.parallel(k_cols):
-        for m in range(m_rows):
-            XT[kk, m] = X[m, kk]
         for m in range(m_rows, m_pad):
             XT[kk, m] = T.float32(0)
 
