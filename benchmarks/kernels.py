@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
@@ -85,7 +84,11 @@ def contenders(shape: Shape, weight: torch.Tensor, mask: torch.Tensor, block, ca
     args = (x, packed.data, packed.indices, packed.indptr, bias, y)
     if g.is_dense:
         xt = x.T.contiguous()  # given to the sparse baselines for free: their best layout
-        w_csr, w_bsr, xt_np = weight.to_sparse_csr(), sp.bsr_matrix(weight.numpy(), blocksize=block), xt.numpy()
+        w_csr, w_bsr, xt_np = (
+            weight.to_sparse_csr(),
+            sp.bsr_matrix(weight.numpy(), blocksize=block),
+            xt.numpy(),
+        )
         fns = {
             "tilefx": lambda: kernel(*args),
             "torch dense": lambda: F.linear(x, weight),
@@ -117,8 +120,12 @@ def roofline(shape: Shape, block, nnzb: int) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="FFN1 only, sparsity 0.5/0.9, blocks 16x1 and 8x8")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="FFN1 only, sparsity 0.5/0.9, blocks 16x1 and 8x8"
+    )
     parser.add_argument("--runs", type=int, default=20, help="timed calls per contender (median reported)")
     args = parser.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
@@ -130,12 +137,16 @@ def main() -> int:
     cache = KernelCache()
     gen = torch.Generator().manual_seed(0)
     load = os.getloadavg()[0]
-    print(f"target {target}, torch threads {threads}, TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}, "
-          f"{args.runs} runs, load average at start {load:.2f}\n")
+    print(
+        f"target {target}, torch threads {threads}, TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}, "
+        f"{args.runs} runs, load average at start {load:.2f}\n"
+    )
     for shape in shapes:
         print(f"### {shape.name}  (M={shape.geometry.m}, K={shape.geometry.k}, N={shape.n})\n")
-        print("| sparsity | block | tilefx ms | torch dense ms | torch CSR ms | scipy BSR ms | vs dense | ideal "
-              "| of ideal | vs CSR | vs scipy BSR | GFLOP/s | GB/s | compile s | max err |")
+        print(
+            "| sparsity | block | tilefx ms | torch dense ms | torch CSR ms | scipy BSR ms | vs dense | ideal "
+            "| of ideal | vs CSR | vs scipy BSR | GFLOP/s | GB/s | compile s | max err |"
+        )
         print("|---" * 15 + "|")
         x = torch.randn(shape.geometry.input_shape, generator=gen)
         for sparsity in sparsities:
@@ -146,11 +157,14 @@ def main() -> int:
                 ideal = 1.0 / (1.0 - sparsity)
                 speedup = ms["torch dense"] / ms["tilefx"]
                 flops, nbytes = roofline(shape, block, nnzb)
-                print(f"| {sparsity:.2f} | {block[0]}x{block[1]} | {ms['tilefx']:.3f} | {ms['torch dense']:.3f} "
-                      f"| {ms['torch CSR']:.3f} | {ms['scipy BSR']:.3f} | {speedup:.2f}x | {ideal:.1f}x "
-                      f"| {speedup / ideal:.2f} | {ms['torch CSR'] / ms['tilefx']:.2f}x "
-                      f"| {ms['scipy BSR'] / ms['tilefx']:.1f}x | {flops / ms['tilefx'] / 1e6:.1f} "
-                      f"| {nbytes / ms['tilefx'] / 1e6:.1f} | {compile_s:.2f} | {error:.1e} |", flush=True)
+                print(
+                    f"| {sparsity:.2f} | {block[0]}x{block[1]} | {ms['tilefx']:.3f} | {ms['torch dense']:.3f} "
+                    f"| {ms['torch CSR']:.3f} | {ms['scipy BSR']:.3f} | {speedup:.2f}x | {ideal:.1f}x "
+                    f"| {speedup / ideal:.2f} | {ms['torch CSR'] / ms['tilefx']:.2f}x "
+                    f"| {ms['scipy BSR'] / ms['tilefx']:.1f}x | {flops / ms['tilefx'] / 1e6:.1f} "
+                    f"| {nbytes / ms['tilefx'] / 1e6:.1f} | {compile_s:.2f} | {error:.1e} |",
+                    flush=True,
+                )
         print()
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     return 0

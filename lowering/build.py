@@ -130,14 +130,24 @@ def compile_graph(
     cache = KernelCache(cache_dir)
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="CompiledGraphModule")
     out.meta.update(gm.meta)
+    device = _device_for(tvm_target)
     for layer in layers:
-        module = _runtime_module(gm, layer, packed[layer.node], cache, tvm_target)
-        module._kernel(layer.input_shape)  # compile now: errors and compile time belong here
+        module = _runtime_module(gm, layer, packed[layer.node], cache, tvm_target).to(device)
+        module.kernel(layer.input_shape)  # compile now: errors and compile time belong here
         _swap_node(out, layer, module)
     out.graph.lint()
     out.recompile()
-    log.info("lowered %d layers for %s (%.2fs compiling)", len(layers), tvm_target.kind.name, cache.compile_seconds)
+    log.info(
+        "lowered %d layers for %s (%.2fs compiling)", len(layers), tvm_target.kind.name, cache.compile_seconds
+    )
     return out
+
+
+def _device_for(target: tvm.target.Target) -> torch.device:
+    """CUDA kernels read their weights from the GPU; without one they are built but cannot run."""
+    if compat.is_cuda(target) and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def _runs_on(layer: SparseLayer, target: tvm.target.Target) -> bool:
@@ -162,7 +172,11 @@ def _is_param(gm: torch.fx.GraphModule, name: str) -> bool:
 
 
 def _runtime_module(
-    gm: torch.fx.GraphModule, layer: SparseLayer, weight: BsrWeight, cache: KernelCache, target: tvm.target.Target
+    gm: torch.fx.GraphModule,
+    layer: SparseLayer,
+    weight: BsrWeight,
+    cache: KernelCache,
+    target: tvm.target.Target,
 ) -> BsrLinear | BsrConv2d:
     bias = gm.get_parameter(layer.bias) if layer.bias is not None and _is_param(gm, layer.bias) else None
     if layer.bias is not None and bias is None:

@@ -79,18 +79,26 @@ def plan_graph(gm: torch.fx.GraphModule, *, fuse_relu: bool = True) -> Plan:
     return Plan(tuple(layers))
 
 
-def _plan_node(gm: torch.fx.GraphModule, node: torch.fx.Node, record: BlockSparsity, fuse_relu: bool) -> SparseLayer:
+def _plan_node(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, record: BlockSparsity, fuse_relu: bool
+) -> SparseLayer:
     weight_name = str(node.args[1].target)  # type: ignore[union-attr]
     weight = _attr(gm, weight_name)
     where = f"node {node.name!r} (weight {weight_name!r})"
     if weight.dtype not in _SUPPORTED_DTYPES:
-        raise LoweringError(f"{where}: block-sparse kernels support float32, got {weight.dtype}; cast the model first")
+        raise LoweringError(
+            f"{where}: block-sparse kernels support float32, got {weight.dtype}; cast the model first"
+        )
     rows, cols = record.block
     out, rest = weight.shape[0], math.prod(weight.shape[1:])
     if rows <= 0 or cols <= 0 or out % rows or rest % cols:
-        raise LoweringError(f"{where}: block {record.block} does not tile the weight's matrix view {(out, rest)}")
+        raise LoweringError(
+            f"{where}: block {record.block} does not tile the weight's matrix view {(out, rest)}"
+        )
     if tuple(record.mask.shape) != (out // rows, rest // cols):
-        raise LoweringError(f"{where}: block mask {tuple(record.mask.shape)} does not match the grid {(out // rows, rest // cols)}")
+        raise LoweringError(
+            f"{where}: block mask {tuple(record.mask.shape)} does not match the grid {(out // rows, rest // cols)}"
+        )
     bias_node = node.args[2] if len(node.args) > 2 else None
     bias = _bias_name(gm, bias_node, out, where)
     input_shape = _input_shape(node, where)
@@ -112,13 +120,24 @@ def _plan_conv(
     where: str,
 ) -> SparseLayer:
     args = [*node.args, *([None] * 7)][:7]
-    stride, padding, dilation, groups = (_pair(args[3], 1), _pair(args[4], 0), _pair(args[5], 1), args[6] or 1)
+    stride, padding, dilation, groups = (
+        _pair(args[3], 1),
+        _pair(args[4], 0),
+        _pair(args[5], 1),
+        args[6] or 1,
+    )
     if isinstance(args[4], str):
-        raise LoweringError(f"{where}: string padding {args[4]!r} is not supported; export with explicit padding")
+        raise LoweringError(
+            f"{where}: string padding {args[4]!r} is not supported; export with explicit padding"
+        )
     if groups != 1:
-        raise LoweringError(f"{where}: grouped conv (groups={groups}) has no block-sparse kernel; drop its BlockSparsity record")
+        raise LoweringError(
+            f"{where}: grouped conv (groups={groups}) has no block-sparse kernel; drop its BlockSparsity record"
+        )
     if len(input_shape) != 4 or input_shape[1] != weight.shape[1]:
-        raise LoweringError(f"{where}: input {input_shape} does not match the weight {tuple(weight.shape)} (NCHW expected)")
+        raise LoweringError(
+            f"{where}: input {input_shape} does not match the weight {tuple(weight.shape)} (NCHW expected)"
+        )
     return SparseLayer(
         node.name,
         "conv2d",
@@ -157,13 +176,17 @@ def _input_shape(node: torch.fx.Node, where: str) -> tuple[int, ...]:
     source = node.args[0]
     value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
     if not isinstance(value, torch.Tensor):
-        raise LoweringError(f"{where}: input shape unknown; capture the model with torch.export so nodes carry meta['val']")
+        raise LoweringError(
+            f"{where}: input shape unknown; capture the model with torch.export so nodes carry meta['val']"
+        )
     if value.dtype not in _SUPPORTED_DTYPES:
         raise LoweringError(f"{where}: block-sparse kernels support float32 inputs, got {value.dtype}")
     try:
         return tuple(int(d) for d in value.shape)
     except (TypeError, ValueError) as exc:  # symbolic (dynamic) dims cannot be converted
-        raise LoweringError(f"{where}: dynamic input shape {tuple(value.shape)}; export with static shapes") from exc
+        raise LoweringError(
+            f"{where}: dynamic input shape {tuple(value.shape)}; export with static shapes"
+        ) from exc
 
 
 def _fusable_relu(node: torch.fx.Node) -> str | None:

@@ -71,9 +71,13 @@ def pack_bsr(weight: torch.Tensor, block: tuple[int, int], mask: torch.Tensor | 
         mask = nonzero
     mask = mask.to(torch.bool).cpu()
     if tuple(mask.shape) != (n // r, k // c):
-        raise LoweringError(f"block mask {tuple(mask.shape)} does not match the block grid {(n // r, k // c)}")
+        raise LoweringError(
+            f"block mask {tuple(mask.shape)} does not match the block grid {(n // r, k // c)}"
+        )
     if bool((nonzero & ~mask).any()):
-        raise LoweringError("weight has nonzeros in blocks its BlockSparsity mask drops; apply the masks first")
+        raise LoweringError(
+            "weight has nonzeros in blocks its BlockSparsity mask drops; apply the masks first"
+        )
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: sorted by block row, then column
     indptr = torch.zeros(n // r + 1, dtype=torch.int32)
     indptr[1:] = torch.cumsum(mask.sum(dim=1), 0).to(torch.int32)

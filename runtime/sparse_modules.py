@@ -22,6 +22,8 @@ from .packing import BsrWeight
 
 __all__ = ["BsrConv2d", "BsrLinear", "Kernel", "KernelFactory"]
 
+#: Byte alignment TVM assumes for buffer data (``tvm.tirx`` default ``data_alignment``).
+_ALIGNMENT = 64
 #: A compiled kernel: (X, W_data, W_indices, W_indptr, bias, Y) -> None, Y written in place.
 Kernel = Callable[..., Any]
 #: Compiles (or fetches from the cache) the kernel for one input shape.
@@ -43,7 +45,8 @@ class _BsrModule(torch.nn.Module):
         self._kernel_for = kernel_for
         self._kernels: dict[tuple[int, ...], Kernel] = {}
 
-    def _kernel(self, shape: tuple[int, ...]) -> Kernel:
+    def kernel(self, shape: tuple[int, ...]) -> Kernel:
+        """The compiled kernel for inputs of ``shape``, compiled (or fetched) on first use."""
         kernel = self._kernels.get(shape)
         if kernel is None:
             kernel = self._kernels[shape] = self._kernel_for(shape)
@@ -53,12 +56,16 @@ class _BsrModule(torch.nn.Module):
         if x.dtype != torch.float32:
             raise LoweringError(f"{type(self).__name__}: input must be float32, got {x.dtype}")
         if not ok:
-            raise LoweringError(f"{type(self).__name__}: input shape {tuple(x.shape)} does not match {expected}")
+            raise LoweringError(
+                f"{type(self).__name__}: input shape {tuple(x.shape)} does not match {expected}"
+            )
 
     def _run(self, x: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
         x = x.contiguous()
+        if x.data_ptr() % _ALIGNMENT:  # a view into a larger tensor; TVM buffers assume alignment
+            x = x.clone()
         y = torch.empty(out_shape, dtype=torch.float32, device=x.device)
-        self._kernel(tuple(x.shape))(x, self.w_data, self.w_indices, self.w_indptr, self.bias, y)
+        self.kernel(tuple(x.shape))(x, self.w_data, self.w_indices, self.w_indptr, self.bias, y)
         return y
 
     def extra_repr(self) -> str:
@@ -92,6 +99,8 @@ class BsrConv2d(_BsrModule):
         self._output_hw = output_hw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, x.dim() == 4 and x.shape[1] == self.in_channels, f"[N, {self.in_channels}, H, W]")
+        self._check_input(
+            x, x.dim() == 4 and x.shape[1] == self.in_channels, f"[N, {self.in_channels}, H, W]"
+        )
         oh, ow = self._output_hw(x.shape[2], x.shape[3])
         return self._run(x, (x.shape[0], self.out_features, oh, ow))

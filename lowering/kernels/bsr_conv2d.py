@@ -25,6 +25,7 @@ from .spec import KernelSpec
 
 __all__ = ["token_lanes_func"]
 
+
 def _src_y(g, y, kk):  # type: ignore[no-untyped-def]
     """Input row read by output row ``y`` through kernel tap ``kk = (ci, dy, dx)``."""
     return y * g.stride[0] - g.padding[0] + kk % (g.kernel[0] * g.kernel[1]) // g.kernel[1] * g.dilation[0]
@@ -41,9 +42,9 @@ def im2col(X, XT, g, oh, ow, m_rows, m_pad):  # type: ignore[no-untyped-def]
     for kk in T.parallel(g.k):
         for b, y, x in T.grid(g.batch, oh, ow):
             XT[kk, (b * oh + y) * ow + x] = T.if_then_else(
-                0 <= _src_y(g, y, kk)
+                _src_y(g, y, kk) >= 0
                 and _src_y(g, y, kk) < g.height
-                and 0 <= _src_x(g, x, kk)
+                and _src_x(g, x, kk) >= 0
                 and _src_x(g, x, kk) < g.width,
                 X[b, kk // (g.kernel[0] * g.kernel[1]), _src_y(g, y, kk), _src_x(g, x, kk)],
                 T.float32(0),
@@ -111,9 +112,10 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
                     for c in T.unroll(C):
                         for r in T.unroll(RT):
                             for m in T.vectorized(MV):
-                                acc[r, m] = acc[r, m] + W_data[e, c, rc * RT + r] * XT[
-                                    W_indices[e] * C + c, t % MO * MV + m
-                                ]
+                                acc[r, m] = (
+                                    acc[r, m]
+                                    + W_data[e, c, rc * RT + r] * XT[W_indices[e] * C + c, t % MO * MV + m]
+                                )
                 for r in T.unroll(RT):
                     for m in T.vectorized(MV):
                         YT[t // MO * R + rc * RT + r, t % MO * MV + m] = acc[r, m]

@@ -97,9 +97,10 @@ def row_lanes_func(spec: KernelSpec, row_tile: int, row_chunk: int) -> tvm.tirx.
                     for c in T.unroll(C):
                         for ii in T.unroll(MI):
                             for r in T.vectorized(RT):
-                                acc[ii, r] = acc[ii, r] + W_data[e, c, rc * RT + r] * XT[
-                                    W_indices[e] * C + c, t % MO * MI + ii
-                                ]
+                                acc[ii, r] = (
+                                    acc[ii, r]
+                                    + W_data[e, c, rc * RT + r] * XT[W_indices[e] * C + c, t % MO * MI + ii]
+                                )
                 for ii in T.unroll(MI):
                     if padded:
                         if t % MO * MI + ii < M:

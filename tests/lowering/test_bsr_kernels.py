@@ -110,10 +110,16 @@ def test_kernel_structure_is_parallel_vectorised_and_register_tiled(llvm_target)
 @pytest.mark.parametrize("block", [(1, 1), (4, 4), (8, 8), (16, 1), (32, 32), (1, 16)])
 @pytest.mark.parametrize("lanes", [8, 16])
 def test_schedule_keeps_accumulators_in_registers(block, lanes):  # type: ignore[no-untyped-def]
-    for geometry in (Conv2dGeometry.dense(128, 256), Conv2dGeometry.dense(1, 256), Conv2dGeometry(1, 32, 8, 8)):
+    for geometry in (
+        Conv2dGeometry.dense(128, 256),
+        Conv2dGeometry.dense(1, 256),
+        Conv2dGeometry(1, 32, 8, 8),
+    ):
         spec = KernelSpec(geometry, 256 if geometry.is_dense else 64, block, 10)
         s = choose_cpu_schedule(spec, lanes)
         assert block[0] % s.row_chunk == 0
-        vectors = s.tile * max(1, s.row_chunk // lanes) if s.template == "rows" else s.row_chunk * (s.tile // lanes)
+        vectors = (
+            s.tile * max(1, s.row_chunk // lanes) if s.template == "rows" else s.row_chunk * (s.tile // lanes)
+        )
         assert vectors <= 12
         assert s.template == "tokens" or geometry.is_dense

@@ -33,7 +33,9 @@ class Net(torch.nn.Module):
 BLOCKS = {"conv.weight": (4, 9), "fc1.weight": (8, 1), "fc2.weight": (1, 4)}
 
 
-def _pruned(batch: int = 2, blocks: dict[str, tuple[int, int]] = BLOCKS) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+def _pruned(
+    batch: int = 2, blocks: dict[str, tuple[int, int]] = BLOCKS
+) -> tuple[torch.fx.GraphModule, torch.Tensor]:
     torch.manual_seed(0)
     x = torch.randn(batch, 8, 6, 6)
     gm = torch.export.export(Net().eval(), (x,)).module()
@@ -132,7 +134,9 @@ def test_unknown_target_is_rejected_before_compiling(forbid_compile) -> None:  #
 
 def test_block_not_dividing_is_rejected_before_compiling(forbid_compile) -> None:  # type: ignore[no-untyped-def]
     gm, _ = _pruned()
-    metadata = Metadata().with_annotation("fc1.weight", BlockSparsity((5, 1), torch.ones(6, 16, dtype=torch.bool)))
+    metadata = Metadata().with_annotation(
+        "fc1.weight", BlockSparsity((5, 1), torch.ones(6, 16, dtype=torch.bool))
+    )
     set_metadata(gm, metadata)
     with pytest.raises(LoweringError, match=r"node 'linear'.*block \(5, 1\) does not tile"):
         compile_graph(gm)
@@ -165,3 +169,11 @@ def test_weight_disagreeing_with_its_mask_is_rejected(forbid_compile) -> None:  
 def test_plan_does_not_import_tvm() -> None:
     code = "import sys, tilefx.lowering.plan; assert 'tvm' not in sys.modules, 'plan imported tvm'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runtime_accepts_unaligned_views(compiled) -> None:  # type: ignore[no-untyped-def]
+    gm, _, out, _ = compiled
+    layer = next(m for m in out.children() if isinstance(m, BsrLinear))
+    x = torch.randn(1 + 8 * layer.in_features)[1:].view(8, -1)  # 4 bytes in: TVM rejects such pointers
+    expected = torch.relu(torch.nn.functional.linear(x, gm.fc1.weight, gm.fc1.bias))
+    torch.testing.assert_close(layer(x), expected)

@@ -48,7 +48,9 @@ def test_empty_weight_keeps_non_empty_buffers() -> None:
         (torch.ones(4, 4), (2, 2), torch.eye(2, dtype=torch.bool), "apply the masks"),
     ],
 )
-def test_bad_input_raises(weight: torch.Tensor, block: tuple[int, int], mask: torch.Tensor | None, match: str) -> None:
+def test_bad_input_raises(
+    weight: torch.Tensor, block: tuple[int, int], mask: torch.Tensor | None, match: str
+) -> None:
     with pytest.raises(LoweringError, match=match):
         pack_bsr(weight, block, mask)
 
