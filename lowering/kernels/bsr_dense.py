@@ -6,8 +6,9 @@ load. Each parallel task owns one block row and a tile of ``row_tile`` rows of X
 ``row_tile × row_chunk`` accumulators in registers for the whole (ragged) walk over that block
 row's stored blocks: a W vector is loaded once per tile, and X is read as broadcast scalars.
 
-X is first transposed to ``XT[k, m]`` (padded to whole tiles with zeros) so the ``row_tile``
-broadcasts of one block column come from one cache line. The ragged ``indptr`` loop is why these
+X is first packed into per-tile panels ``XP[tile, k, row]`` (zero padded to whole tiles) so the
+``row_tile`` broadcasts of one block column come from one cache line and a task's reads move
+forward through one L2-sized panel. The ragged ``indptr`` loop is why these
 kernels are written as scheduled TensorIR templates rather than scheduled with ``s_tir.Schedule``:
 its primitives need affine loop nests, and a loop whose bounds are loaded from memory is not one.
 Which template and tile sizes to use for a target is decided in ``lowering/schedules``.
@@ -56,6 +57,20 @@ def transpose_x(X, XT, m_rows, k_cols, m_pad):  # type: ignore[no-untyped-def]
             XT[kk, m] = T.float32(0)
 
 
+@T.macro
+def pack_x_tiles(X, XP, m_rows, k_cols, m_tiles, tile):  # type: ignore[no-untyped-def]
+    """``XP[io, k, ii] = X[io·tile + ii, k]`` (0 past ``m_rows``): each X tile is one contiguous panel.
+
+    A task walks its block row's columns in increasing order, so its X reads move forward
+    through one ``k × tile`` panel (K·tile·4 bytes, L2-sized) instead of jumping between rows
+    of a ``[K, M]`` transpose; that kept large-K layers (BERT FFN2, K = 3072) out of L3 latency.
+    """
+    for io in T.parallel(m_tiles):
+        for kk in range(k_cols):
+            for ii in T.unroll(tile):
+                XP[io, kk, ii] = T.if_then_else(io * tile + ii < m_rows, X[io * tile + ii, kk], T.float32(0))
+
+
 def row_lanes_func(spec: KernelSpec, row_tile: int, row_chunk: int) -> tvm.tirx.PrimFunc:
     """Dense-layer kernel with lanes over ``row_chunk`` of the block's ``r`` rows.
 
@@ -85,8 +100,8 @@ def row_lanes_func(spec: KernelSpec, row_tile: int, row_chunk: int) -> tvm.tirx.
         Y: T.Buffer((M, N), "float32"),
     ) -> None:
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        XT = T.alloc_buffer((K, Mp), "float32")
-        transpose_x(X, XT, M, K, Mp)
+        XP = T.alloc_buffer((MO, K, MI), "float32")
+        pack_x_tiles(X, XP, M, K, MO, MI)
         for t in T.parallel(NB * MO):
             for rc in range(R // RT):
                 acc = T.alloc_buffer((MI, RT), "float32", scope="local")
@@ -99,7 +114,7 @@ def row_lanes_func(spec: KernelSpec, row_tile: int, row_chunk: int) -> tvm.tirx.
                             for r in T.vectorized(RT):
                                 acc[ii, r] = (
                                     acc[ii, r]
-                                    + W_data[e, c, rc * RT + r] * XT[W_indices[e] * C + c, t % MO * MI + ii]
+                                    + W_data[e, c, rc * RT + r] * XP[t % MO, W_indices[e] * C + c, ii]
                                 )
                 for ii in T.unroll(MI):
                     if padded:
