@@ -87,3 +87,13 @@ def test_user_pipeline_can_be_edited_as_a_list() -> None:
     gm = tilefx.optimize(model, (x,), passes=passes)
     assert "bn" in dict(gm.named_children())  # BN state kept: cleanup was taken out of the list
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_recipe_shrinks_the_model_through_optimize() -> None:
+    model = randomize_bn(ConvBN()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    before = _state(model)
+    gm = tilefx.optimize(model, (x,), recipe=tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5)))
+    assert gm.get_parameter("conv.weight").shape[0] == 4
+    assert gm.get_parameter("fc.weight").shape == (4, 4)
+    assert _state(model) == before

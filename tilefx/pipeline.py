@@ -9,15 +9,18 @@ from typing import Any
 
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.analysis.importance import ChannelImportance
+from tilefx.passes.analysis.tetris_planner import TetrisPlanner
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
-from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.infra.pass_base import PassBase
+from tilefx.passes.prune_blocks import PruneBlocksPass
 from tilefx.passes.prune_channels import PruneChannelsPass
+from tilefx.passes.prune_connections import PruneConnectionsPass
+from tilefx.passes.reorder_dims import ReorderDimsPass
 from tilefx.passes.training.calibration import as_calibration
 from tilefx.passes.training.dcp import DCPOptions
 
-from .recipe import ChannelPruning, Recipe
+from .recipe import BlockPruning, ChannelPruning, Recipe
 
 __all__ = ["default_pipeline"]
 
@@ -38,15 +41,16 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
     passes.append(EliminateDeadCodePass())
     if channels is not None and not before_fold:
         passes += [_channel_pass(channels, recipe.skip, calibration), EliminateDeadCodePass()]
-    for name in ("connections", "blocks"):
-        if getattr(recipe, name) is not None:
-            raise RecipeError(
-                f"Recipe.{name}: this pruning method is not available in this build of tilefx yet"
-            )
+    if recipe.connections is not None:
+        options = recipe.connections
+        passes.append(PruneConnectionsPass(sparsity=options.sparsity, criterion=options.criterion))
+    if recipe.blocks is not None:
+        passes += _block_passes(recipe.blocks, recipe.skip)
     return passes
 
 
 def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: Any) -> PassBase:
+    """l1/l2 are scored inside the pass; the other criteria are a ChannelImportance analysis."""
     scores = None
     if options.criterion not in ("l1", "l2"):
         data = None
@@ -67,3 +71,11 @@ def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: A
         skip=skip,
         scores=scores,
     )
+
+
+def _block_passes(options: BlockPruning, skip: tuple[str, ...]) -> list[PassBase]:
+    """TETRIS picks group orders for the block pruning to come; they are folded, then blocks pruned."""
+    passes: list[PassBase] = []
+    if options.reorder == "tetris":
+        passes.append(ReorderDimsPass(planner=TetrisPlanner(options.block, options.sparsity), skip=skip))
+    return [*passes, PruneBlocksPass(block=options.block, sparsity=options.sparsity)]

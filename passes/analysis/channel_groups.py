@@ -398,8 +398,8 @@ def _skipped(node: torch.fx.Node, skip: tuple[str, ...]) -> bool:
 def _build_groups(ctx: Context) -> ChannelGroups:
     uf = ctx.uf
     frozen: dict[int, str] = {}
-    for i, reason in uf.frozen.items():
-        frozen.setdefault(int(uf.find(np.array([i]))[0]), reason)
+    for i, why in uf.frozen.items():
+        frozen.setdefault(int(uf.find(np.array([i]))[0]), why)
     first_use: dict[tuple[str, int], tuple[Use, np.ndarray]] = {}
     signature: dict[int, set[tuple[str, int]]] = {}
     for use in ctx.uses:
@@ -421,7 +421,9 @@ def _build_groups(ctx: Context) -> ChannelGroups:
     for gid, ((signature_key, is_frozen), roots) in enumerate(ordered):
         roots_arr = np.array(sorted(roots), dtype=np.int64)
         group_roots.append(roots_arr)
-        slices, ragged = _slices([first_use[key] for key in sorted(signature_key)], roots_arr)
+        slices, ragged = _slices(
+            [u for key, u in first_use.items() if key in signature_key], roots_arr
+        )  # graph order
         reason: str | None = (
             frozen[int(roots_arr[0])]
             if is_frozen

@@ -14,6 +14,7 @@ __all__ = [
     "RecipeError",
     "UnsupportedOpError",
     "VerificationError",
+    "WeightError",
 ]
 
 
@@ -81,3 +82,7 @@ class RecipeError(OptimizeError, ValueError):
 
 class LoweringError(OptimizeError):
     """Lowering to TVM cannot handle this graph, weight, dtype or target."""
+
+
+class WeightError(OptimizeError, ValueError):
+    """A weight cannot be used as given (NaN or inf entries); the message names the parameter."""

@@ -1,0 +1,177 @@
+"""Block-sparse kernel benchmark: tilefx vs torch dense vs torch CSR vs scipy BSR, one process.
+
+    TVM_NUM_THREADS=2 OMP_NUM_THREADS=2 python benchmarks/kernels.py [--quick] [--runs 20]
+
+Shapes: BERT-base FFN (128×768→3072 and 128×3072→768) and a ResNet-50 3×3 conv (layer2:
+128→128 channels on 28×28, batch 1). For each (shape, sparsity, block) all contenders are timed
+in interleaved rounds (one call of each per round), so load from other processes hits them
+alike; the table shows medians (and, as a load-robust check, the ratio of minima). ``ideal`` is 1/(1−s) over torch dense; ``of ideal`` is the
+achieved speedup over dense divided by it. The roofline columns give the kernel's flops and
+bytes (W blocks + indices + X + Y, fp32) and the GFLOP/s and GB/s it reached.
+Never imported by tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from tilefx.lowering import compat
+from tilefx.lowering.build import KernelCache
+from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec
+from tilefx.runtime.packing import pack_bsr
+
+SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
+BLOCKS = ((1, 1), (16, 1), (1, 16), (8, 8), (32, 32))
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    geometry: Conv2dGeometry
+    n: int
+
+
+SHAPES = (
+    Shape("BERT FFN1 128x768->3072", Conv2dGeometry.dense(128, 768), 3072),
+    Shape("BERT FFN2 128x3072->768", Conv2dGeometry.dense(128, 3072), 768),
+    Shape("R50 conv3x3 128->128 @28x28", Conv2dGeometry(1, 128, 28, 28, (3, 3), (1, 1), (1, 1)), 128),
+)
+
+
+def block_sparse(n: int, k: int, block: tuple[int, int], sparsity: float, gen: torch.Generator):
+    r, c = block
+    grid = (n // r) * (k // c)
+    keep = torch.zeros(grid, dtype=torch.bool)
+    keep[torch.randperm(grid, generator=gen)[: round(grid * (1 - sparsity))]] = True
+    mask = keep.reshape(n // r, k // c)
+    weight = torch.randn(n, k, generator=gen) * mask.repeat_interleave(r, 0).repeat_interleave(c, 1)
+    return weight, mask
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """ms of each call of each fn, timed round-robin so drifting load affects all of them alike."""
+    for fn in fns.values():  # warm up: caches, thread pools, lazy inits
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def contenders(shape: Shape, weight: torch.Tensor, mask: torch.Tensor, block, cache: KernelCache, target, x):
+    g = shape.geometry
+    packed = pack_bsr(weight, block, mask)
+    spec = KernelSpec(g, shape.n, block, packed.nnzb)
+    before = cache.compile_seconds
+    kernel = cache.kernel(spec, target)
+    compile_s = cache.compile_seconds - before
+    bias = torch.zeros(shape.n)
+    y = torch.empty(g.output_shape(shape.n))
+    args = (x, packed.data, packed.indices, packed.indptr, bias, y)
+    if g.is_dense:
+        xt = x.T.contiguous()  # given to the sparse baselines for free: their best layout
+        w_csr, w_bsr, xt_np = (
+            weight.to_sparse_csr(),
+            sp.bsr_matrix(weight.numpy(), blocksize=block),
+            xt.numpy(),
+        )
+        fns = {
+            "tilefx": lambda: kernel(*args),
+            "torch dense": lambda: F.linear(x, weight),
+            "torch CSR": lambda: w_csr @ xt,
+            "scipy BSR": lambda: w_bsr @ xt_np,
+        }
+    else:
+        w4 = weight.reshape(shape.n, g.in_channels, *g.kernel)
+        w_csr, w_bsr = weight.to_sparse_csr(), sp.bsr_matrix(weight.numpy(), blocksize=block)
+        unfold = dict(kernel_size=g.kernel, padding=g.padding, stride=g.stride, dilation=g.dilation)
+        fns = {
+            "tilefx": lambda: kernel(*args),
+            "torch dense": lambda: F.conv2d(x, w4, padding=g.padding, stride=g.stride, dilation=g.dilation),
+            "torch CSR": lambda: w_csr @ F.unfold(x, **unfold)[0],
+            "scipy BSR": lambda: w_bsr @ F.unfold(x, **unfold)[0].numpy(),
+        }
+    kernel(*args)
+    reference = F.linear(x, weight) if g.is_dense else fns["torch dense"]()
+    error = float((y - reference).abs().max())
+    return fns, compile_s, error, packed.nnzb
+
+
+def roofline(shape: Shape, block, nnzb: int) -> tuple[float, float]:
+    """(flops, bytes) of one kernel call: stored blocks only, every array read or written once."""
+    g, (r, c) = shape.geometry, block
+    flops = 2.0 * g.m * nnzb * r * c
+    nbytes = 4.0 * (nnzb * r * c + nnzb + shape.n // r + 1 + g.m * g.k + g.m * shape.n)
+    return flops, nbytes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="FFN1 only, sparsity 0.5/0.9, blocks 16x1 and 8x8"
+    )
+    parser.add_argument("--runs", type=int, default=20, help="timed calls per contender (median reported)")
+    args = parser.parse_args()
+    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    torch.set_num_threads(threads)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    sparsities = (0.5, 0.9) if args.quick else SPARSITIES
+    blocks = ((16, 1), (8, 8)) if args.quick else BLOCKS
+    target = compat.make_target("llvm")
+    cache = KernelCache()
+    gen = torch.Generator().manual_seed(0)
+    load = os.getloadavg()[0]
+    print(
+        f"target {target}, torch threads {threads}, TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}, "
+        f"{args.runs} runs, load average at start {load:.2f}\n"
+    )
+    for shape in shapes:
+        print(f"### {shape.name}  (M={shape.geometry.m}, K={shape.geometry.k}, N={shape.n})\n")
+        print(
+            "| sparsity | block | tilefx ms | torch dense ms | torch CSR ms | scipy BSR ms | vs dense | ideal "
+            "| of ideal | vs CSR | vs scipy BSR | best-of vs dense | GFLOP/s | GB/s | compile s | max err |"
+        )
+        print("|---" * 16 + "|")
+        x = torch.randn(shape.geometry.input_shape, generator=gen)
+        for sparsity in sparsities:
+            for block in blocks:
+                weight, mask = block_sparse(shape.n, shape.geometry.k, block, sparsity, gen)
+                fns, compile_s, error, nnzb = contenders(shape, weight, mask, block, cache, target, x)
+                times = interleaved_times(fns, args.runs)
+                ms = {name: statistics.median(ts) for name, ts in times.items()}
+                # Best-of ratio: on a loaded machine preemptions inflate medians, minima much less.
+                best = min(times["torch dense"]) / min(times["tilefx"])
+                ideal = 1.0 / (1.0 - sparsity)
+                speedup = ms["torch dense"] / ms["tilefx"]
+                flops, nbytes = roofline(shape, block, nnzb)
+                print(
+                    f"| {sparsity:.2f} | {block[0]}x{block[1]} | {ms['tilefx']:.3f} | {ms['torch dense']:.3f} "
+                    f"| {ms['torch CSR']:.3f} | {ms['scipy BSR']:.3f} | {speedup:.2f}x | {ideal:.1f}x "
+                    f"| {speedup / ideal:.2f} | {ms['torch CSR'] / ms['tilefx']:.2f}x "
+                    f"| {ms['scipy BSR'] / ms['tilefx']:.1f}x | {best:.2f}x | {flops / ms['tilefx'] / 1e6:.1f} "
+                    f"| {nbytes / ms['tilefx'] / 1e6:.1f} | {compile_s:.2f} | {error:.1e} |",
+                    flush=True,
+                )
+        print()
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

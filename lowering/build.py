@@ -1,0 +1,219 @@
+"""``compile_graph``: a pruned GraphModule in, a GraphModule running block-sparse kernels out.
+
+Each layer of the plan (``lowering.plan``) is replaced by a ``call_module`` to a small runtime
+module (``runtime.sparse_modules``) that calls its compiled kernel through DLPack; everything
+else stays the torch code it was. The input graph module is never modified.
+
+Compiled kernels are cached in memory for the process and, with ``cache_dir``, as shared
+libraries on disk. The key is the kernel spec (op geometry incl. input shape, output features,
+block, stored-block count, epilogue) plus the target. The sparsity pattern itself is not part of
+the key on purpose: the kernels take ``indices``/``indptr`` as run-time arguments, so every
+pattern with the same block count shares one kernel. Its hash is recorded for the log only.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+import tvm
+
+from ..passes.infra.errors import LoweringError
+from ..runtime.packing import BsrWeight, pack_bsr, pattern_hash
+from ..runtime.sparse_modules import BsrConv2d, BsrLinear, Kernel
+from . import compat
+from .kernels.spec import Conv2dGeometry, KernelSpec
+from .plan import SparseLayer, plan_graph
+from .schedules.cpu import cpu_kernel
+from .schedules.cuda import cuda_kernel
+
+__all__ = ["KernelCache", "compile_graph", "kernel_func", "layer_spec"]
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever a template changes, so stale on-disk kernels are never loaded.
+_KERNEL_VERSION = "1"
+
+
+def kernel_func(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    """The scheduled TensorIR for ``spec`` on ``target``."""
+    if compat.is_cuda(target):
+        return cuda_kernel(spec)
+    return cpu_kernel(spec, target)
+
+
+class KernelCache:
+    """Compiled kernels by (spec, target): in memory always, on disk when given a directory."""
+
+    _memory: dict[str, Kernel] = {}  # process-wide: recompiling an identical kernel is pure waste
+
+    def __init__(self, cache_dir: str | Path | None = None) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.compile_seconds = 0.0
+
+    @staticmethod
+    def key(spec: KernelSpec, target: tvm.target.Target) -> str:
+        text = f"{_KERNEL_VERSION}|{spec!r}|{target}"
+        return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+    def kernel(self, spec: KernelSpec, target: tvm.target.Target) -> Kernel:
+        key = self.key(spec, target)
+        found = self._memory.get(key) or self._load(key, target)
+        if found is None:
+            started = time.perf_counter()
+            executable = compat.build(kernel_func(spec, target), target)
+            self.compile_seconds += time.perf_counter() - started
+            self._store(key, executable, target)
+            found = executable["main"]
+        self._memory[key] = found
+        return found
+
+    def _path(self, key: str, target: tvm.target.Target) -> Path | None:
+        # CUDA executables need nvcc to export; they are cheap to regenerate, so memory only.
+        if self.cache_dir is None or compat.is_cuda(target):
+            return None
+        return self.cache_dir / f"bsr_{key}.so"
+
+    def _load(self, key: str, target: tvm.target.Target) -> Kernel | None:
+        path = self._path(key, target)
+        if path is None or not path.exists():
+            return None
+        log.debug("kernel %s loaded from %s", key, path)
+        return tvm.runtime.load_module(str(path))["main"]
+
+    def _store(self, key: str, executable: Any, target: tvm.target.Target) -> None:
+        path = self._path(key, target)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp.so")
+        executable.export_library(str(partial))
+        partial.replace(path)  # atomic: a concurrent reader never sees half a library
+
+
+def layer_spec(layer: SparseLayer, nnzb: int, input_shape: tuple[int, ...]) -> KernelSpec:
+    """The kernel spec of ``layer`` for one concrete input shape."""
+    if layer.op == "linear":
+        m, k = math.prod(input_shape[:-1]), input_shape[-1]
+        geometry = Conv2dGeometry.dense(m, k)
+    else:
+        n, cin, h, w = input_shape
+        geometry = Conv2dGeometry(n, cin, h, w, layer.kernel, layer.stride, layer.padding, layer.dilation)
+    return KernelSpec(geometry, layer.out_features, layer.block, nnzb, relu=layer.fused_relu is not None)
+
+
+def compile_graph(
+    gm: torch.fx.GraphModule,
+    target: str | dict[str, Any] | tvm.target.Target = "llvm",
+    *,
+    cache_dir: str | Path | None = None,
+    fuse_relu: bool = True,
+) -> torch.fx.GraphModule:
+    """A new GraphModule in which every block-sparse layer of ``gm`` runs a compiled kernel.
+
+    Requires: an ATen-level graph (``torch.export(...).module()``) with shapes in
+    ``meta['val']`` and ``BlockSparsity`` metadata on the weights to lower.
+    Raises ``LoweringError`` (naming the node) for an unknown target, a non-float32 layer, a
+    block that does not tile the weight, or mismatched shapes, before compiling anything.
+    """
+    tvm_target = compat.make_target(target)
+    plan = plan_graph(gm, fuse_relu=fuse_relu)
+    layers = [layer for layer in plan.layers if _runs_on(layer, tvm_target)]
+    packed = {layer.node: _pack(gm, layer) for layer in layers}
+    cache = KernelCache(cache_dir)
+    out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="CompiledGraphModule")
+    out.meta.update(gm.meta)
+    device = _device_for(tvm_target)
+    for layer in layers:
+        module = _runtime_module(gm, layer, packed[layer.node], cache, tvm_target).to(device)
+        module.kernel(layer.input_shape)  # compile now: errors and compile time belong here
+        _swap_node(out, layer, module)
+    out.graph.lint()
+    out.recompile()
+    log.info(
+        "lowered %d layers for %s (%.2fs compiling)", len(layers), tvm_target.kind.name, cache.compile_seconds
+    )
+    return out
+
+
+def _device_for(target: tvm.target.Target) -> torch.device:
+    """CUDA kernels read their weights from the GPU; without one they are built but cannot run."""
+    if compat.is_cuda(target) and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _runs_on(layer: SparseLayer, target: tvm.target.Target) -> bool:
+    if compat.is_cuda(target) and layer.op == "conv2d":
+        log.warning("node %s: no CUDA conv kernel yet, it stays dense torch", layer.node)
+        return False
+    return True
+
+
+def _pack(gm: torch.fx.GraphModule, layer: SparseLayer) -> BsrWeight:
+    weight = gm.get_parameter(layer.weight) if _is_param(gm, layer.weight) else gm.get_buffer(layer.weight)
+    try:
+        packed = pack_bsr(weight, layer.block, layer.sparsity.mask)
+    except LoweringError as exc:
+        raise LoweringError(f"node {layer.node!r} (weight {layer.weight!r}): {exc}") from exc
+    log.debug("node %s: %d blocks, pattern %s", layer.node, packed.nnzb, pattern_hash(layer.sparsity.mask))
+    return packed
+
+
+def _is_param(gm: torch.fx.GraphModule, name: str) -> bool:
+    return name in dict(gm.named_parameters())
+
+
+def _runtime_module(
+    gm: torch.fx.GraphModule,
+    layer: SparseLayer,
+    weight: BsrWeight,
+    cache: KernelCache,
+    target: tvm.target.Target,
+) -> BsrLinear | BsrConv2d:
+    bias = gm.get_parameter(layer.bias) if layer.bias is not None and _is_param(gm, layer.bias) else None
+    if layer.bias is not None and bias is None:
+        bias = gm.get_buffer(layer.bias)
+
+    def kernel_for(shape: tuple[int, ...]) -> Kernel:
+        return cache.kernel(layer_spec(layer, weight.nnzb, shape), target)
+
+    if layer.op == "linear":
+        return BsrLinear(weight, bias, kernel_for)
+
+    def output_hw(h: int, w: int) -> tuple[int, int]:
+        spec = layer_spec(layer, weight.nnzb, (1, layer.input_shape[1], h, w))
+        return spec.geometry.out_hw
+
+    return BsrConv2d(weight, bias, kernel_for, in_channels=layer.input_shape[1], output_hw=output_hw)
+
+
+def _swap_node(out: torch.fx.GraphModule, layer: SparseLayer, module: torch.nn.Module) -> None:
+    nodes = {node.name: node for node in out.graph.nodes}
+    node = nodes[layer.node]
+    name = _free_name(out, f"bsr_{layer.node}")
+    out.add_submodule(name, module)
+    with out.graph.inserting_before(node):
+        call = out.graph.call_module(name, (node.args[0],))
+    call.meta.update(node.meta)
+    replaced = nodes[layer.fused_relu] if layer.fused_relu is not None else node
+    call.meta["val"] = replaced.meta.get("val")
+    replaced.replace_all_uses_with(call)
+    for dead in dict.fromkeys((replaced, node, *node.args[1:])):
+        if isinstance(dead, torch.fx.Node) and dead.op in ("call_function", "get_attr") and not dead.users:
+            out.graph.erase_node(dead)
+
+
+def _free_name(gm: torch.fx.GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name

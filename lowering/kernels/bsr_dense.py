@@ -1,0 +1,132 @@
+"""Block-sparse dense ``Y = act(X·Wᵀ + b)`` on CPU, vector lanes along the block's rows.
+
+W is packed as BSR (see ``tilefx.runtime.packing``) with every block stored transposed,
+``data[nnzb, c, r]``, so the ``r`` output features of one block column are one contiguous vector
+load. Each parallel task owns one block row and a tile of ``row_tile`` rows of X and keeps the
+``row_tile × row_chunk`` accumulators in registers for the whole (ragged) walk over that block
+row's stored blocks: a W vector is loaded once per tile, and X is read as broadcast scalars.
+
+X is first packed into per-tile panels ``XP[tile, k, row]`` (zero padded to whole tiles) so the
+``row_tile`` broadcasts of one block column come from one cache line and a task's reads move
+forward through one L2-sized panel. The ragged ``indptr`` loop is why these
+kernels are written as scheduled TensorIR templates rather than scheduled with ``s_tir.Schedule``:
+its primitives need affine loop nests, and a loop whose bounds are loaded from memory is not one.
+Which template and tile sizes to use for a target is decided in ``lowering/schedules``.
+
+Good for blocks with at least one full vector of rows (r ≥ 8 on AVX2); ``bsr_conv2d`` has the
+template that vectorises along X's rows instead, for r = 1, 2, 4.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+from .spec import KernelSpec
+
+__all__ = ["TILE", "activation", "row_lanes_func", "transpose_x"]
+
+
+def activation(relu: bool):  # type: ignore[no-untyped-def]
+    """The fused epilogue, applied to PrimExprs while the template is parsed."""
+    if relu:
+        return lambda v: T.max(v, T.float32(0))
+    return lambda v: v
+
+
+#: Side of the square tiles transposes use: both the strided and the contiguous side stay in L1.
+TILE = 8
+
+
+@T.macro
+def transpose_x(X, XT, m_rows, k_cols, m_pad):  # type: ignore[no-untyped-def]
+    """``XT[k, m] = X[m, k]``, zero rows ``m ≥ m_rows`` so padded tiles accumulate nothing."""
+    if m_rows % TILE == 0 and k_cols % TILE == 0:
+        for t in T.parallel((k_cols // TILE) * (m_rows // TILE)):
+            for kk in T.unroll(TILE):
+                for mm in T.vectorized(TILE):
+                    XT[t // (m_rows // TILE) * TILE + kk, t % (m_rows // TILE) * TILE + mm] = X[
+                        t % (m_rows // TILE) * TILE + mm, t // (m_rows // TILE) * TILE + kk
+                    ]
+    else:
+        for kk in T.parallel(k_cols):
+            for m in range(m_rows):
+                XT[kk, m] = X[m, kk]
+    for kk in T.parallel(k_cols):
+        for m in range(m_rows, m_pad):
+            XT[kk, m] = T.float32(0)
+
+
+@T.macro
+def pack_x_tiles(X, XP, m_rows, k_cols, m_tiles, tile):  # type: ignore[no-untyped-def]
+    """``XP[io, k, ii] = X[io·tile + ii, k]`` (0 past ``m_rows``): each X tile is one contiguous panel.
+
+    A task walks its block row's columns in increasing order, so its X reads move forward
+    through one ``k × tile`` panel (K·tile·4 bytes, L2-sized) instead of jumping between rows
+    of a ``[K, M]`` transpose; that kept large-K layers (BERT FFN2, K = 3072) out of L3 latency.
+    """
+    for io in T.parallel(m_tiles):
+        for kk in range(k_cols):
+            for ii in T.unroll(tile):
+                XP[io, kk, ii] = T.if_then_else(io * tile + ii < m_rows, X[io * tile + ii, kk], T.float32(0))
+
+
+def row_lanes_func(spec: KernelSpec, row_tile: int, row_chunk: int) -> tvm.tirx.PrimFunc:
+    """Dense-layer kernel with lanes over ``row_chunk`` of the block's ``r`` rows.
+
+    Requires: ``spec.geometry.is_dense``; ``row_chunk`` divides ``r``.
+    Buffers: X[M, K], W_data[nnzb, c, r], W_indices[nnzb], W_indptr[N/r + 1], bias[N], Y[M, N].
+    """
+    g = spec.geometry
+    if not g.is_dense or spec.block[0] % row_chunk:
+        raise ValueError(f"row_lanes_func needs a dense geometry and row_chunk | r, got {spec}")
+    R, C = spec.block
+    M, K, N = g.m, g.k, spec.n
+    MI, RT = row_tile, row_chunk
+    MO = -(-M // MI)
+    Mp = MO * MI
+    NB = N // R
+    NNZB = max(spec.nnzb, 1)  # an all-zero weight still needs a well-formed buffer
+    padded = Mp != M
+    act = activation(spec.relu)
+
+    @T.prim_func
+    def main(
+        X: T.Buffer((M, K), "float32"),
+        W_data: T.Buffer((NNZB, C, R), "float32"),
+        W_indices: T.Buffer((NNZB,), "int32"),
+        W_indptr: T.Buffer((NB + 1,), "int32"),
+        bias: T.Buffer((N,), "float32"),
+        Y: T.Buffer((M, N), "float32"),
+    ) -> None:
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        XP = T.alloc_buffer((MO, K, MI), "float32")
+        pack_x_tiles(X, XP, M, K, MO, MI)
+        for t in T.parallel(NB * MO):
+            for rc in range(R // RT):
+                acc = T.alloc_buffer((MI, RT), "float32", scope="local")
+                for ii in T.unroll(MI):
+                    for r in T.vectorized(RT):
+                        acc[ii, r] = T.float32(0)
+                for e in range(W_indptr[t // MO], W_indptr[t // MO + 1]):
+                    for c in T.unroll(C):
+                        for ii in T.unroll(MI):
+                            for r in T.vectorized(RT):
+                                acc[ii, r] = (
+                                    acc[ii, r]
+                                    + W_data[e, c, rc * RT + r] * XP[t % MO, W_indices[e] * C + c, ii]
+                                )
+                for ii in T.unroll(MI):
+                    if padded:
+                        if t % MO * MI + ii < M:
+                            for r in T.vectorized(RT):
+                                Y[t % MO * MI + ii, t // MO * R + rc * RT + r] = act(
+                                    acc[ii, r] + bias[t // MO * R + rc * RT + r]
+                                )
+                    else:
+                        for r in T.vectorized(RT):
+                            Y[t % MO * MI + ii, t // MO * R + rc * RT + r] = act(
+                                acc[ii, r] + bias[t // MO * R + rc * RT + r]
+                            )
+
+    return main

@@ -1,0 +1,82 @@
+"""What one block-sparse kernel computes, independent of how it is scheduled.
+
+Both kernels are the same GEMM ``Y[m, n] = Σ_k X̂[m, k] · W[n, k]`` with ``W`` in BSR over its
+matrix view ``[N, K]``: for a linear ``X̂`` is the input, for a conv it is the im2col of the
+input (``k = (ci, dy, dx)``, the order of ``weight.reshape(out, -1)``, so blocks of
+``(1, kh·kw)`` are whole kernels). A dense layer is the conv geometry of a 1×1 kernel on a
+1×1 image, which is how one template serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Conv2dGeometry", "KernelSpec"]
+
+
+@dataclass(frozen=True)
+class Conv2dGeometry:
+    """Input/kernel geometry of a conv2d (groups = 1). A linear layer is ``dense(m, k)``."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    is_dense: bool = False
+
+    @staticmethod
+    def dense(m: int, k: int) -> Conv2dGeometry:
+        return Conv2dGeometry(batch=m, in_channels=k, height=1, width=1, is_dense=True)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
+        oh = (self.height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (self.width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return oh, ow
+
+    @property
+    def m(self) -> int:
+        """GEMM rows: one per output pixel."""
+        oh, ow = self.out_hw
+        return self.batch * oh * ow
+
+    @property
+    def k(self) -> int:
+        """GEMM reduction length: the weight's matrix-view width."""
+        return self.in_channels * self.kernel[0] * self.kernel[1]
+
+    @property
+    def is_pointwise(self) -> bool:
+        """1×1, stride 1, no padding: im2col is a relayout, not a gather."""
+        return self.kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        if self.is_dense:
+            return (self.batch, self.in_channels)
+        return (self.batch, self.in_channels, self.height, self.width)
+
+    def output_shape(self, n: int) -> tuple[int, ...]:
+        if self.is_dense:
+            return (self.batch, n)
+        return (self.batch, n, *self.out_hw)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel instance: geometry, output features, BSR block, stored blocks, epilogue."""
+
+    geometry: Conv2dGeometry
+    n: int
+    block: tuple[int, int]
+    nnzb: int
+    relu: bool = False
+
+    @property
+    def num_block_rows(self) -> int:
+        return self.n // self.block[0]

@@ -1,0 +1,80 @@
+"""CPU (llvm) schedules: which template and which tile sizes, from the block and the host.
+
+The register budget drives everything: x86 has 16 vector registers (AVX2 and AVX-512 alike
+for what LLVM allocates here), so a task keeps at most ~12 accumulator vectors live and leaves
+the rest for the W vector and the X broadcasts. Two templates cover the block shapes:
+
+* ``rows`` (``kernels.bsr_dense.row_lanes_func``): lanes along the block's r output rows, for
+  linear layers whose blocks have two vectors of rows (r ≥ 2·lanes; measured: at r = lanes
+  the ``tokens`` template was ~20% faster on AVX2) — W blocks are
+  vector loads, X rows are broadcasts, the output is written row-major directly.
+* ``tokens`` (``kernels.bsr_conv2d.token_lanes_func``): lanes along X's rows (tokens, pixels),
+  for narrower blocks and for every conv (whose NCHW output is token-contiguous).
+
+Batch 1 (or any M below one vector) always uses ``rows``: vectorising along M would waste
+nearly all lanes on zero padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import tvm
+
+from ..compat import vector_lanes
+from ..kernels.bsr_conv2d import token_lanes_func
+from ..kernels.bsr_dense import row_lanes_func
+from ..kernels.spec import KernelSpec
+
+__all__ = ["CpuSchedule", "choose_cpu_schedule", "cpu_kernel"]
+
+log = logging.getLogger(__name__)
+
+#: Accumulator vectors a task may keep live (of 16 architectural vector registers).
+_ACC_BUDGET = 12
+
+
+@dataclass(frozen=True)
+class CpuSchedule:
+    """One point of the CPU schedule space; ``tile`` is rows of X per task, ``row_chunk`` lanes."""
+
+    template: Literal["rows", "tokens"]
+    tile: int
+    row_chunk: int
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def choose_cpu_schedule(spec: KernelSpec, lanes: int) -> CpuSchedule:
+    """Template and tiles for ``spec`` on a CPU with ``lanes`` fp32 lanes per vector."""
+    r, _ = spec.block
+    m = spec.geometry.m
+    if spec.geometry.is_dense and (r >= 2 * lanes or m < lanes):
+        # Chunks of at most two vectors keep rows × chunk within the accumulator budget.
+        chunk = _largest_divisor(r, 2 * lanes)
+        vectors = max(1, chunk // lanes)
+        tile = max(1, min(_ACC_BUDGET // vectors, m, 8))
+        return CpuSchedule("rows", tile=tile, row_chunk=chunk)
+    chunk = _largest_divisor(r, 4)
+    # Wide token tiles amortise the W broadcasts; keep chunk × tile/lanes within budget, and
+    # a power of two so the usual M (128, 28·28·…) needs no padding.
+    tile_vectors = max(v for v in (1, 2, 4, 8) if v * chunk <= _ACC_BUDGET)
+    tile = lanes * tile_vectors
+    tile = min(tile, lanes * -(-m // lanes))  # never pad a small M beyond its last vector
+    return CpuSchedule("tokens", tile=tile, row_chunk=chunk)
+
+
+def cpu_kernel(
+    spec: KernelSpec, target: tvm.target.Target, schedule: CpuSchedule | None = None
+) -> tvm.tirx.PrimFunc:
+    """The scheduled TensorIR for ``spec`` on the CPU ``target`` (``schedule`` overrides the choice)."""
+    if schedule is None:
+        schedule = choose_cpu_schedule(spec, vector_lanes(target))
+    log.debug("cpu schedule for %s: %s", spec, schedule)
+    if schedule.template == "rows":
+        return row_lanes_func(spec, schedule.tile, schedule.row_chunk)
+    return token_lanes_func(spec, schedule.tile, schedule.row_chunk)

@@ -1,0 +1,179 @@
+"""Plan (which nodes lower), compile_graph end to end, caching, and typed errors before compile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tilefx.lowering import build as build_mod
+from tilefx.lowering import compat
+from tilefx.lowering.build import KernelCache, compile_graph
+from tilefx.lowering.plan import plan_graph
+from tilefx.passes.infra.errors import LoweringError
+from tilefx.passes.metadata import BlockSparsity, Metadata, apply_masks, set_metadata
+from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.dense_conv = torch.nn.Conv2d(16, 16, 1)  # no metadata: stays torch
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dense_conv(torch.relu(self.conv(x))).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(y)))
+
+
+BLOCKS = {"conv.weight": (4, 9), "fc1.weight": (8, 1), "fc2.weight": (1, 4)}
+
+
+def _pruned(
+    batch: int = 2, blocks: dict[str, tuple[int, int]] = BLOCKS
+) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 8, 6, 6)
+    gm = torch.export.export(Net().eval(), (x,)).module()
+    metadata = Metadata()
+    for name, (r, c) in blocks.items():
+        w = gm.get_parameter(name)
+        mask = torch.rand(w.shape[0] // r, w[0].numel() // c) < 0.5
+        metadata = metadata.with_annotation(name, BlockSparsity((r, c), mask))
+    set_metadata(gm, metadata)
+    apply_masks(gm, gm)
+    return gm, x
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):  # type: ignore[no-untyped-def]
+    gm, x = _pruned()
+    cache_dir = tmp_path_factory.mktemp("kernels")
+    return gm, x, compile_graph(gm, "llvm", cache_dir=cache_dir), cache_dir
+
+
+def test_plan_picks_the_annotated_layers_and_fuses_relu() -> None:
+    gm, _ = _pruned()
+    plan = plan_graph(gm)
+    assert [(layer.op, layer.weight) for layer in plan.layers] == [
+        ("conv2d", "conv.weight"),
+        ("linear", "fc1.weight"),
+        ("linear", "fc2.weight"),
+    ]
+    conv, fc1, fc2 = plan.layers
+    assert conv.kernel == (3, 3) and conv.padding == (1, 1) and conv.input_shape == (2, 8, 6, 6)
+    assert conv.fused_relu is not None and fc1.fused_relu is not None and fc2.fused_relu is None
+    assert fc2.bias is None
+
+
+def test_compiled_graph_matches_the_pruned_model(compiled) -> None:  # type: ignore[no-untyped-def]
+    gm, x, out, _ = compiled
+    torch.testing.assert_close(out(x), gm(x), rtol=1e-4, atol=1e-4)
+    kinds = [type(m) for m in out.children()]
+    assert kinds.count(BsrLinear) == 2 and kinds.count(BsrConv2d) == 1
+    assert "aten.relu" not in out.code  # both relus were absorbed by kernel epilogues
+    assert "dense_conv" in out.code  # the layer without metadata is still torch
+
+
+def test_input_graph_module_is_not_modified(compiled) -> None:  # type: ignore[no-untyped-def]
+    gm, _, _, _ = compiled
+    assert "aten.linear" in gm.code and "aten.conv2d" in gm.code
+    assert not any(isinstance(m, (BsrLinear, BsrConv2d)) for m in gm.modules())
+
+
+def test_runtime_modules_run_other_batch_sizes(compiled) -> None:  # type: ignore[no-untyped-def]
+    gm, _, out, _ = compiled
+    layer = next(m for m in out.children() if isinstance(m, BsrLinear))
+    for batch in (1, 128):
+        x = torch.randn(batch, layer.in_features)
+        w = gm.get_parameter("fc1.weight")
+        torch.testing.assert_close(layer(x), torch.relu(torch.nn.functional.linear(x, w, gm.fc1.bias)))
+    conv = next(m for m in out.children() if isinstance(m, BsrConv2d))
+    x = torch.randn(1, 8, 5, 7)
+    expected = torch.relu(torch.nn.functional.conv2d(x, gm.conv.weight, gm.conv.bias, padding=1))
+    torch.testing.assert_close(conv(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_runtime_rejects_a_mismatched_input(compiled) -> None:  # type: ignore[no-untyped-def]
+    _, _, out, _ = compiled
+    layer = next(m for m in out.children() if isinstance(m, BsrLinear))
+    with pytest.raises(LoweringError, match="does not match"):
+        layer(torch.randn(4, layer.in_features + 1))
+    with pytest.raises(LoweringError, match="float32"):
+        layer(torch.randn(4, layer.in_features, dtype=torch.float64))
+
+
+def test_disk_cache_is_reused(compiled, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    gm, x, _, cache_dir = compiled
+    assert len(list(cache_dir.glob("bsr_*.so"))) >= 3  # plus kernels other tests asked for
+    monkeypatch.setattr(KernelCache, "_memory", {})
+    monkeypatch.setattr(compat, "build", _no_compile)
+    again = compile_graph(gm, "llvm", cache_dir=cache_dir)  # must load every kernel from disk
+    torch.testing.assert_close(again(x), gm(x), rtol=1e-4, atol=1e-4)
+
+
+def _no_compile(*args: object, **kwargs: object) -> None:
+    raise AssertionError("compiled although the kernel should have come from a cache")
+
+
+@pytest.fixture
+def forbid_compile(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(KernelCache, "_memory", {})
+    monkeypatch.setattr(build_mod.compat, "build", _no_compile)
+
+
+def test_unknown_target_is_rejected_before_compiling(forbid_compile) -> None:  # type: ignore[no-untyped-def]
+    gm, _ = _pruned()
+    with pytest.raises(LoweringError, match="unknown target 'tpu'"):
+        compile_graph(gm, "tpu")
+
+
+def test_block_not_dividing_is_rejected_before_compiling(forbid_compile) -> None:  # type: ignore[no-untyped-def]
+    gm, _ = _pruned()
+    metadata = Metadata().with_annotation(
+        "fc1.weight", BlockSparsity((5, 1), torch.ones(6, 16, dtype=torch.bool))
+    )
+    set_metadata(gm, metadata)
+    with pytest.raises(LoweringError, match=r"node 'linear'.*block \(5, 1\) does not tile"):
+        compile_graph(gm)
+
+
+def test_non_float32_is_rejected_before_compiling(forbid_compile) -> None:  # type: ignore[no-untyped-def]
+    gm, _ = _pruned()
+    gm.fc1.weight.data = gm.fc1.weight.data.double()
+    with pytest.raises(LoweringError, match=r"fc1.weight.*float32"):
+        compile_graph(gm)
+
+
+def test_mismatched_input_shape_is_rejected_before_compiling(forbid_compile) -> None:  # type: ignore[no-untyped-def]
+    gm, _ = _pruned()
+    node = next(n for n in gm.graph.nodes if n.name == "linear")
+    source = node.args[0]
+    source.meta["val"] = torch.empty(2, 17)
+    with pytest.raises(LoweringError, match="input has 17 features, the weight expects 16"):
+        compile_graph(gm)
+
+
+def test_weight_disagreeing_with_its_mask_is_rejected(forbid_compile) -> None:  # type: ignore[no-untyped-def]
+    gm, _ = _pruned()
+    with torch.no_grad():
+        gm.fc1.weight.fill_(1.0)  # nonzeros in dropped blocks
+    with pytest.raises(LoweringError, match="node 'linear'.*apply the masks"):
+        compile_graph(gm)
+
+
+def test_plan_does_not_import_tvm() -> None:
+    code = "import sys, tilefx.lowering.plan; assert 'tvm' not in sys.modules, 'plan imported tvm'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runtime_accepts_unaligned_views(compiled) -> None:  # type: ignore[no-untyped-def]
+    gm, _, out, _ = compiled
+    layer = next(m for m in out.children() if isinstance(m, BsrLinear))
+    x = torch.randn(1 + 8 * layer.in_features)[1:].view(8, -1)  # 4 bytes in: TVM rejects such pointers
+    expected = torch.relu(torch.nn.functional.linear(x, gm.fc1.weight, gm.fc1.bias))
+    torch.testing.assert_close(layer(x), expected)

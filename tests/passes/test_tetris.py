@@ -1,0 +1,190 @@
+"""TETRIS EM: monotone objective, bijective orders, shared variables, exact counts, typed errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tilefx.passes.analysis.block_selection import block_sums, lowest_blocks
+from tilefx.passes.analysis.tetris import (
+    BEST,
+    FAITHFUL,
+    Concat,
+    Operand,
+    TetrisOptions,
+    tetris,
+    tetris_weight,
+)
+from tilefx.passes.infra.errors import RecipeError, WeightError
+
+METHODS = [FAITHFUL, TetrisOptions(method="assignment"), BEST]
+
+
+def _structured(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Weights whose magnitude has row/column structure hidden by a random shuffle."""
+    g = torch.Generator().manual_seed(seed)
+    w = (
+        torch.randn(rows, cols, generator=g)
+        * torch.rand(rows, 1, generator=g)
+        * torch.rand(1, cols, generator=g)
+    )
+    return w[torch.randperm(rows, generator=g)][:, torch.randperm(cols, generator=g)]
+
+
+def _naive_kept(w: torch.Tensor, block: tuple[int, ...], sparsity: float) -> float:
+    a = w.abs().double().numpy()
+    sums = block_sums(a, block)
+    return 1.0 - float(sums[~lowest_blocks(sums, sparsity)].sum()) / float(a.sum())
+
+
+def _is_bijection(order: torch.Tensor, n: int) -> bool:
+    return sorted(order.tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("options", METHODS, ids=["faithful", "assignment", "best"])
+@pytest.mark.parametrize("block", [(8, 8), (16, 1), (1, 16)])
+def test_objective_never_increases_and_beats_naive(options: TetrisOptions, block: tuple[int, int]) -> None:
+    w = _structured(64, 96)
+    result = tetris_weight(w, block, 0.7, options)
+    history = np.asarray(result.history)
+    assert (np.diff(history) <= 1e-9 * history[0]).all(), history
+    assert result.kept_fraction >= _naive_kept(w, block, 0.7) - 1e-12
+    for axis, order in result.orders.items():
+        assert _is_bijection(order, w.shape[axis])
+
+
+@pytest.mark.parametrize("options", METHODS, ids=["faithful", "assignment", "best"])
+def test_masks_agree_and_hit_the_block_count(options: TetrisOptions) -> None:
+    w = _structured(64, 96, seed=1)
+    result = tetris_weight(w, (8, 8), 0.8, options)
+    rows, cols = result.orders[0], result.orders[1]
+    grid = result.block_keep[0]
+    assert grid.shape == (8, 12)
+    assert int((~grid).sum()) == int(0.8 * 96)  # floor(rate · #blocks), the authors' count
+    in_permuted = grid.repeat_interleave(8, 0).repeat_interleave(8, 1)
+    assert torch.equal(result.keep[0][rows][:, cols], in_permuted)
+    kept = float((w.abs().double() * result.keep[0]).sum() / w.abs().double().sum())
+    assert kept == pytest.approx(result.kept_fraction, rel=1e-9)
+
+
+def test_faithful_is_deterministic_and_seeded_extensions_repeat() -> None:
+    w = _structured(48, 48, seed=2)
+    for options in (FAITHFUL, BEST):
+        a, b = tetris_weight(w, (8, 8), 0.6, options), tetris_weight(w, (8, 8), 0.6, options)
+        assert all(torch.equal(a.orders[k], b.orders[k]) for k in a.orders)
+        assert torch.equal(a.keep[0], b.keep[0])
+
+
+def test_conv_blocks_span_the_kernel_and_kernel_axes_are_fixed() -> None:
+    w = torch.randn(32, 16, 3, 3)
+    result = tetris_weight(w, (8, 4), 0.5)
+    assert set(result.orders) == {0, 1}
+    assert result.block_keep[0].shape == (4, 4, 1, 1)
+    keep = result.keep[0]
+    assert bool((keep == keep[:, :, :1, :1]).all())  # whole kernels kept or dropped
+
+
+def test_shared_variable_gets_one_order_and_couples_both_operands() -> None:
+    w1, w2 = _structured(64, 32, seed=3), _structured(48, 64, seed=4)  # W2 consumes W1's outputs
+    ops = [Operand(w1, ("h", None), (8, 0)), Operand(w2, (None, "h"), (0, 8))]
+    result = tetris(ops, 0.5, TetrisOptions(method="assignment"))
+    assert set(result.orders) == {"h"} and _is_bijection(result.orders["h"], 64)
+    order = result.orders["h"]
+    assert torch.equal(result.keep[0][order], result.block_keep[0].repeat_interleave(8, 0).expand(64, 32))
+    assert torch.equal(result.keep[1][:, order], result.block_keep[1].repeat_interleave(8, 1).expand(48, 64))
+    history = np.asarray(result.history)
+    assert (np.diff(history) <= 1e-9 * history[0]).all()
+
+
+def test_variable_on_two_axes_of_one_operand_stays_monotone() -> None:
+    w = _structured(48, 48, seed=5)
+    result = tetris([Operand(w, ("v", "v"), (8, 8))], 0.6)
+    history = np.asarray(result.history)
+    assert (np.diff(history) <= 1e-9 * history[0]).all()
+    assert _is_bijection(result.orders["v"], 48)
+
+
+def test_per_operand_sparsity() -> None:
+    ops = [
+        Operand(torch.randn(32, 32), (0, 1), (8, 8), sparsity=0.25),
+        Operand(torch.randn(32, 32), (2, 3), (8, 8)),
+    ]
+    result = tetris(ops, 0.75)
+    assert [int((~g).sum()) for g in result.block_keep] == [4, 12]
+
+
+def test_padding_keeps_the_real_axis_a_bijection() -> None:
+    w = torch.randn(30, 20)
+    with pytest.raises(RecipeError, match="does not tile"):
+        tetris_weight(w, (8, 8), 0.5)
+    result = tetris_weight(w, (8, 8), 0.5, TetrisOptions(pad=True))
+    assert _is_bijection(result.orders[0], 30) and _is_bijection(result.orders[1], 20)
+    assert result.keep[0].shape == (30, 20)
+    assert result.block_keep[0].shape == (4, 3)
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
+def test_sparsity_out_of_range_is_rejected(sparsity: float) -> None:
+    with pytest.raises(RecipeError, match=r"\[0, 1\)"):
+        tetris_weight(torch.randn(16, 16), (4, 4), sparsity)
+
+
+def test_nan_weights_are_rejected() -> None:
+    w = torch.randn(16, 16)
+    w[3, 4] = float("nan")
+    with pytest.raises(WeightError, match="NaN"):
+        tetris_weight(w, (4, 4), 0.5)
+    assert issubclass(WeightError, ValueError)
+
+
+def test_mismatched_shared_variable_lengths_are_rejected() -> None:
+    ops = [Operand(torch.randn(16, 8), ("a", None), (4, 0)), Operand(torch.randn(8, 12), (None, "a"), (0, 4))]
+    with pytest.raises(RecipeError, match="length"):
+        tetris(ops, 0.5)
+
+
+def test_zero_sparsity_keeps_everything() -> None:
+    result = tetris_weight(torch.randn(16, 16), (4, 4), 0.0)
+    assert bool(result.keep[0].all()) and result.kept_fraction == 1.0
+
+
+@pytest.mark.parametrize("init", ["norm", "profile", "cluster", "grow", "auto", "multi"])
+def test_extension_inits_are_monotone_bijective_and_beat_naive(init: str) -> None:
+    w = _structured(64, 96, seed=6)
+    options = TetrisOptions(init=init, restarts=1)  # type: ignore[arg-type]
+    result = tetris_weight(w, (8, 8), 0.75, options)
+    history = np.asarray(result.history)
+    assert (np.diff(history) <= 1e-9 * history[0]).all()
+    assert result.kept_fraction >= _naive_kept(w, (8, 8), 0.75) - 1e-12
+    assert _is_bijection(result.orders[0], 64) and _is_bijection(result.orders[1], 96)
+
+
+def test_warm_start_must_be_a_bijection() -> None:
+    w = torch.randn(16, 16)
+    good = tetris_weight(w, (4, 4), 0.5)
+    again = tetris([Operand(w, (0, 1), (4, 4))], 0.5, FAITHFUL, good.orders)
+    assert again.kept_fraction >= good.kept_fraction - 1e-12
+    with pytest.raises(RecipeError, match="bijection"):
+        tetris([Operand(w, (0, 1), (4, 4))], 0.5, FAITHFUL, {0: torch.zeros(16, dtype=torch.long)})
+
+
+def test_concat_axis_is_permuted_block_diagonally() -> None:
+    a, b = _structured(32, 16, seed=7), _structured(48, 16, seed=8)  # two producers, cat along channels
+    consumer = _structured(24, 80, seed=9)  # reads cat([a_out, b_out]): 32 + 48 inputs
+    ops = [
+        Operand(a, ("a", None), (8, 0)),
+        Operand(b, ("b", None), (8, 0)),
+        Operand(consumer, (None, Concat((("a", 32), ("b", 48)))), (0, 8)),
+    ]
+    result = tetris(ops, 0.5, TetrisOptions(init="norm"))
+    oa, ob = result.orders["a"], result.orders["b"]
+    assert _is_bijection(oa, 32) and _is_bijection(ob, 48)
+    full = torch.cat([oa, 32 + ob])
+    expected = result.block_keep[2].repeat_interleave(8, 1).expand(24, 80)
+    assert torch.equal(result.keep[2][:, full], expected)
+    assert torch.equal(result.keep[0][oa], result.block_keep[0].repeat_interleave(8, 0).expand(32, 16))
+    history = np.asarray(result.history)
+    assert (np.diff(history) <= 1e-9 * history[0]).all()
+    with pytest.raises(RecipeError, match="add up"):
+        tetris([Operand(consumer, (None, Concat((("a", 32), ("b", 40)))), (0, 8))], 0.5)
