@@ -9,7 +9,8 @@ layer's stage (the model's own loss for the last stage). The steps (seeds.md §2
 1. P auxiliary heads at evenly spaced conv layers ("pivots"); stage p is the layers up to pivot p.
 2. Auxiliary fine-tune. ``aux="code"`` (released code, "2019.05"): every head and the network
    trained jointly once, head k's loss weighted by The Shallow End's
-   ``γ_k = max(0.01, (depth_k / depth_final)²)``. ``aux="paper"`` (Alg. 1): before stage p, the
+   ``γ_k = max(0.01, (depth_k / depth_final)²)`` (depth counted in graph nodes here; the code
+   counts residual blocks). ``aux="paper"`` (Alg. 1): before stage p, the
    network and head p trained with alternating steps on ``L_S^p`` and the final loss ``L_f``.
 3. For each layer of the stage, Alg. 2: start from no channel (weights 0); repeat: accumulate
    ``G = ∂L/∂W`` over the selection data, add the unselected unit with the largest
@@ -203,6 +204,7 @@ class _DCP:
             raise RecipeError("DCP: the calibration data yielded no batches")
         self.options = options
         self.masks: dict[str, torch.Tensor] = {}  # pruned so far: weight target → element mask
+        self.tuned_stage = -1  # paper variant: the stage whose fine-tune already ran
 
     def run(self, groups: Sequence[Any]) -> DCPResult:
         layers, rest = selectable_layers(self.work, groups)
@@ -210,6 +212,7 @@ class _DCP:
             names = ", ".join(str(g.id) for g in rest)
             raise RecipeError(f"DCP cannot select on channel groups {names} (not one conv/linear consumer)")
         self.pivots, self.heads = self._build_heads()
+        self.at_pivots = Tapped(self.work, self.pivots)  # shares the work model's parameters
         baseline = self._baseline_after_aux()
         result = DCPResult({}, {}, {}, {}, tuple(g.id for g in rest))
         for layer in layers:
@@ -242,7 +245,7 @@ class _DCP:
         return len(self.pivots)
 
     def _head_losses(self, inputs: tuple[Any, ...], labels: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        outputs, taps = Tapped(self.work, self.pivots)(inputs)
+        outputs, taps = self.at_pivots(inputs)
         final = self.data.loss_of(outputs if len(outputs) > 1 else outputs[0], labels)
         return final, [F.cross_entropy(head(t), labels) for head, t in zip(self.heads, taps, strict=True)]
 
@@ -274,9 +277,9 @@ class _DCP:
 
     def _stage_finetune(self, stage: int) -> None:
         """Paper (Alg. 1, Supp. Eq. S2/S3): alternate steps on L_S^p and L_f, masks kept."""
-        if self.options.aux_epochs == 0 or getattr(self, "_tuned_stage", -1) == stage:
+        if self.options.aux_epochs == 0 or self.tuned_stage == stage:
             return
-        self._tuned_stage = stage
+        self.tuned_stage = stage
         step = [0]
 
         def loss(inputs: tuple[Any, ...], labels: Any) -> torch.Tensor:
