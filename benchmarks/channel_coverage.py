@@ -273,6 +273,7 @@ def load(out: Path) -> list[dict[str, Any]]:
     for line in map(json.loads, lines):
         row = merged.setdefault(line["model"], {"tilefx": {}, "tp": {}})
         row.update({k: v for k, v in line.items() if k not in ("tool", "result", "seconds")})
+        row.setdefault("threads", 1 if "result" in line else "?")  # every sweep so far ran OMP_NUM_THREADS=1
         if "tool" in line:
             row[line["tool"]] = line.get("result", {})
     return list(merged.values())
@@ -292,7 +293,7 @@ def median(values: list[float]) -> str:
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{len(rows)} models; {machine()}", "",
+    lines = [f"{len(rows)} models; {machine().split(', torch ')[0]} (summary machine; threads used: see below)", "",
              "| ratio | tilefx pass | Torch-Pruning pass | both | median MACs red. tilefx / TP | median params red. tilefx / TP |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for ratio in RATIOS:
@@ -313,8 +314,16 @@ def summary(rows: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     paired = [(a, b) for a, b in graph_times if a is not None and b is not None]
+    analysis_only = [
+        r["tilefx"]["graph_seconds"] - r["tilefx"]["capture_seconds"]
+        for r in rows
+        if r["tilefx"].get("graph_seconds") is not None and "capture_seconds" in r["tilefx"]
+    ]
+    threads = sorted({r.get("threads", "?") for r in rows}, key=str)
     lines += ["", f"dependency graph build, median over {len(paired)} models: tilefx (capture + channel groups) "
-              f"{median([a for a, _ in paired])} s, Torch-Pruning {median([b for _, b in paired])} s"]  # fmt: skip
+              f"{median([a for a, _ in paired])} s, of which the channel-groups analysis alone "
+              f"{median(analysis_only)} s; Torch-Pruning {median([b for _, b in paired])} s. "
+              f"Torch threads during the measurements: {threads}"]  # fmt: skip
     lines += ["", "| model | tilefx 30% | tilefx 50% | TP 30% | TP 50% | MACs red. 50% tilefx / TP | graph s tilefx / TP |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
