@@ -25,6 +25,7 @@ import torch
 import torch.fx
 import tvm
 
+from ..passes.graph_utils import unique_attr_name
 from ..passes.infra.errors import LoweringError
 from ..runtime.packing import BsrWeight, pack_bsr, pattern_hash
 from ..runtime.sparse_modules import BsrConv2d, BsrLinear, Kernel
@@ -198,7 +199,7 @@ def _runtime_module(
 def _swap_node(out: torch.fx.GraphModule, layer: SparseLayer, module: torch.nn.Module) -> None:
     nodes = {node.name: node for node in out.graph.nodes}
     node = nodes[layer.node]
-    name = _free_name(out, f"bsr_{layer.node}")
+    name = unique_attr_name(out, f"bsr_{layer.node}")
     out.add_submodule(name, module)
     with out.graph.inserting_before(node):
         call = out.graph.call_module(name, (node.args[0],))
@@ -209,11 +210,3 @@ def _swap_node(out: torch.fx.GraphModule, layer: SparseLayer, module: torch.nn.M
     for dead in dict.fromkeys((replaced, node, *node.args[1:])):
         if isinstance(dead, torch.fx.Node) and dead.op in ("call_function", "get_attr") and not dead.users:
             out.graph.erase_node(dead)
-
-
-def _free_name(gm: torch.fx.GraphModule, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name

@@ -8,6 +8,7 @@ each channel's H·W block). The model computes exactly what it did before.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,6 +26,8 @@ from .metadata import BlockSparsity, ElementMask, NMSparsity, Permutation, get_m
 
 __all__ = ["OrderPlanner", "ReorderDimsPass", "group_key", "permutable_groups"]
 
+log = logging.getLogger(__name__)
+
 # (graph module, its channel groups, the permutable ones) -> {group id: order of units}
 OrderPlanner = Callable[
     [torch.fx.GraphModule, ChannelGroups, Sequence[ChannelGroup]], Mapping[int, np.ndarray]
@@ -40,6 +43,10 @@ class ReorderDimsPass(PassBase):
     may not be reordered (model inputs/outputs, selected or gathered channels) are left alone; an
     explicit order for one of them is an error naming the reason.
     Records a :class:`Permutation` per parameter dim. Exact.
+
+    Deviation from TETRIS as published (runtime gathers): orders are only ever chosen for groups
+    that can be folded, so no gather is needed; groups that cannot be folded keep their order
+    and are reported (logged at INFO with the reason).
     """
 
     orders: Mapping[str, Sequence[int]] = field(default_factory=dict, compare=False, hash=False)
@@ -51,6 +58,9 @@ class ReorderDimsPass(PassBase):
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         groups = am.get(ChannelGroupsAnalysis(self.skip))
         movable = permutable_groups(groups)
+        fixed = [g for g in groups.groups if g.units > 1 and g.slices and g not in movable]
+        for group in fixed:
+            log.info("ReorderDimsPass: %s keeps its order: %s", group_key(group), _why_fixed(groups, group))
         chosen = dict(self.planner(gm, groups, movable)) if self.planner is not None else {}
         chosen.update(self._explicit(groups, movable))
         chosen = {gid: np.asarray(o) for gid, o in chosen.items() if not np.array_equal(o, np.arange(len(o)))}

@@ -9,6 +9,7 @@ from typing import Any
 
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.analysis.importance import ChannelImportance
+from tilefx.passes.analysis.tetris import BEST, FAITHFUL, FAST
 from tilefx.passes.analysis.tetris_planner import TetrisPlanner
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
@@ -77,5 +78,8 @@ def _block_passes(options: BlockPruning, skip: tuple[str, ...]) -> list[PassBase
     """TETRIS picks group orders for the block pruning to come; they are folded, then blocks pruned."""
     passes: list[PassBase] = []
     if options.reorder == "tetris":
-        passes.append(ReorderDimsPass(planner=TetrisPlanner(options.block, options.sparsity), skip=skip))
+        preset = {"faithful": FAITHFUL, "fast": FAST, "best": BEST}[options.tetris]
+        passes.append(
+            ReorderDimsPass(planner=TetrisPlanner(options.block, options.sparsity, preset), skip=skip)
+        )
     return [*passes, PruneBlocksPass(block=options.block, sparsity=options.sparsity)]
