@@ -293,6 +293,8 @@ def median(values: list[float]) -> str:
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
+    """Pass counts over the models each tool was run on; reductions over models both passed."""
+    ran = {tool: [r for r in rows if r[tool]] for tool in ("tilefx", "tp")}
     lines = [f"{len(rows)} models; {machine().split(', torch ')[0]} (summary machine; threads used: see below)", "",
              "| ratio | tilefx pass | Torch-Pruning pass | both | median MACs red. tilefx / TP | median params red. tilefx / TP |",
              "|---|---|---|---|---|---|"]  # fmt: skip
@@ -300,8 +302,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
         both = [r for r in rows if ok(r["tilefx"], ratio) and ok(r["tp"], ratio)]
         noop = sum(ok(r["tp"], ratio) and reduction(r, "tp", ratio, "macs") < 0.01 for r in rows)
         lines.append(
-            f"| {ratio:.0%} | {sum(ok(r['tilefx'], ratio) for r in rows)}/{len(rows)} "
-            f"| {sum(ok(r['tp'], ratio) for r in rows)}/{len(rows)} ({noop} removed < 1% MACs) | {len(both)} "
+            f"| {ratio:.0%} | {sum(ok(r['tilefx'], ratio) for r in rows)}/{len(ran['tilefx'])} "
+            f"| {sum(ok(r['tp'], ratio) for r in rows)}/{len(ran['tp'])} ({noop} removed < 1% MACs) | {len(both)} "
             f"| {median([reduction(r, 'tilefx', ratio, 'macs') for r in both])} / {median([reduction(r, 'tp', ratio, 'macs') for r in both])} "
             f"| {median([reduction(r, 'tilefx', ratio, 'params') for r in both])} / {median([reduction(r, 'tp', ratio, 'params') for r in both])} |"
         )
