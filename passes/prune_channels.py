@@ -31,6 +31,7 @@ class PruneChannelsPass(PassBase):
     parameters, and shrinks size arguments (views, splits, conv ``groups``). A group never loses
     all its units. ``scope="global"`` ranks units of all groups together (scores normalised by
     each group's mean). ``round_to`` keeps each group's unit count a multiple of it.
+    ``attention="heads"`` removes whole attention heads instead of the same head dims in every head.
     ``scores`` may supply precomputed per-group scores (group id → tensor of ``units``), which is
     how data-driven criteria (Taylor, DCP) plug in; otherwise ``criterion`` "l1"/"l2" is used.
 
@@ -44,6 +45,7 @@ class PruneChannelsPass(PassBase):
     protect: tuple[str, ...] = ()
     round_to: int = 1
     skip: tuple[str, ...] = ()
+    attention: Literal["head_dims", "heads"] = "head_dims"
     scores: Any = field(default=None, compare=False, hash=False)
 
     numerics: ClassVar[Numerics] = "masked"
@@ -53,7 +55,7 @@ class PruneChannelsPass(PassBase):
             raise RecipeError(f"PruneChannelsPass.ratio must be in [0, 1), got {self.ratio!r}")
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
-        groups = am.get(ChannelGroupsAnalysis(self.skip, self.protect))
+        groups = am.get(ChannelGroupsAnalysis(self.skip, self.protect, self.attention))
         scores = self.scores if self.scores is not None else magnitude_scores(gm, groups, self.criterion)
         removed = _select(groups, scores, self.ratio, self.scope, self.round_to)
         if removed.size == 0:
@@ -69,7 +71,7 @@ class PruneChannelsPass(PassBase):
         self, before: torch.fx.GraphModule, after: torch.fx.GraphModule, example_inputs: Sequence[Any]
     ) -> torch.fx.GraphModule:
         """``before`` with every removed channel zeroed after each node that carries it."""
-        analysis = ChannelGroupsAnalysis(self.skip, self.protect).run(
+        analysis = ChannelGroupsAnalysis(self.skip, self.protect, self.attention).run(
             before, AnalysisManager(before, example_inputs)
         )
         removed = _removed_roots(analysis.trace, get_metadata(before), get_metadata(after))

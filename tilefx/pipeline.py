@@ -51,6 +51,7 @@ def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: A
         protect=options.protect,
         round_to=options.round_to,
         skip=skip,
+        attention=options.attention,
     )
 
 
