@@ -158,13 +158,16 @@ def _apply(
     for use in trace.uses:
         masks.setdefault((use.target, use.dim), kept(use.ids))
     records = []
+    metadata = get_metadata(gm)
     for (target, dim), mask in masks.items():
         if mask.all():
             continue
         index = np.nonzero(mask)[0]
         tensor = attr_tensor(gm, target)
         set_attr_tensor(gm, target, tensor.detach().index_select(dim, torch.from_numpy(index)).clone())
+        metadata = metadata.reindexed(target, dim, torch.from_numpy(index), tensor.shape)  # earlier sparsity
         records.append((target, ChannelSelection(dim, tuple(index.tolist()), len(mask))))
+    set_metadata(gm, metadata)
     for hook in trace.hooks:
         hook(kept)
     gm.recompile()
