@@ -153,6 +153,19 @@ class Metadata:
         kept = tuple(a for a in self.params.get(name, ()) if not _replaces(annotation, a))
         return replace(self, params={**self.params, name: (*kept, annotation)})
 
+    def reindexed(self, name: str, dim: int, index: torch.Tensor, shape: torch.Size) -> Metadata:
+        """A copy where ``name``'s sparsity record follows ``weight.index_select(dim, index)``.
+
+        Used when a pass permutes or slices a weight (``shape`` is the weight's shape before).
+        A reindexed block pattern is in general no longer blocks, so it becomes an ElementMask.
+        """
+        updated = self
+        for record in self.params.get(name, ()):
+            if isinstance(record, (ElementMask, NMSparsity, BlockSparsity)):
+                mask = record.element_mask(shape).index_select(dim, index)
+                updated = updated.with_annotation(name, ElementMask(mask))
+        return updated
+
     def renamed(self, mapping: Mapping[str, str]) -> Metadata:
         return replace(self, params={mapping.get(k, k): v for k, v in self.params.items()})
 

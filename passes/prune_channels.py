@@ -31,6 +31,7 @@ class PruneChannelsPass(PassBase):
     parameters, and shrinks size arguments (views, splits, conv ``groups``). A group never loses
     all its units. ``scope="global"`` ranks units of all groups together (scores normalised by
     each group's mean). ``round_to`` keeps each group's unit count a multiple of it.
+    ``attention="heads"`` removes whole attention heads instead of the same head dims in every head.
     ``scores`` may supply precomputed per-group scores (group id → tensor of ``units``) or an
     analysis returning them (``ChannelImportance``: BN scale, Taylor, DCP), asked of this pass's
     analysis manager on the graph it receives; otherwise ``criterion`` "l1"/"l2" is used.
@@ -45,6 +46,7 @@ class PruneChannelsPass(PassBase):
     protect: tuple[str, ...] = ()
     round_to: int = 1
     skip: tuple[str, ...] = ()
+    attention: Literal["head_dims", "heads"] = "head_dims"
     scores: Any = field(default=None, compare=False, hash=False)
 
     numerics: ClassVar[Numerics] = "masked"
@@ -54,7 +56,7 @@ class PruneChannelsPass(PassBase):
             raise RecipeError(f"PruneChannelsPass.ratio must be in [0, 1), got {self.ratio!r}")
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
-        groups = am.get(ChannelGroupsAnalysis(self.skip, self.protect))
+        groups = am.get(ChannelGroupsAnalysis(self.skip, self.protect, self.attention))
         scores = self._scores(gm, am, groups)
         removed = _select(groups, scores, self.ratio, self.scope, self.round_to)
         if removed.size == 0:
@@ -66,7 +68,9 @@ class PruneChannelsPass(PassBase):
         set_metadata(gm, metadata)
         return PassResult(gm, modified=True)
 
-    def _scores(self, gm: torch.fx.GraphModule, am: AnalysisManager, groups: ChannelGroups) -> dict[int, torch.Tensor]:
+    def _scores(
+        self, gm: torch.fx.GraphModule, am: AnalysisManager, groups: ChannelGroups
+    ) -> dict[int, torch.Tensor]:
         if self.scores is None:
             return magnitude_scores(gm, groups, self.criterion)
         if isinstance(self.scores, Analysis):
@@ -77,7 +81,7 @@ class PruneChannelsPass(PassBase):
         self, before: torch.fx.GraphModule, after: torch.fx.GraphModule, example_inputs: Sequence[Any]
     ) -> torch.fx.GraphModule:
         """``before`` with every removed channel zeroed after each node that carries it."""
-        analysis = ChannelGroupsAnalysis(self.skip, self.protect).run(
+        analysis = ChannelGroupsAnalysis(self.skip, self.protect, self.attention).run(
             before, AnalysisManager(before, example_inputs)
         )
         removed = _removed_roots(analysis.trace, get_metadata(before), get_metadata(after))
@@ -164,13 +168,16 @@ def _apply(
     for use in trace.uses:
         masks.setdefault((use.target, use.dim), kept(use.ids))
     records = []
+    metadata = get_metadata(gm)
     for (target, dim), mask in masks.items():
         if mask.all():
             continue
         index = np.nonzero(mask)[0]
         tensor = attr_tensor(gm, target)
         set_attr_tensor(gm, target, tensor.detach().index_select(dim, torch.from_numpy(index)).clone())
+        metadata = metadata.reindexed(target, dim, torch.from_numpy(index), tensor.shape)  # earlier sparsity
         records.append((target, ChannelSelection(dim, tuple(index.tolist()), len(mask))))
+    set_metadata(gm, metadata)
     for hook in trace.hooks:
         hook(kept)
     gm.recompile()

@@ -22,7 +22,7 @@ from .graph_utils import attr_tensor, set_attr_tensor
 from .infra.analysis_manager import AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
-from .metadata import BlockSparsity, ElementMask, NMSparsity, Permutation, get_metadata, set_metadata
+from .metadata import Permutation, get_metadata, set_metadata
 
 __all__ = ["OrderPlanner", "ReorderDimsPass", "group_key", "permutable_groups"]
 
@@ -139,11 +139,7 @@ def fold(gm: torch.fx.GraphModule, groups: ChannelGroups, orders: Mapping[int, n
         tensor = attr_tensor(gm, target)
         picked = torch.from_numpy(order)
         set_attr_tensor(gm, target, tensor.detach().index_select(dim, picked).clone())
-        for record in metadata.params.get(target, ()):
-            if isinstance(record, (ElementMask, NMSparsity, BlockSparsity)):
-                # a permuted block pattern is no longer blocks: keep it as an element mask
-                mask = record.element_mask(tensor.shape).index_select(dim, picked)
-                metadata = metadata.with_annotation(target, ElementMask(mask))
+        metadata = metadata.reindexed(target, dim, picked, tensor.shape)
         metadata = metadata.with_annotation(target, Permutation(dim, tuple(order.tolist())))
     set_metadata(gm, metadata)
 

@@ -58,7 +58,7 @@ def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: A
         if options.criterion in ("taylor", "dcp"):
             data = as_calibration(calibration, f'ChannelPruning(criterion="{options.criterion}")')
         scores = ChannelImportance(
-            ChannelGroupsAnalysis(skip, options.protect),
+            ChannelGroupsAnalysis(skip, options.protect, options.attention),  # the pass's groups
             options.criterion,
             calibration=data,
             options=DCPOptions(rate=options.ratio) if options.criterion == "dcp" else None,
@@ -70,6 +70,7 @@ def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: A
         protect=options.protect,
         round_to=options.round_to,
         skip=skip,
+        attention=options.attention,
         scores=scores,
     )
 

@@ -61,6 +61,8 @@ class ChannelPruning:
     ratio: fraction of channels removed in each prunable group (or globally with ``scope="global"``).
     protect: node or parameter-name prefixes never pruned (e.g. the stem or the classifier).
     round_to: keep channel counts multiples of this (kernels like 8 or 16).
+    attention: in multi-head attention, remove the same head dims from every head ("head_dims")
+    or whole heads ("heads").
     """
 
     ratio: float = 0.3
@@ -68,9 +70,11 @@ class ChannelPruning:
     scope: Literal["layer", "global"] = "layer"
     protect: tuple[str, ...] = ()
     round_to: int = 1
+    attention: Literal["head_dims", "heads"] = "head_dims"
 
     def __post_init__(self) -> None:
         _fraction("ChannelPruning", "ratio", self.ratio)
+        _choice("ChannelPruning", "attention", self.attention, ("head_dims", "heads"))
         _choice("ChannelPruning", "criterion", self.criterion, ("l1", "l2", "bn_scale", "taylor", "dcp"))
         _choice("ChannelPruning", "scope", self.scope, ("layer", "global"))
         if not isinstance(self.round_to, int) or self.round_to < 1:

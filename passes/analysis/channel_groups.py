@@ -167,9 +167,12 @@ KeptCounter = Callable[[np.ndarray], np.ndarray]  # ids -> bool mask of kept pos
 class Context:
     """What handlers see while the analysis walks the graph (see ``passes/handlers``)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(
+        self, gm: torch.fx.GraphModule, shapes: dict[str, tuple[int, ...]], attention: str = "head_dims"
+    ) -> None:
         self.gm = gm
         self.shapes = shapes
+        self.attention = attention  # "head_dims" or "heads": the unit of a split feeding attention
         self.uf = UnionFind()
         self.values: dict[str, Any] = {}
         self.uses: list[Use] = []
@@ -263,16 +266,19 @@ class Context:
         view[found.dim] = -1
         return torch.from_numpy(found.ids).reshape(view).expand(shape).contiguous()
 
-    def derive(self, labels: torch.Tensor, keep_dim: int | None = None) -> Channels | None:
+    def derive(
+        self, labels: torch.Tensor, keep_dim: int | None = None, outer: bool = False
+    ) -> Channels | None:
         """Read Channels back from a label tensor.
 
         When a view split one channel dim over several (heads × head_dim, groups × width), ids
-        are unioned across all but one of them — ``keep_dim``, by default the largest — so that
-        the kept channel set always stays a rectangular grid.
+        are unioned across all but one of them — ``keep_dim``, else the outermost (``outer``), else
+        the largest — so that the kept channel set always stays a rectangular grid.
         """
         varying = _varying_dims(labels)
         if len(varying) > 1:
-            keep_dim = keep_dim if keep_dim in varying else max(varying, key=lambda d: (labels.shape[d], d))
+            if keep_dim not in varying:
+                keep_dim = varying[0] if outer else max(varying, key=lambda d: (labels.shape[d], d))
             rows = labels.movedim(keep_dim, 0).reshape(labels.shape[keep_dim], -1)
             valid = rows >= 0
             if not bool(valid.all()):
@@ -334,15 +340,17 @@ class ChannelTrace:
 @dataclass(frozen=True)
 class ChannelGroupsAnalysis(Analysis[ChannelGroups]):
     """Coupled channel groups of a graph. ``skip``: op or node names whose channels are frozen
-    instead of raising UnsupportedOpError; ``protect``: parameter-name prefixes never pruned."""
+    instead of raising UnsupportedOpError; ``protect``: parameter-name prefixes never pruned;
+    ``attention``: a unit is one head dim in every head ("head_dims") or a whole head ("heads")."""
 
     skip: tuple[str, ...] = ()
     protect: tuple[str, ...] = ()
+    attention: Literal["head_dims", "heads"] = "head_dims"
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> ChannelGroups:
         from .. import handlers  # registers every handler family
 
-        ctx = Context(gm, am.get(Shapes()))
+        ctx = Context(gm, am.get(Shapes()), self.attention)
         for node in gm.graph.nodes:
             ctx.node = node
             ctx.values[node.name] = self._visit(node, ctx, handlers.HANDLERS)

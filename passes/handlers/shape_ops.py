@@ -53,10 +53,29 @@ def relabel(node: Any, ctx: Context) -> Any:
     op_dim = _op_dim(node, rank)
     if op_dim == value.dim and not _channel_dim_op_ok(node, ctx, value):
         return None
-    out = ctx.derive(_run(node, ctx, ctx.labels(node.args[0])))
+    heads = ctx.attention == "heads" and node.target in _SPLITTING_VIEWS and _feeds_attention(node)
+    out = ctx.derive(_run(node, ctx, ctx.labels(node.args[0])), outer=heads)
     if out is not None:
         _record_sizes(node, ctx, out)
     return out
+
+
+_SPLITTING_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int)
+_LAYOUT_ONLY = (
+    aten.permute.default, aten.transpose.int, aten.swapaxes.default, aten.contiguous.default, aten.clone.default,
+    aten.expand.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+)  # fmt: skip
+_ATTENTION = (aten.scaled_dot_product_attention.default, aten.matmul.default, aten.bmm.default)
+
+
+def _feeds_attention(node: Any, depth: int = 4) -> bool:
+    """Whether ``node`` reaches an attention product through layout-only ops."""
+    for user in node.users:
+        if user.target in _ATTENTION:
+            return True
+        if depth and user.target in _LAYOUT_ONLY and _feeds_attention(user, depth - 1):
+            return True
+    return False
 
 
 def _op_dim(node: Any, rank: int) -> int | None:

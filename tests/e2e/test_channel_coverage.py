@@ -81,3 +81,12 @@ def test_transformers_prune_mlp_and_head_dims(build: object, ratio: float) -> No
     with torch.no_grad():
         assert pruned(*inputs)["last_hidden_state"].shape == model(*inputs).last_hidden_state.shape
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("build", [_bert, _gpt2, _vit], ids=["bert", "gpt2", "vit"])
+def test_transformers_prune_whole_heads(build: object) -> None:
+    model, inputs = build()  # type: ignore[operator]
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, attention="heads"))
+    pruned = tilefx.optimize(model, inputs, recipe=recipe)
+    with torch.no_grad():
+        assert pruned(*inputs)["last_hidden_state"].shape == model(*inputs).last_hidden_state.shape

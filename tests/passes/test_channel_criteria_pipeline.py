@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import tilefx
 from tests.models import Informative, informative_data, randomize_bn
+from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.metadata import ChannelSelection, get_metadata
@@ -70,3 +71,12 @@ def test_dcp_scores_decide_which_channels_the_pass_keeps() -> None:
     )
     (selection,) = get_metadata(pruned).of("conv1.weight", ChannelSelection)
     assert selection.dim == 0 and selection.kept == (0, 1, 2, 3)
+
+
+def test_scores_are_computed_on_the_same_groups_the_pass_prunes() -> None:
+    recipe = tilefx.Recipe(
+        channels=tilefx.ChannelPruning(criterion="taylor", protect=("fc",), attention="heads"),
+        skip=("aten.cumsum",),
+    )
+    (prune,) = [p for p in default_pipeline(recipe, CALIBRATION) if isinstance(p, PruneChannelsPass)]
+    assert prune.scores.groups == ChannelGroupsAnalysis(("aten.cumsum",), ("fc",), "heads")

@@ -162,6 +162,27 @@ def test_bert_attention_prunes_head_dims_consistently() -> None:
     assert gm.get_parameter("encoder.layer.0.intermediate.dense.weight").shape == (32, 32)
 
 
+def test_bert_attention_can_prune_whole_heads() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    gm = (
+        PassManager([PruneChannelsPass(ratio=0.5, attention="heads")])
+        .run(capture(model, (ids,)), (ids,))
+        .graph_module
+    )
+    kept = get_metadata(gm).of("encoder.layer.0.attention.self.value.weight", ChannelSelection)[0].kept
+    heads = sorted({k // 8 for k in kept})
+    assert len(heads) == 2 and kept == tuple(h * 8 + d for h in heads for d in range(8))  # two whole heads
+    views = [
+        n.args[1] for n in gm.graph.nodes if n.target == torch.ops.aten.view.default and len(n.args[1]) == 4
+    ]
+    assert views and all(v[3] == 8 for v in views)  # head size kept; the head count (-1) is inferred
+
+
 def test_ratio_zero_reports_unmodified_and_bad_ratio_is_rejected() -> None:
     model = Chain()
     x = torch.randn(1, 3, 4, 4)
