@@ -12,13 +12,14 @@ import torch
 import torch.fx
 
 from .analysis.channel_groups import ChannelGroups, ChannelGroupsAnalysis, Channels, ChannelTrace
+from .analysis.importance import score_groups
 from .graph_utils import attr_tensor, set_attr_tensor, unique_attr_name
 from .infra.analysis_manager import Analysis, AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
 from .metadata import ChannelSelection, Metadata, get_metadata, set_metadata
 
-__all__ = ["PruneChannelsPass", "magnitude_scores"]
+__all__ = ["PruneChannelsPass"]
 
 aten = torch.ops.aten
 
@@ -72,7 +73,7 @@ class PruneChannelsPass(PassBase):
         self, gm: torch.fx.GraphModule, am: AnalysisManager, groups: ChannelGroups
     ) -> dict[int, torch.Tensor]:
         if self.scores is None:
-            return magnitude_scores(gm, groups, self.criterion)
+            return dict(score_groups(gm, groups, self.criterion).scores)
         if isinstance(self.scores, Analysis):
             return dict(am.get(self.scores).scores)
         return dict(self.scores)
@@ -86,25 +87,6 @@ class PruneChannelsPass(PassBase):
         )
         removed = _removed_roots(analysis.trace, get_metadata(before), get_metadata(after))
         return _mask_activations(before, analysis.trace, removed)
-
-
-def magnitude_scores(
-    gm: torch.fx.GraphModule, groups: ChannelGroups, criterion: str
-) -> dict[int, torch.Tensor]:
-    """L1/L2 norm of each unit's producer filters ("out" slices; all slices if a group has none)."""
-    power = 1 if criterion == "l1" else 2
-    scores = {}
-    for group in groups.prunable():
-        slices = group.slices_by_role("out") or group.slices
-        total = torch.zeros(group.units, dtype=torch.float64)
-        for s in slices:
-            weight = attr_tensor(gm, s.target).detach().double().abs().pow(power)
-            per_position = (
-                weight.sum(dim=[d for d in range(weight.dim()) if d != s.dim]) if weight.dim() > 1 else weight
-            )
-            total += per_position[torch.from_numpy(s.positions)].sum(dim=1)
-        scores[group.id] = total.pow(1.0 / power)
-    return scores
 
 
 def _select(

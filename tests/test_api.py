@@ -97,3 +97,15 @@ def test_channel_recipe_shrinks_the_model_through_optimize() -> None:
     assert gm.get_parameter("conv.weight").shape[0] == 4
     assert gm.get_parameter("fc.weight").shape == (4, 4)
     assert _state(model) == before
+
+
+def test_criteria_that_read_batch_norm_scales_run_before_folding() -> None:
+    from tilefx.passes.fold_batchnorm import FoldBatchNormPass
+    from tilefx.passes.prune_connections import PruneConnectionsPass
+
+    recipe = tilefx.Recipe(connections=tilefx.ConnectionPruning(sparsity=0.5))
+    kinds = [type(p) for p in tilefx.default_pipeline(recipe)]
+    assert kinds.index(PruneConnectionsPass) < kinds.index(FoldBatchNormPass)
+    recipe = tilefx.Recipe(connections=tilefx.ConnectionPruning(sparsity=0.5, criterion="l1"))
+    kinds = [type(p) for p in tilefx.default_pipeline(recipe)]
+    assert kinds.index(PruneConnectionsPass) > kinds.index(FoldBatchNormPass)

@@ -29,22 +29,25 @@ __all__ = ["default_pipeline"]
 def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
     """Passes in the order the methods compose (seeds.md): fold, shrink channels, sparsify, clean up.
 
-    Channel pruning by ``bn_scale`` runs before folding: it reads the batch norms' γ, which
-    folding removes (every other criterion scores the folded graph, the one it prunes).
+    Criteria that read the batch norms' γ run before folding removes them: channel pruning by
+    ``bn_scale`` and connection pruning by Synaptic Strength (|γ_in| · ‖kernel‖). Every other
+    criterion scores the folded graph, the one it prunes.
     """
+    channels, connections = recipe.channels, recipe.connections
+    channels_first = channels is not None and channels.criterion == "bn_scale"
+    connections_first = connections is not None and connections.criterion == "synaptic_strength"
     passes: list[PassBase] = []
-    channels = recipe.channels
-    before_fold = channels is not None and channels.criterion == "bn_scale"
-    if channels is not None and before_fold:
+    if channels is not None and channels_first:
         passes.append(_channel_pass(channels, recipe.skip, calibration))
+    if connections is not None and connections_first:
+        passes.append(PruneConnectionsPass(sparsity=connections.sparsity, criterion=connections.criterion))
     if recipe.fold_batchnorm:
         passes.append(FoldBatchNormPass())
     passes.append(EliminateDeadCodePass())
-    if channels is not None and not before_fold:
+    if channels is not None and not channels_first:
         passes += [_channel_pass(channels, recipe.skip, calibration), EliminateDeadCodePass()]
-    if recipe.connections is not None:
-        options = recipe.connections
-        passes.append(PruneConnectionsPass(sparsity=options.sparsity, criterion=options.criterion))
+    if connections is not None and not connections_first:
+        passes.append(PruneConnectionsPass(sparsity=connections.sparsity, criterion=connections.criterion))
     if recipe.blocks is not None:
         passes += _block_passes(recipe.blocks, recipe.skip)
     return passes
