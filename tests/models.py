@@ -93,3 +93,14 @@ def informative_data(batches: int = 3, n: int = 32) -> Calibration:
         noise = torch.randn(n, 1, 4, 4, generator=generator)
         out.append((torch.cat([signal, noise], 1), labels))
     return Calibration(out)
+
+
+def tiny_bert(heads: int = 4) -> nn.Module:
+    """A one-layer BERT encoder (hidden 32, FFN 64) from transformers, built from a config."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=64
+    )
+    return transformers.BertModel(config, add_pooling_layer=False).eval()

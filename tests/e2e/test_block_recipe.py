@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tilefx
-from tests.models import randomize_bn
+from tests.models import randomize_bn, tiny_bert
 from tests.passes.test_prune_channels import Residual
 from tilefx.passes.metadata import BlockSparsity, Permutation, get_metadata
 
@@ -76,11 +76,7 @@ def test_tetris_recipe_recovers_planted_blocks_by_folding_a_permutation() -> Non
 
 
 def test_tetris_recipe_on_a_bert_layer_is_verified_and_sparse() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
-    )
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    model = tiny_bert(heads=2)
     ids = torch.randint(0, 50, (2, 7))
     recipe = tilefx.Recipe(blocks=tilefx.BlockPruning(block=(8, 1), sparsity=0.5))
     gm = tilefx.optimize(model, (ids,), recipe=recipe)

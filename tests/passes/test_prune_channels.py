@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.models import randomize_bn
+from tests.models import randomize_bn, tiny_bert
 from tilefx.capture import capture
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.cleanup import EliminateDeadCodePass
@@ -149,11 +149,7 @@ def test_flatten_expands_each_channel_over_height_times_width() -> None:
 
 
 def test_bert_attention_prunes_head_dims_consistently() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
-    )
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    model = tiny_bert()
     ids = torch.randint(0, 50, (2, 7))
     gm = PassManager([PruneChannelsPass(ratio=0.5)]).run(capture(model, (ids,)), (ids,)).graph_module
     query = gm.get_parameter("encoder.layer.0.attention.self.query.weight")
@@ -163,11 +159,7 @@ def test_bert_attention_prunes_head_dims_consistently() -> None:
 
 
 def test_bert_attention_can_prune_whole_heads() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
-    )
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    model = tiny_bert()
     ids = torch.randint(0, 50, (2, 7))
     gm = (
         PassManager([PruneChannelsPass(ratio=0.5, attention="heads")])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.models import randomize_bn
+from tests.models import randomize_bn, tiny_bert
 from tests.passes.test_prune_channels import Concat, Grouped, Residual
 from tilefx.capture import capture
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
@@ -48,11 +48,7 @@ def test_residual_group_shares_one_permutation() -> None:
 
 
 def test_transformer_block_reorder_is_exact() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
-    )
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    model = tiny_bert()
     ids = torch.randint(0, 50, (2, 7))
     gm = _reorder(model, (ids,), planner=random_planner(2))
     torch.testing.assert_close(
