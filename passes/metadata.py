@@ -166,9 +166,6 @@ class Metadata:
                 updated = updated.with_annotation(name, ElementMask(mask))
         return updated
 
-    def renamed(self, mapping: Mapping[str, str]) -> Metadata:
-        return replace(self, params={mapping.get(k, k): v for k, v in self.params.items()})
-
 
 def _replaces(new: Annotation, old: Annotation) -> bool:
     sparsity = (ElementMask, NMSparsity, BlockSparsity)
