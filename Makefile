@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export TVM_NUM_THREADS ?= 2
+# Test workers: CI has 2 cores; each worker gets cores/workers threads (tests/conftest.py).
+TEST_JOBS ?= 2
 
 .PHONY: install demo test test-fast lint typecheck bench clean
 
@@ -21,10 +23,10 @@ demo: $(STAMP)
 	$(PY) -m tilefx.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q --timeout=900
+	$(PY) -m pytest -q --timeout=900 -n $(TEST_JOBS) --dist loadgroup --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadgroup
 
 lint: $(STAMP)
 	$(PY) -m ruff check tilefx passes lowering runtime tests benchmarks

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 from .analysis.channel_groups import ChannelGroups, ChannelGroupsAnalysis, Channels, ChannelTrace
-from .analysis.importance import score_groups
+from .analysis.importance import ChannelScores, score_groups
 from .graph_utils import attr_tensor, set_attr_tensor, unique_attr_name
 from .infra.analysis_manager import Analysis, AnalysisManager
 from .infra.errors import RecipeError
@@ -35,7 +35,9 @@ class PruneChannelsPass(PassBase):
     ``attention="heads"`` removes whole attention heads instead of the same head dims in every head.
     ``scores`` may supply precomputed per-group scores (group id → tensor of ``units``) or an
     analysis returning them (``ChannelImportance``: BN scale, Taylor, DCP), asked of this pass's
-    analysis manager on the graph it receives; otherwise ``criterion`` "l1"/"l2" is used.
+    analysis manager on the graph it receives; otherwise ``criterion`` "l1"/"l2" is used. Where
+    the scores say how many units a group keeps (``ChannelScores.keep``: DCP-Adapt), that count
+    replaces ``ratio`` for the group.
 
     Verified as "masked": the result equals the input model with the removed channels zeroed
     wherever they appear (after every op that carries them).
@@ -69,14 +71,14 @@ class PruneChannelsPass(PassBase):
         set_metadata(gm, metadata)
         return PassResult(gm, modified=True)
 
-    def _scores(
-        self, gm: torch.fx.GraphModule, am: AnalysisManager, groups: ChannelGroups
-    ) -> dict[int, torch.Tensor]:
+    def _scores(self, gm: torch.fx.GraphModule, am: AnalysisManager, groups: ChannelGroups) -> ChannelScores:
         if self.scores is None:
-            return dict(score_groups(gm, groups, self.criterion).scores)
+            return score_groups(gm, groups, self.criterion)
         if isinstance(self.scores, Analysis):
-            return dict(am.get(self.scores).scores)
-        return dict(self.scores)
+            return am.get(self.scores)
+        if isinstance(self.scores, ChannelScores):
+            return self.scores
+        return ChannelScores("given", dict(self.scores))
 
     def masked_reference(
         self, before: torch.fx.GraphModule, after: torch.fx.GraphModule, example_inputs: Sequence[Any]
@@ -90,21 +92,34 @@ class PruneChannelsPass(PassBase):
 
 
 def _select(
-    groups: ChannelGroups, scores: dict[int, torch.Tensor], ratio: float, scope: str, round_to: int
+    groups: ChannelGroups, scores: ChannelScores, ratio: float, scope: str, round_to: int
 ) -> np.ndarray:
     candidates = [g for g in groups.prunable() if g.units > 1]
+    decided = [g for g in candidates if g.id in scores.keep]  # the criterion chose their size
+    removed = [_lowest(groups, scores, g, g.units - _rounded_keep(g.units, scores.keep[g.id], round_to))
+               for g in decided]  # fmt: skip
+    rest = [g for g in candidates if g.id not in scores.keep]
     if scope == "global":
-        return _select_global(groups, candidates, scores, ratio, round_to)
-    removed = []
-    for group in candidates:
-        keep = _rounded_keep(group.units, group.units - math.floor(group.units * ratio), round_to)
-        order = torch.argsort(_score_of(scores, group.id, group.units), stable=True)[: group.units - keep]
-        removed.append(groups.roots[group.id][order.numpy()])
+        removed.append(_select_global(groups, rest, scores.scores, ratio, round_to))
+    else:
+        for group in rest:
+            keep = _rounded_keep(group.units, group.units - math.floor(group.units * ratio), round_to)
+            removed.append(_lowest(groups, scores, group, group.units - keep))
     return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
 
 
+def _lowest(groups: ChannelGroups, scores: ChannelScores, group: Any, count: int) -> np.ndarray:
+    """The roots of ``group``'s ``count`` lowest-scoring units."""
+    order = torch.argsort(_score_of(scores.scores, group.id, group.units), stable=True)[:count]
+    return groups.roots[group.id][order.numpy()]
+
+
 def _select_global(
-    groups: ChannelGroups, candidates: list[Any], scores: dict[int, torch.Tensor], ratio: float, round_to: int
+    groups: ChannelGroups,
+    candidates: list[Any],
+    scores: Mapping[int, torch.Tensor],
+    ratio: float,
+    round_to: int,
 ) -> np.ndarray:
     entries = []
     for group in candidates:
@@ -133,7 +148,7 @@ def _rounded_keep(units: int, keep: int, round_to: int) -> int:
     return min(units, max(round_to, math.ceil(max(keep, 1) / round_to) * round_to))
 
 
-def _score_of(scores: dict[int, torch.Tensor], gid: int, units: int) -> torch.Tensor:
+def _score_of(scores: Mapping[int, torch.Tensor], gid: int, units: int) -> torch.Tensor:
     score = torch.as_tensor(scores[gid]).flatten()
     if score.numel() != units or not bool(torch.isfinite(score).all()):
         raise RecipeError(

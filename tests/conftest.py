@@ -1,7 +1,12 @@
-"""Test-wide fixtures: every pipeline built in a test verifies every pass, whatever it asked for."""
+"""Test-wide fixtures: every pipeline built in a test verifies every pass, whatever it asked for.
+
+Under pytest-xdist (``make test`` runs ``-n 2``) each worker gets an equal share of the cores for
+torch and TVM, so workers do not oversubscribe the machine.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,6 +14,12 @@ import pytest
 import torch
 
 from tilefx.passes.infra.manager import PassManager
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["TVM_NUM_THREADS"] = str(_THREADS)  # read when TVM's thread pool starts
 
 
 @pytest.fixture(autouse=True)

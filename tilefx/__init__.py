@@ -13,6 +13,7 @@ from tilefx.passes.infra.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from tilefx.passes.training.dcp import DCPOptions
 
 from .api import compile, optimize
 from .capture import capture
@@ -26,6 +27,7 @@ __all__ = [
     "CaptureError",
     "ChannelPruning",
     "ConnectionPruning",
+    "DCPOptions",
     "LoweringError",
     "OptimizeError",
     "PassError",

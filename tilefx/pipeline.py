@@ -5,6 +5,7 @@ To insert your own pass, take this list, edit it, and hand it to ``optimize(...,
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
@@ -64,7 +65,9 @@ def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: A
             ChannelGroupsAnalysis(skip, options.protect, options.attention),  # the pass's groups
             options.criterion,
             calibration=data,
-            options=DCPOptions(rate=options.ratio) if options.criterion == "dcp" else None,
+            options=replace(options.dcp or DCPOptions(), rate=options.ratio)
+            if options.criterion == "dcp"
+            else None,
         )
     return PruneChannelsPass(
         ratio=options.ratio,

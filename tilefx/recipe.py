@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from tilefx.passes.infra.errors import RecipeError
+from tilefx.passes.training.dcp import DCPOptions
+from tilefx.passes.training.finetune import SGDOptions
 
 __all__ = ["BlockPruning", "ChannelPruning", "ConnectionPruning", "Recipe"]
 
@@ -23,22 +25,37 @@ ChannelCriterion = Literal["l1", "l2", "bn_scale", "taylor", "dcp"]
 ConnectionCriterion = Literal["synaptic_strength", "l1"]
 
 
+def _check_options(owner: str, cls: type, keys: Any) -> None:
+    """An unknown option is a RecipeError that suggests the closest known field."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(known)}"
+            raise RecipeError(f"{owner}: unknown option {key!r}{hint}")
+
+
 def _strict(cls: type[T]) -> type[T]:
-    """Make unknown keyword options a RecipeError that suggests the closest known field."""
+    """Check keyword options of ``cls`` by :func:`_check_options` before its own init runs."""
     init = cls.__init__
-    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        for key in kwargs:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(known)}"
-                raise RecipeError(f"{cls.__name__}: unknown option {key!r}{hint}")
+        _check_options(cls.__name__, cls, kwargs)
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__  # type: ignore[method-assign]
     return cls
+
+
+def _dcp_options(data: Mapping[str, Any]) -> DCPOptions:
+    """DCPOptions from plain data (a TOML table), its ``solver`` table included."""
+    _check_options("ChannelPruning.dcp", DCPOptions, data)
+    options = dict(data)
+    if isinstance(options.get("solver"), Mapping):
+        _check_options("ChannelPruning.dcp.solver", SGDOptions, options["solver"])
+        options["solver"] = SGDOptions(**options["solver"])
+    return DCPOptions(**options)
 
 
 def _fraction(owner: str, name: str, value: float, *, allow_zero: bool = True) -> None:
@@ -63,6 +80,10 @@ class ChannelPruning:
     round_to: keep channel counts multiples of this (kernels like 8 or 16).
     attention: in multi-head attention, remove the same head dims from every head ("head_dims")
     or whole heads ("heads").
+    dcp: DCP's options for ``criterion="dcp"`` (a ``DCPOptions`` or a dict of its fields): paper or
+    code variant, heads, λ, auxiliary fine-tune budget, and ``epsilon`` for DCP-Adapt, whose
+    selection then decides how many channels each DCP-scored layer keeps. Its ``rate`` is
+    always ``ratio``.
     """
 
     ratio: float = 0.3
@@ -71,9 +92,18 @@ class ChannelPruning:
     protect: tuple[str, ...] = ()
     round_to: int = 1
     attention: Literal["head_dims", "heads"] = "head_dims"
+    dcp: DCPOptions | None = None
 
     def __post_init__(self) -> None:
         _fraction("ChannelPruning", "ratio", self.ratio)
+        if isinstance(self.dcp, Mapping):
+            object.__setattr__(self, "dcp", _dcp_options(self.dcp))
+        if self.dcp is not None and not isinstance(self.dcp, DCPOptions):
+            raise RecipeError(
+                f"ChannelPruning.dcp must be a DCPOptions or a dict, got {type(self.dcp).__name__}"
+            )
+        if self.dcp is not None and self.criterion != "dcp":
+            raise RecipeError(f'ChannelPruning.dcp is only read with criterion="dcp", not {self.criterion!r}')
         _choice("ChannelPruning", "attention", self.attention, ("head_dims", "heads"))
         _choice("ChannelPruning", "criterion", self.criterion, ("l1", "l2", "bn_scale", "taylor", "dcp"))
         _choice("ChannelPruning", "scope", self.scope, ("layer", "global"))

@@ -67,10 +67,15 @@ BATCH_NORMS = frozenset(
 
 @dataclass(frozen=True, eq=False)
 class ChannelScores:
-    """Per-unit scores keyed by group id (float64, length ``group.units``; higher = more important)."""
+    """Per-unit scores keyed by group id (float64, length ``group.units``; higher = more important).
+
+    ``keep``: for groups where the criterion itself decided how many units stay (DCP-Adapt's
+    ε stopping), that count; the pruning pass uses it there instead of its ratio.
+    """
 
     criterion: str
     scores: Mapping[int, torch.Tensor]
+    keep: Mapping[int, int] = field(default_factory=dict)
 
     def of(self, group: ChannelGroup) -> torch.Tensor:
         return self.scores[group.id]
@@ -126,8 +131,14 @@ def score_groups(
         from ..training.dcp import DCPOptions, dcp_scores
 
         data = as_calibration(calibration, 'criterion "dcp"')
-        result = dcp_scores(gm, prunable, data, options if options is not None else DCPOptions())
-        return ChannelScores(criterion, result.scores)
+        options = options if options is not None else DCPOptions()
+        result = dcp_scores(gm, prunable, data, options)
+        keep = {}
+        if options.epsilon is not None:  # DCP-Adapt: the units it selected (score ≥ 1) stay
+            keep = {
+                gid: int((s >= 1).sum()) for gid, s in result.scores.items() if gid not in result.fallback
+            }
+        return ChannelScores(criterion, result.scores, keep)
     raise RecipeError(f"unknown channel criterion {criterion!r}; choose one of {CRITERIA}")
 
 

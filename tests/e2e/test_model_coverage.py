@@ -11,6 +11,8 @@ from tests.models import randomize_bn
 from tilefx.report import max_relative_error
 
 TORCHVISION = torchvision.models.list_models(module=torchvision.models)
+#: The largest models (145M–644M parameters) share one xdist worker, one at a time: bounds peak memory.
+HUGE = ("regnet_y_128gf", "regnet_y_32gf", "vit_h_14", "vit_l_16", "vit_l_32")
 NEEDS_224 = ("vit_", "swin_", "maxvit_")  # fixed image size or window arithmetic
 
 
@@ -22,7 +24,9 @@ def _input_for(name: str) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TORCHVISION)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.xdist_group("huge")) if n in HUGE else n for n in TORCHVISION]
+)
 def test_torchvision_classifier_captures_and_folds_exactly(name: str) -> None:
     model = randomize_bn(torchvision.models.get_model(name, weights=None)).eval()
     x = _input_for(name)

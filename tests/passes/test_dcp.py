@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import tilefx
 from tests.models import Informative, informative_data
 from tests.passes.chain_groups import chain_groups
 from tilefx.capture import capture
@@ -116,3 +117,33 @@ def test_selection_data_is_read_once_so_shuffling_loaders_keep_targets_aligned(
     result = dcp_scores(gm, chain_groups(gm).prunable(), Calibration(loader), FAST)
     assert loader.passes == 1
     assert set(result.order[0]) == {0, 1, 2, 3}
+
+
+def _kept_widths(epsilon: float | None) -> tuple[int, int]:
+    options = {"aux_epochs": 0, "num_losses": 1} | ({} if epsilon is None else {"epsilon": epsilon})
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="dcp", dcp=options))
+    x = torch.randn(2, 2, 4, 4)
+    pruned = tilefx.optimize(Informative().eval(), (x,), recipe=recipe, calibration=informative_data(1))
+    in_conv2, in_fc = (
+        pruned.get_parameter("conv2.weight").shape[1],
+        pruned.get_parameter("fc.weight").shape[1],
+    )
+    return in_conv2, in_fc
+
+
+def test_dcp_adapt_through_the_recipe_keeps_what_dcp_selected() -> None:
+    assert _kept_widths(None) == (4, 2)  # fixed rate: the recipe's ratio
+    assert _kept_widths(1e-9) == (8, 4)  # ε so small that DCP-Adapt selects every unit: nothing goes
+    loose = _kept_widths(0.5)
+    assert loose[0] < 4 and loose[1] < 2  # stops early: keeps fewer than the ratio would
+
+
+def test_recipe_dcp_options_are_checked() -> None:
+    with pytest.raises(RecipeError, match="did you mean 'epsilon'"):
+        tilefx.ChannelPruning(criterion="dcp", dcp={"epsilom": 0.1})
+    with pytest.raises(RecipeError, match='only read with criterion="dcp"'):
+        tilefx.ChannelPruning(criterion="l1", dcp=tilefx.DCPOptions())
+    options = tilefx.Recipe.from_dict(
+        {"channels": {"criterion": "dcp", "dcp": {"aux": "paper", "solver": {"lr": 0.1}}}}
+    )
+    assert options.channels.dcp.aux == "paper" and options.channels.dcp.solver.lr == 0.1  # type: ignore[union-attr]
