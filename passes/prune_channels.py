@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from .infra.analysis_manager import Analysis, AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
 from .metadata import ChannelSelection, Metadata, get_metadata, set_metadata
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PruneChannelsPass"]
 
@@ -60,6 +63,7 @@ class PruneChannelsPass(PassBase):
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         groups = am.get(ChannelGroupsAnalysis(self.skip, self.protect, self.attention))
+        _log_frozen(groups)
         scores = self._scores(gm, am, groups)
         removed = _select(groups, scores, self.ratio, self.scope, self.round_to)
         if removed.size == 0:
@@ -142,6 +146,20 @@ def _select_global(
         units = chosen[group.id][: group.units - keep]  # lowest first, as chosen
         removed.append(groups.roots[group.id][np.array(units, dtype=np.int64)])
     return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
+
+
+def _log_frozen(groups: ChannelGroups) -> None:
+    """Say which channels stay and why: a frozen group is the usual answer to "why so little"."""
+    frozen = [g for g in groups.groups if g.frozen and g.slices]
+    if not frozen:
+        return
+    reasons: dict[str, int] = {}
+    for group in frozen:
+        reasons[group.reason or "unknown"] = reasons.get(group.reason or "unknown", 0) + group.units
+    listed = "; ".join(
+        f"{units} units: {reason}" for reason, units in sorted(reasons.items(), key=lambda r: -r[1])[:5]
+    )
+    log.info("%d of %d channel groups are frozen (never pruned): %s", len(frozen), len(groups.groups), listed)
 
 
 def _rounded_keep(units: int, keep: int, round_to: int) -> int:

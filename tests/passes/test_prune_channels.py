@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
@@ -148,10 +150,12 @@ def test_flatten_expands_each_channel_over_height_times_width() -> None:
     assert gm.get_parameter("fc.weight").shape == (3, 2 * 2 * 2)
 
 
-def test_bert_attention_prunes_head_dims_consistently() -> None:
+def test_bert_attention_prunes_head_dims_consistently(caplog: pytest.LogCaptureFixture) -> None:
     model = tiny_bert()
     ids = torch.randint(0, 50, (2, 7))
-    gm = PassManager([PruneChannelsPass(ratio=0.5)]).run(capture(model, (ids,)), (ids,)).graph_module
+    with caplog.at_level(logging.INFO, logger="tilefx.passes.prune_channels"):
+        gm = PassManager([PruneChannelsPass(ratio=0.5)]).run(capture(model, (ids,)), (ids,)).graph_module
+    assert "32 units: node 'layer_norm': layer norm statistics span these channels" in caplog.text
     query = gm.get_parameter("encoder.layer.0.attention.self.query.weight")
     key = gm.get_parameter("encoder.layer.0.attention.self.key.weight")
     assert query.shape == key.shape == (16, 32)  # 4 heads x 4 of 8 head dims; hidden (layer norm) frozen
