@@ -10,7 +10,8 @@ needs the pruned model to run with the output shape unchanged (it has no equival
 Also: MACs and params before/after, and the time each tool takes to build its dependency graph
 (tilefx: capture + the channel-groups analysis; Torch-Pruning: ``DependencyGraph.build_dependency``).
 
-Results go to a JSON-lines file (one line per model, so a sweep can be split into shards that
+Each tool gets ``--time-limit`` seconds per model (both ratios); past it, both ratios count as
+failed with ``TimeLimit``. Results go to a JSON-lines file (one line per model, so a sweep can be split into shards that
 each stay under the machine's time limit), and a summary is printed from all lines present.
 
     OMP_NUM_THREADS=1 python benchmarks/channel_coverage.py --quick
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import statistics
 import sys
 import time
@@ -248,20 +250,35 @@ def run_torch_pruning(name: str, reference: torch.Tensor) -> dict[str, Any]:
 
 
 # ---- driver --------------------------------------------------------------------------------
-def measure(name: str, tool: str) -> dict[str, Any]:
-    """One JSON line: the model's dense numbers and one tool's results."""
+class TimeLimit(BaseException):
+    """A tool ran past ``--time-limit`` on one model (a BaseException: no per-ratio handler eats it)."""
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise TimeLimit("did not finish within the time limit")
+
+
+def measure(name: str, tool: str, time_limit: int) -> dict[str, Any]:
+    """One JSON line: the model's dense numbers and one tool's results (both ratios)."""
     model, inputs = build(name)
     with torch.no_grad():
         reference = first_output(model(*inputs))
     row: dict[str, Any] = {"model": name, "tool": tool, "input": [tuple(t.shape) for t in inputs],
                            "macs_dense": count_macs(model, inputs), "params_dense": count_params(model)}  # fmt: skip
     start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(time_limit)
     try:
         row["result"] = (
             run_tilefx(model, inputs, reference) if tool == "tilefx" else run_torch_pruning(name, reference)
         )
+    except TimeLimit as exc:
+        failed = error_row(exc) | {"message": f"did not finish within {time_limit} s"}
+        row["result"] = {str(ratio): failed for ratio in RATIOS}
     except Exception as exc:
         row["result"] = {"dense": error_row(exc)}
+    finally:
+        signal.alarm(0)
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -362,6 +379,7 @@ def main() -> None:
         help="JSON lines, appended; done (model, tool) pairs skipped",
     )
     parser.add_argument("--summary", action="store_true", help="only print the summary of --out")
+    parser.add_argument("--time-limit", type=int, default=600, help="seconds per model and tool, both ratios")
     parser.add_argument("--tools", nargs="+", default=["tilefx", "tp"], choices=["tilefx", "tp"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -381,7 +399,7 @@ def main() -> None:
                     continue
                 start = time.perf_counter()
                 try:
-                    row = measure(name, tool)
+                    row = measure(name, tool, args.time_limit)
                 except Exception as exc:  # the model itself failed to build or run: say so, go on
                     row = {"model": name, "tool": tool, "build_error": error_row(exc),
                            "trace": traceback.format_exc()[-500:]}  # fmt: skip
