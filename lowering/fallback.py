@@ -32,6 +32,7 @@ __all__ = [
     "check_fallback",
     "choose",
     "interleaved_median_ms",
+    "interleaved_times",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,10 @@ class LayerChoice:
         )
 
 
-def interleaved_median_ms(
+def interleaved_times(
     calls: Mapping[str, Callable[[], object]], rounds: int = 9, warmup: int = 2
-) -> dict[str, float]:
-    """Median ms of each call, timed round-robin (A, B, A, B, ...) so drifting load hits all alike."""
+) -> dict[str, list[float]]:
+    """ms of every call of each, timed round-robin (A, B, A, B, ...) so drifting load hits all alike."""
     with torch.no_grad():
         for call in calls.values():
             for _ in range(warmup):  # thread pools, caches, first-touch of the output
@@ -75,7 +76,12 @@ def interleaved_median_ms(
                 start = time.perf_counter()
                 call()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_median_ms(calls: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+    """The default ``Timer``: median of ``interleaved_times``."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(calls).items()}
 
 
 def check_fallback(fallback: str) -> Fallback:
