@@ -34,7 +34,7 @@ from ..passes.infra.errors import LoweringError
 from ..runtime.packing import BsrWeight, pack_bsr, pattern_hash
 from ..runtime.sparse_modules import BsrConv2d, BsrLinear, Kernel
 from . import compat
-from .fallback import Fallback, LayerChoice, Timer, check_fallback, choose, interleaved_median_ms
+from .fallback import Fallback, LayerChoice, Timer, check_fallback, choose, interleaved_best_ms
 from .kernels.spec import Conv2dGeometry, KernelSpec
 from .plan import SparseLayer, plan_graph
 from .schedules.cpu import cpu_kernel
@@ -122,7 +122,7 @@ def compile_graph(
     cache_dir: str | Path | None = None,
     fuse_relu: bool = True,
     fallback: str = "measure",
-    timer: Timer = interleaved_median_ms,
+    timer: Timer = interleaved_best_ms,
 ) -> torch.fx.GraphModule:
     """A new GraphModule in which the block-sparse layers of ``gm`` run compiled kernels.
 

@@ -209,6 +209,21 @@ def test_measured_fallback_keeps_slower_layers_dense() -> None:
     torch.testing.assert_close(out(x), gm(x), rtol=1e-4, atol=1e-4)
 
 
+def test_fallback_times_the_same_computation_both_ways() -> None:
+    """The two calls handed to the timer compute the layer (conv with ReLU, linear with and without)."""
+    seen = []
+
+    def comparing_timer(calls):  # type: ignore[no-untyped-def]
+        sparse, dense = calls["sparse"](), calls["dense"]()
+        torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
+        seen.append(tuple(sparse.shape))
+        return {"sparse": 1.0, "dense": 2.0}
+
+    gm, _ = _pruned()
+    compile_graph(gm, "llvm", timer=comparing_timer)
+    assert seen == [(2, 16, 6, 6), (2, 32), (2, 8)]
+
+
 def test_fallback_never_lowers_without_timing() -> None:
     def no_timer(calls):  # type: ignore[no-untyped-def]
         raise AssertionError("fallback='never' must not time anything")
