@@ -17,8 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import scipy.sparse as sp
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 
 from tilefx.lowering import compat
 from tilefx.lowering.build import KernelCache
+from tilefx.lowering.fallback import interleaved_times
 from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec
 from tilefx.runtime.packing import pack_bsr
 
@@ -56,20 +55,6 @@ def block_sparse(n: int, k: int, block: tuple[int, int], sparsity: float, gen: t
     mask = keep.reshape(n // r, k // c)
     weight = torch.randn(n, k, generator=gen) * mask.repeat_interleave(r, 0).repeat_interleave(c, 1)
     return weight, mask
-
-
-def interleaved_times(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
-    """ms of each call of each fn, timed round-robin so drifting load affects all of them alike."""
-    for fn in fns.values():  # warm up: caches, thread pools, lazy inits
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def contenders(shape: Shape, weight: torch.Tensor, mask: torch.Tensor, block, cache: KernelCache, target, x):
@@ -153,7 +138,7 @@ def main() -> int:
             for block in blocks:
                 weight, mask = block_sparse(shape.n, shape.geometry.k, block, sparsity, gen)
                 fns, compile_s, error, nnzb = contenders(shape, weight, mask, block, cache, target, x)
-                times = interleaved_times(fns, args.runs)
+                times = interleaved_times(fns, rounds=args.runs, warmup=3)
                 ms = {name: statistics.median(ts) for name, ts in times.items()}
                 # Best-of ratio: on a loaded machine preemptions inflate medians, minima much less.
                 best = min(times["torch dense"]) / min(times["tilefx"])

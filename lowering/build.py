@@ -1,8 +1,10 @@
 """``compile_graph``: a pruned GraphModule in, a GraphModule running block-sparse kernels out.
 
 Each layer of the plan (``lowering.plan``) is replaced by a ``call_module`` to a small runtime
-module (``runtime.sparse_modules``) that calls its compiled kernel through DLPack; everything
-else stays the torch code it was. The input graph module is never modified.
+module (``runtime.sparse_modules``) that calls its compiled kernel through DLPack, unless
+``lowering.fallback`` finds the kernel no faster than dense torch for that layer's shape;
+everything else stays the torch code it was. The choices are logged and kept in the result's
+``meta["lowering_choices"]``. The input graph module is never modified.
 
 Compiled kernels are cached in memory for the process and, with ``cache_dir``, as shared
 libraries on disk. The key is the kernel spec (op geometry incl. input shape, output features,
@@ -18,11 +20,13 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 import tvm
 
 from ..passes.graph_utils import unique_attr_name
@@ -30,17 +34,18 @@ from ..passes.infra.errors import LoweringError
 from ..runtime.packing import BsrWeight, pack_bsr, pattern_hash
 from ..runtime.sparse_modules import BsrConv2d, BsrLinear, Kernel
 from . import compat
+from .fallback import Fallback, LayerChoice, Timer, check_fallback, choose, interleaved_best_ms
 from .kernels.spec import Conv2dGeometry, KernelSpec
 from .plan import SparseLayer, plan_graph
 from .schedules.cpu import cpu_kernel
 from .schedules.cuda import cuda_kernel
 
-__all__ = ["KernelCache", "compile_graph", "kernel_func", "layer_spec"]
+__all__ = ["KernelCache", "compile_graph", "kernel_func", "layer_spec", "lowering_choices"]
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a template changes, so stale on-disk kernels are never loaded.
-_KERNEL_VERSION = "1"
+_KERNEL_VERSION = "2"
 
 
 def kernel_func(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
@@ -116,15 +121,23 @@ def compile_graph(
     *,
     cache_dir: str | Path | None = None,
     fuse_relu: bool = True,
+    fallback: str = "measure",
+    timer: Timer = interleaved_best_ms,
 ) -> torch.fx.GraphModule:
-    """A new GraphModule in which every block-sparse layer of ``gm`` runs a compiled kernel.
+    """A new GraphModule in which the block-sparse layers of ``gm`` run compiled kernels.
 
+    ``fallback="measure"`` keeps a layer dense torch when its kernel, timed against dense on
+    the layer's input shape (by ``timer``), is not faster; ``"never"`` lowers every layer.
+    CUDA kernels are lowered unmeasured (timing them needs a GPU and device synchronisation).
     Requires: an ATen-level graph (``torch.export(...).module()``) with shapes in
     ``meta['val']`` and ``BlockSparsity`` metadata on the weights to lower.
-    Raises ``LoweringError`` (naming the node) for an unknown target, a non-float32 layer, a
-    block that does not tile the weight, or mismatched shapes, before compiling anything.
+    Raises ``LoweringError`` (naming the node) for an unknown target or fallback, a non-float32
+    layer, a block that does not tile the weight, or mismatched shapes, before compiling anything.
     """
     tvm_target = compat.make_target(target)
+    policy = check_fallback(fallback)
+    if compat.is_cuda(tvm_target):
+        policy = "never"
     plan = plan_graph(gm, fuse_relu=fuse_relu)
     layers = [layer for layer in plan.layers if _runs_on(layer, tvm_target)]
     packed = {layer.node: _pack(gm, layer) for layer in layers}
@@ -132,16 +145,65 @@ def compile_graph(
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="CompiledGraphModule")
     out.meta.update(gm.meta)
     device = _device_for(tvm_target)
+    choices = []
     for layer in layers:
         module = _runtime_module(gm, layer, packed[layer.node], cache, tvm_target).to(device)
         module.kernel(layer.input_shape)  # compile now: errors and compile time belong here
-        _swap_node(out, layer, module)
+        choice = _choose(gm, layer, module, device, policy, timer)
+        choices.append(choice)
+        if choice.lowered:
+            _swap_node(out, layer, module)
     out.graph.lint()
     out.recompile()
+    out.meta["lowering_choices"] = tuple(choices)
     log.info(
-        "lowered %d layers for %s (%.2fs compiling)", len(layers), tvm_target.kind.name, cache.compile_seconds
+        "lowered %d of %d sparse layers for %s (%.2fs compiling)",
+        sum(c.lowered for c in choices),
+        len(layers),
+        tvm_target.kind.name,
+        cache.compile_seconds,
     )
     return out
+
+
+def lowering_choices(gm: torch.fx.GraphModule) -> tuple[LayerChoice, ...]:
+    """The per-layer choices ``compile_graph`` recorded on its result (empty for other modules)."""
+    return tuple(gm.meta.get("lowering_choices", ()))
+
+
+def _choose(
+    gm: torch.fx.GraphModule,
+    layer: SparseLayer,
+    module: torch.nn.Module,
+    device: torch.device,
+    policy: Fallback,
+    timer: Timer,
+) -> LayerChoice:
+    """Kernel or dense torch for ``layer``, timed on its own input shape (see ``lowering.fallback``)."""
+    x = torch.randn(layer.input_shape, device=device)
+    dense = _dense_call(gm, layer, device)
+    return choose(layer.node, lambda: module(x), lambda: dense(x), policy, timer)
+
+
+def _dense_call(
+    gm: torch.fx.GraphModule, layer: SparseLayer, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The layer as the torch code it replaces (with its fused ReLU), for the fallback timing."""
+    weight = _tensor(gm, layer.weight).detach().to(device)
+    bias = _tensor(gm, layer.bias).detach().to(device) if layer.bias is not None else None
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if layer.op == "linear":
+            y = F.linear(x, weight, bias)
+        else:
+            y = F.conv2d(x, weight, bias, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        return torch.relu(y) if layer.fused_relu is not None else y
+
+    return call
+
+
+def _tensor(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
+    return gm.get_parameter(name) if _is_param(gm, name) else gm.get_buffer(name)
 
 
 def _device_for(target: tvm.target.Target) -> torch.device:
@@ -159,7 +221,7 @@ def _runs_on(layer: SparseLayer, target: tvm.target.Target) -> bool:
 
 
 def _pack(gm: torch.fx.GraphModule, layer: SparseLayer) -> BsrWeight:
-    weight = gm.get_parameter(layer.weight) if _is_param(gm, layer.weight) else gm.get_buffer(layer.weight)
+    weight = _tensor(gm, layer.weight)
     try:
         packed = pack_bsr(weight, layer.block, layer.sparsity.mask)
     except LoweringError as exc:
@@ -179,9 +241,7 @@ def _runtime_module(
     cache: KernelCache,
     target: tvm.target.Target,
 ) -> BsrLinear | BsrConv2d:
-    bias = gm.get_parameter(layer.bias) if layer.bias is not None and _is_param(gm, layer.bias) else None
-    if layer.bias is not None and bias is None:
-        bias = gm.get_buffer(layer.bias)
+    bias = _tensor(gm, layer.bias) if layer.bias is not None else None
 
     def kernel_for(shape: tuple[int, ...]) -> Kernel:
         return cache.kernel(layer_spec(layer, weight.nnzb, shape), target)

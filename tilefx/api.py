@@ -58,7 +58,12 @@ def optimize(
 def compile(
     gm: torch.fx.GraphModule, target: str | dict[str, Any] = "llvm", **options: Any
 ) -> torch.nn.Module:  # noqa: A001
-    """Lower an optimized graph: sparse layers become TVM block-sparse kernels, the rest stays torch."""
+    """Lower an optimized graph: sparse layers become TVM block-sparse kernels, the rest stays torch.
+
+    A sparse layer whose kernel is not faster than dense torch for its shape stays torch
+    (``fallback="measure"``, the default; ``fallback="never"`` always lowers): see
+    ``tilefx.lowering.fallback``. Other options go to ``tilefx.lowering.build.compile_graph``.
+    """
     from tilefx.lowering.build import compile_graph  # tvm is imported only here
 
     return compile_graph(gm, target, **options)

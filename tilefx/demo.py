@@ -90,6 +90,10 @@ def minilm_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8) -> None
     start = time.perf_counter()
     compiled = tilefx.compile(pruned, target="llvm")
     print(f"compile: {time.perf_counter() - start:.1f} s for the llvm target")
+    from tilefx.lowering.build import lowering_choices  # tvm is imported only once compiling
+
+    for choice in lowering_choices(compiled):
+        print(f"  {choice.describe()}")
     with torch.no_grad():
         dense_out = minilm.model(*inputs).last_hidden_state
         pruned_out = pruned(*inputs)["last_hidden_state"]

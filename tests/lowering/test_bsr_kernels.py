@@ -53,6 +53,48 @@ def test_dense_kernel_matches_masked_reference(block, m, template, make_block_sp
     torch.testing.assert_close(y, _reference(x, weight, bias, relu), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("group", "parts"), [(2, 1), (4, 1), (2, 2), (4, 3)])
+@pytest.mark.parametrize("m", [1, 13, 128])
+@pytest.mark.parametrize("block", [(8, 8), (16, 1), (32, 32)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_rows_kernel_sweeping_block_row_groups(block, m, group, parts, make_block_sparse, llvm_target):  # type: ignore[no-untyped-def]
+    """Task order (part, group, X tile, block row): ragged X tiles, empty and full block rows, batch 1."""
+    k = _k(block)
+    weight, mask = make_block_sparse(N, k, block, seed=m)
+    x, bias = torch.randn(m, k), torch.randn(N)
+    spec = KernelSpec(Conv2dGeometry.dense(m, k), N, block, int(mask.sum()))
+    group = min(group, N // block[0])  # 32×32 has two block rows
+    tile = {1: 1, 13: 5, 128: 6}[m]  # 1, 3 and 22 X tiles, the last two ragged
+    parts = parts if -(-m // tile) % parts == 0 else 1
+    schedule = CpuSchedule("rows", tile=tile, row_chunk=min(block[0], 16), group=group, parts=parts)
+    y = _run_dense(spec, schedule, weight, mask, x, bias, llvm_target)
+    torch.testing.assert_close(y, _reference(x, weight, bias, False), rtol=1e-4, atol=1e-4)
+
+
+def test_rows_group_and_parts_must_divide(llvm_target):  # type: ignore[no-untyped-def]
+    spec = KernelSpec(Conv2dGeometry.dense(8, K), N, (16, 1), 4)  # N/16 = 4 block rows, 2 X tiles
+    with pytest.raises(ValueError, match="group"):
+        cpu_kernel(spec, llvm_target, CpuSchedule("rows", tile=4, row_chunk=16, group=3))
+    with pytest.raises(ValueError, match="parts"):
+        cpu_kernel(spec, llvm_target, CpuSchedule("rows", tile=4, row_chunk=16, parts=3))
+
+
+def test_threads_split_x_tiles_when_they_divide() -> None:
+    spec = KernelSpec(Conv2dGeometry.dense(128, 768), 3072, (16, 1), 4608)
+    assert choose_cpu_schedule(spec, 8, threads=2).parts == 2  # 22 X tiles of 6 rows
+    one_row = KernelSpec(Conv2dGeometry.dense(1, 768), 3072, (16, 1), 4608)
+    assert choose_cpu_schedule(one_row, 8, threads=2).parts == 1
+
+
+def test_group_keeps_a_groups_blocks_within_budget() -> None:
+    """Dense weights sweep few block rows per X tile, very sparse ones sweep them all."""
+    dense = KernelSpec(Conv2dGeometry.dense(128, 3072), 768, (16, 1), 48 * 3072)
+    sparse = KernelSpec(Conv2dGeometry.dense(128, 3072), 768, (16, 1), 48 * 3072 // 100)
+    few, many = choose_cpu_schedule(dense, 8).group, choose_cpu_schedule(sparse, 8).group
+    assert 48 % few == 0 and 48 % many == 0
+    assert few * 3072 * 16 * 4 <= 256 * 1024 < 2 * few * 3072 * 16 * 4
+    assert many == 48
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
 def test_single_nonzero_block(block, make_single_block, llvm_target):  # type: ignore[no-untyped-def]
     k = _k(block)

@@ -10,7 +10,8 @@ import torch
 
 from tilefx.lowering import build as build_mod
 from tilefx.lowering import compat
-from tilefx.lowering.build import KernelCache, compile_graph
+from tilefx.lowering.build import KernelCache, compile_graph, lowering_choices
+from tilefx.lowering.fallback import LayerChoice, choose, interleaved_times
 from tilefx.lowering.plan import plan_graph
 from tilefx.passes.infra.errors import LoweringError
 from tilefx.passes.metadata import BlockSparsity, Metadata, apply_masks, set_metadata
@@ -53,7 +54,7 @@ def _pruned(
 def compiled(tmp_path_factory):  # type: ignore[no-untyped-def]
     gm, x = _pruned()
     cache_dir = tmp_path_factory.mktemp("kernels")
-    return gm, x, compile_graph(gm, "llvm", cache_dir=cache_dir), cache_dir
+    return gm, x, compile_graph(gm, "llvm", cache_dir=cache_dir, fallback="never"), cache_dir
 
 
 def test_plan_picks_the_annotated_layers_and_fuses_relu() -> None:
@@ -112,7 +113,9 @@ def test_disk_cache_is_reused(compiled, monkeypatch) -> None:  # type: ignore[no
     assert len(list(cache_dir.glob("bsr_*.so"))) >= 3  # plus kernels other tests asked for
     monkeypatch.setattr(KernelCache, "_memory", {})
     monkeypatch.setattr(compat, "build", _no_compile)
-    again = compile_graph(gm, "llvm", cache_dir=cache_dir)  # must load every kernel from disk
+    again = compile_graph(
+        gm, "llvm", cache_dir=cache_dir, fallback="never"
+    )  # must load every kernel from disk
     torch.testing.assert_close(again(x), gm(x), rtol=1e-4, atol=1e-4)
 
 
@@ -177,3 +180,77 @@ def test_runtime_accepts_unaligned_views(compiled) -> None:  # type: ignore[no-u
     x = torch.randn(1 + 8 * layer.in_features)[1:].view(8, -1)  # 4 bytes in: TVM rejects such pointers
     expected = torch.relu(torch.nn.functional.linear(x, gm.fc1.weight, gm.fc1.bias))
     torch.testing.assert_close(layer(x), expected)
+
+
+def _timer_favouring(sparse_wins: set[str]):  # type: ignore[no-untyped-def]
+    """A fake timer: the kernel wins for layers whose node is in ``sparse_wins``; nothing is timed."""
+    nodes = iter(["conv2d", "linear", "linear_1"])  # plan order
+
+    def timer(calls):  # type: ignore[no-untyped-def]
+        assert set(calls) == {"sparse", "dense"}
+        return {"sparse": 1.0, "dense": 2.0} if next(nodes) in sparse_wins else {"sparse": 2.0, "dense": 2.0}
+
+    return timer
+
+
+def test_measured_fallback_keeps_slower_layers_dense() -> None:
+    gm, x = _pruned()
+    out = compile_graph(gm, "llvm", timer=_timer_favouring({"linear"}))
+    kinds = [type(m) for m in out.children()]
+    assert kinds.count(BsrLinear) == 1 and kinds.count(BsrConv2d) == 0
+    assert "aten.conv2d" in out.code and "aten.relu" in out.code  # conv and its relu stay torch
+    choices = lowering_choices(out)
+    assert [(c.node, c.lowered) for c in choices] == [
+        ("conv2d", False),
+        ("linear", True),
+        ("linear_1", False),
+    ]
+    assert choices[1].sparse_ms == 1.0 and choices[1].dense_ms == 2.0
+    torch.testing.assert_close(out(x), gm(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_times_the_same_computation_both_ways() -> None:
+    """The two calls handed to the timer compute the layer (conv with ReLU, linear with and without)."""
+    seen = []
+
+    def comparing_timer(calls):  # type: ignore[no-untyped-def]
+        sparse, dense = calls["sparse"](), calls["dense"]()
+        torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
+        seen.append(tuple(sparse.shape))
+        return {"sparse": 1.0, "dense": 2.0}
+
+    gm, _ = _pruned()
+    compile_graph(gm, "llvm", timer=comparing_timer)
+    assert seen == [(2, 16, 6, 6), (2, 32), (2, 8)]
+
+
+def test_fallback_never_lowers_without_timing() -> None:
+    def no_timer(calls):  # type: ignore[no-untyped-def]
+        raise AssertionError("fallback='never' must not time anything")
+
+    gm, x = _pruned()
+    out = compile_graph(gm, "llvm", fallback="never", timer=no_timer)
+    assert all(c.lowered and c.sparse_ms is None for c in lowering_choices(out))
+    assert len(lowering_choices(out)) == 3
+
+
+def test_unknown_fallback_is_rejected_before_compiling(forbid_compile) -> None:  # type: ignore[no-untyped-def]
+    gm, _ = _pruned()
+    with pytest.raises(LoweringError, match="unknown fallback 'sometimes'"):
+        compile_graph(gm, fallback="sometimes")
+
+
+def test_a_tie_stays_dense_and_is_described() -> None:
+    choice = choose(
+        "fc", lambda: None, lambda: None, "measure", timer=lambda calls: dict.fromkeys(calls, 3.0)
+    )
+    assert choice == LayerChoice("fc", lowered=False, sparse_ms=3.0, dense_ms=3.0)
+    assert "dense torch" in choice.describe() and "1.00x" in choice.describe()
+
+
+def test_interleaved_timer_alternates_the_calls() -> None:
+    order: list[str] = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = interleaved_times(calls, rounds=3, warmup=1)
+    assert {name: len(ts) for name, ts in times.items()} == {"a": 3, "b": 3}
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]
