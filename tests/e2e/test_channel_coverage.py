@@ -21,13 +21,21 @@ FAMILIES = (
 )  # fmt: skip
 
 
+#: Run on the same xdist worker as test_model_coverage's largest models, one at a time (memory).
+HUGE = ("vgg11_bn", "vit_b_32")
+
+
 def _side(name: str) -> int:
     return 224 if name.startswith(("vit_", "swin_", "maxvit_")) else 96 if name == "inception_v3" else 64
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "ratio"), [(name, (0.3, 0.5)[i % 2]) for i, name in enumerate(FAMILIES)]
+    ("name", "ratio"),
+    [
+        pytest.param(name, (0.3, 0.5)[i % 2], marks=[pytest.mark.xdist_group("huge")] if name in HUGE else [])
+        for i, name in enumerate(FAMILIES)
+    ],
 )  # both ratios on every model: benchmarks/channel_coverage.py
 def test_torchvision_family_prunes_and_shrinks(name: str, ratio: float) -> None:
     model = randomize_bn(torchvision.models.get_model(name, weights=None)).eval()

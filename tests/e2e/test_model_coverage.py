@@ -11,8 +11,9 @@ from tests.models import randomize_bn
 from tilefx.report import max_relative_error
 
 TORCHVISION = torchvision.models.list_models(module=torchvision.models)
-#: The largest models (145M–644M parameters) share one xdist worker, one at a time: bounds peak memory.
-HUGE = ("regnet_y_128gf", "regnet_y_32gf", "vit_h_14", "vit_l_16", "vit_l_32")
+#: The largest models (86M–644M parameters) share one xdist worker, one at a time: bounds peak memory.
+HUGE = ("regnet_y_128gf", "regnet_y_32gf", "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32")
+HUGE += tuple(n for n in TORCHVISION if n.startswith("vgg"))
 NEEDS_224 = ("vit_", "swin_", "maxvit_")  # fixed image size or window arithmetic
 
 
