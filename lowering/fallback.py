@@ -2,8 +2,8 @@
 
 A BSR kernel beats torch dense only when the block shape and the dropped fraction leave it
 enough work saved: on BERT FFN shapes (AVX2, 2 threads, ``benchmarks/results/kernels_cpu_*``)
-1×1 and 1×16 blocks at 50% sparsity ran at 0.5–0.95× of dense while 16×1 at 90% ran 3–4×
-faster, and a 3×3 conv at 95% was slower than dense for most blocks. Whether a layer wins depends on
+1×1 and 1×16 blocks at 50% sparsity ran at 0.4–1.0× of dense while 16×1 at 90% ran 7–8.5×
+faster, and a ResNet 3×3 conv at 50% was slower than dense for most blocks. Whether a layer wins depends on
 its shape, its block, its density and the host, so ``fallback="measure"`` (the default of
 ``compile_graph``) times both on the layer's real input shape at compile time, interleaved so
 load from other processes hits them alike, and keeps the kernel only if its best time is
@@ -65,9 +65,13 @@ class LayerChoice:
 
 
 def interleaved_times(
-    calls: Mapping[str, Callable[[], object]], rounds: int = 9, warmup: int = 2
+    calls: Mapping[str, Callable[[], object]], rounds: int = 9, warmup: int = 2, burst: int = 1
 ) -> dict[str, list[float]]:
-    """ms of every call of each, timed round-robin (A, B, A, B, ...) so drifting load hits all alike."""
+    """ms of every call of each, timed round-robin (A, B, A, B, ...) so drifting load hits all alike.
+
+    With ``burst`` > 1 each turn makes ``burst - 1`` untimed calls first and times the next: the
+    steady state of a call that follows itself, free of the other contender's thread pool.
+    """
     with torch.no_grad():
         for call in calls.values():
             for _ in range(warmup):  # thread pools, caches, first-touch of the output
@@ -75,6 +79,8 @@ def interleaved_times(
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(rounds):
             for name, call in calls.items():
+                for _ in range(burst - 1):
+                    call()
                 start = time.perf_counter()
                 call()
                 times[name].append((time.perf_counter() - start) * 1e3)

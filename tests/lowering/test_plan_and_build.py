@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -174,6 +175,16 @@ def test_plan_does_not_import_tvm() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("preset", [None, "5000"])
+def test_tvm_pool_sleeps_between_kernels_unless_the_user_chose(preset: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+    if preset is not None:
+        env["TVM_THREAD_POOL_SPIN_COUNT"] = preset
+    code = "import os, tilefx.lowering.build; print(os.environ['TVM_THREAD_POOL_SPIN_COUNT'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    assert done.stdout.strip() == (preset or "0")
+
+
 def test_runtime_accepts_unaligned_views(compiled) -> None:  # type: ignore[no-untyped-def]
     gm, _, out, _ = compiled
     layer = next(m for m in out.children() if isinstance(m, BsrLinear))
@@ -254,3 +265,11 @@ def test_interleaved_timer_alternates_the_calls() -> None:
     times = interleaved_times(calls, rounds=3, warmup=1)
     assert {name: len(ts) for name, ts in times.items()} == {"a": 3, "b": 3}
     assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]
+
+
+def test_burst_timer_times_only_the_last_call_of_each_turn() -> None:
+    order: list[str] = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = interleaved_times(calls, rounds=2, warmup=0, burst=3)
+    assert {name: len(ts) for name, ts in times.items()} == {"a": 2, "b": 2}
+    assert "".join(order) == "aaabbbaaabbb"
