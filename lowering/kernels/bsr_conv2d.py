@@ -5,9 +5,12 @@ with W's matrix view in BSR; blocks of ``(1, kh·kw)`` are whole kernels (Synapt
 kernel-level sparsity), larger blocks span several kernels or output channels. A 1×1 conv is
 the same GEMM over channels, and a linear layer is a 1×1 conv on a 1×1 image.
 
-The template first gathers ``XT[k, pixel]`` (im2col, zero padded, transposed so pixels are
-contiguous), then every parallel task owns one block row and a tile of ``token_tile`` pixels and
-keeps ``row_chunk × token_tile`` accumulators in registers over the ragged block walk, loading
+The template first lays X out so that pixels are contiguous: stride-1 convs only copy it into
+zero-padded planes and read every tap as a shifted view of them (no im2col; 2–5× faster at 90%
+than gathering ``XT[k, pixel]`` on ResNet-50's 3×3 convs, measured side by side, since the
+im2col wrote kh·kw copies of X); strided convs gather the im2col ``XT[k, pixel]``, linear
+layers transpose. Then every parallel task owns one block row and a tile of ``token_tile``
+pixels and keeps ``row_chunk × token_tile`` accumulators in registers over the ragged block walk, loading
 XT rows as vectors and broadcasting W scalars. That makes the vector width independent of the
 block's row count, so it suits r = 1, 2, 4 and convs (whose output is channel-major, NCHW, which
 is exactly this layout). The result is written channel-major to ``YT`` and moved to NCHW (or,
@@ -74,27 +77,75 @@ def pointwise_relayout(X, XT, g, m_rows, m_pad):  # type: ignore[no-untyped-def]
             XT[kk, m] = T.float32(0)
 
 
+def _shifted_layout(g, tile: int) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+    """``(Wp, tokens per image, plane length)`` of the stride-1 layout without im2col.
+
+    Output pixels are computed on the padded width: token ``y·Wp + x`` of an image reads tap
+    ``(dy, dx)`` at ``y·Wp + x + dy·dh·Wp + dx·dw`` of the flattened zero-padded input plane,
+    a constant offset per tap, so a vector of tokens is one contiguous load. The ``Wp − ow``
+    extra columns per row are computed and dropped by the epilogue; tokens per image are
+    rounded up to whole tiles (tiles never straddle images) and the plane is zero-extended so
+    the last tile's shifted reads stay inside it.
+    """
+    wp = g.width + 2 * g.padding[1]
+    oh, _ = g.out_hw
+    tokens = -(-oh * wp // tile) * tile
+    max_offset = (g.kernel[0] - 1) * g.dilation[0] * wp + (g.kernel[1] - 1) * g.dilation[1]
+    return wp, tokens, max((g.height + 2 * g.padding[0]) * wp, tokens + max_offset)
+
+
+@T.macro
+def pad_planes(X, Xs, g, wp, plane):  # type: ignore[no-untyped-def]
+    """``Xs[(ci·B + b)·plane + (y+ph)·Wp + x+pw] = X[b, ci, y, x]``, zero elsewhere."""
+    for t in T.parallel(g.in_channels * g.batch):
+        for i in range(plane):
+            Xs[t * plane + i] = T.float32(0)
+        for y, x in T.grid(g.height, g.width):
+            Xs[t * plane + (y + g.padding[0]) * wp + x + g.padding[1]] = X[t % g.batch, t // g.batch, y, x]
+
+
 def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.tirx.PrimFunc:
     """BSR conv2d / dense kernel with lanes over ``token_tile`` output pixels (GEMM rows).
 
     Requires: ``row_chunk`` divides ``r``. Buffers: X (NCHW, or [M, K] for a linear layer),
     W_data[nnzb, c, r], W_indices[nnzb], W_indptr[N/r + 1], bias[N], Y (NCHW, or [M, N]).
+    Every path reads X through ``src[tap[k] + tile offset + lane]``: the im2col/transpose
+    paths store ``XT[k, token]`` (``tap[k] = k·Mp``), stride-1 convs read the padded planes
+    directly (``_shifted_layout``), which saves writing kh·kw copies of the input.
     """
     g = spec.geometry
     if spec.block[0] % row_chunk:
         raise ValueError(f"row_chunk {row_chunk} must divide the block rows of {spec.block}")
     R, C = spec.block
-    M, N = g.m, spec.n
+    N = spec.n
     MV, RT = token_tile, row_chunk
-    MO = -(-M // MV)
-    Mp = MO * MV
     NB = N // R
     NNZB = max(spec.nnzb, 1)
+    K, B = g.k, g.batch
     oh, ow = g.out_hw
-    HW = oh * ow
+    KHW = g.kernel[0] * g.kernel[1]
+    shifted = not g.is_dense and not g.is_pointwise and g.stride == (1, 1)
+    if shifted:
+        WP, PER_IMAGE, PLANE = _shifted_layout(g, MV)
+        M = B * PER_IMAGE  # tokens, including the dropped columns
+        SRC = K // KHW * B * PLANE
+    else:
+        M = g.m
+        WP, PER_IMAGE, PLANE = ow, oh * ow, 0
+        SRC = 0
+    MO = -(-M // MV)
+    Mp = MO * MV
+    SRC = SRC or K * Mp
+    TPI = PER_IMAGE // MV if shifted else MO  # tiles per image
     padded_shape = (g.batch, g.in_channels, g.height + 2 * g.padding[0], g.width + 2 * g.padding[1])
     tiled_transpose = g.is_dense and M % _TILE == 0 and N % _TILE == 0
     act = activation(spec.relu)
+
+    def _tile_offset(t):  # type: ignore[no-untyped-def]
+        """Where tile ``t % MO`` starts in ``src``, past its tap offset."""
+        if shifted:
+            return t % MO // TPI * PLANE + t % MO % TPI * MV
+        return t % MO * MV
 
     @T.prim_func
     def main(
@@ -106,16 +157,29 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
         Y: T.Buffer(g.output_shape(N), "float32"),
     ) -> None:
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        XT = T.alloc_buffer((g.k, Mp), "float32")
+        src = T.alloc_buffer((SRC,), "float32")
+        tap = T.alloc_buffer((K,), "int32")
         YT = T.alloc_buffer((N, Mp), "float32")
-        if g.is_dense:
-            transpose_x(X, XT, M, g.k, Mp)
-        elif g.is_pointwise:
-            pointwise_relayout(X, XT, g, M, Mp)
+        XT = T.decl_buffer((K, Mp), "float32", data=src.data)
+        if shifted:
+            pad_planes(X, src, g, WP, PLANE)
+            for kk in range(K):
+                tap[kk] = (
+                    kk // KHW * B * PLANE
+                    + kk % KHW // g.kernel[1] * g.dilation[0] * WP
+                    + kk % g.kernel[1] * g.dilation[1]
+                )
         else:
-            Xp = T.alloc_buffer(padded_shape, "float32")
-            pad_input(X, Xp, g)
-            im2col(Xp, XT, g, oh, ow, M, Mp)
+            for kk in range(K):
+                tap[kk] = kk * Mp
+            if g.is_dense:
+                transpose_x(X, XT, M, K, Mp)
+            elif g.is_pointwise:
+                pointwise_relayout(X, XT, g, M, Mp)
+            else:
+                Xp = T.alloc_buffer(padded_shape, "float32")
+                pad_input(X, Xp, g)
+                im2col(Xp, XT, g, oh, ow, M, Mp)
         for t in T.parallel(NB * MO):
             for rc in range(R // RT):
                 acc = T.alloc_buffer((RT, MV), "float32", scope="local")
@@ -128,7 +192,8 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
                             for m in T.vectorized(MV):
                                 acc[r, m] = (
                                     acc[r, m]
-                                    + W_data[e, c, rc * RT + r] * XT[W_indices[e] * C + c, t % MO * MV + m]
+                                    + W_data[e, c, rc * RT + r]
+                                    * src[tap[W_indices[e] * C + c] + _tile_offset(t) + m]
                                 )
                 for r in T.unroll(RT):
                     for m in T.vectorized(MV):
@@ -149,6 +214,6 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
         else:
             for t in T.parallel(g.batch * N):
                 for y, x in T.grid(oh, ow):
-                    Y[t // N, t % N, y, x] = act(YT[t % N, t // N * HW + y * ow + x] + bias[t % N])
+                    Y[t // N, t % N, y, x] = act(YT[t % N, t // N * PER_IMAGE + y * WP + x] + bias[t % N])
 
     return main

@@ -121,6 +121,8 @@ CONVS = [
     (2, 16, 32, 7, 1, 1, 0, 1, (16, 1)),  # pointwise
     (1, 16, 32, 6, 1, 1, 0, 1, (1, 1)),
     (1, 4, 8, 8, 5, 1, 2, 1, (2, 25)),
+    (2, 8, 16, 7, 3, 1, 1, 1, (16, 1)),  # stride 1, batch 2: 63 tokens per image, one tile padded
+    (3, 4, 8, 6, 3, 1, 0, 1, (2, 9)),  # no padding: shifted reads run past the last row
 ]
 
 
@@ -163,5 +165,19 @@ def test_schedule_keeps_accumulators_in_registers(block, lanes):  # type: ignore
         vectors = (
             s.tile * max(1, s.row_chunk // lanes) if s.template == "rows" else s.row_chunk * (s.tile // lanes)
         )
-        assert vectors <= 12
+        assert vectors <= (12 if lanes == 8 else 16)  # of 16 (AVX2) or 32 (AVX-512) registers
         assert s.template == "tokens" or geometry.is_dense
+
+
+def test_stride_one_conv_reads_padded_planes_instead_of_an_im2col() -> None:
+    """The stride-1 path's X buffer is the padded input (plus a tail), not kh·kw copies of it."""
+    from tilefx.lowering.kernels.bsr_conv2d import token_lanes_func
+
+    def src_floats(stride: int) -> int:
+        geometry = Conv2dGeometry(1, 16, 10, 10, (3, 3), (stride, stride), (1, 1))
+        script = token_lanes_func(KernelSpec(geometry, 32, (16, 1), 20), 16, 4).script()
+        line = next(line for line in script.splitlines() if "src = T.alloc_buffer" in line)
+        return int(line.split("((")[1].split(",")[0])
+
+    assert src_floats(1) == 16 * (12 * 12 + 10)  # 16 planes of 12×12, +10 so the last tile stays inside
+    assert src_floats(2) == 144 * 32  # im2col: 9 taps × 16 channels, 25 pixels padded to 32
