@@ -8,9 +8,9 @@ the same GEMM over channels, and a linear layer is a 1×1 conv on a 1×1 image.
 The template first lays X out so that pixels are contiguous: stride-1 convs only copy it into
 zero-padded planes and read every tap as a shifted view of them (no im2col; 2–5× faster at 90%
 than gathering ``XT[k, pixel]`` on ResNet-50's 3×3 convs, measured side by side, since the
-im2col wrote kh·kw copies of X); strided convs gather the im2col ``XT[k, pixel]``, linear
-layers transpose. Then every parallel task owns one block row and a tile of ``token_tile``
-pixels and keeps ``row_chunk × token_tile`` accumulators in registers over the ragged block walk, loading
+im2col wrote kh·kw copies of X); strided convs gather the im2col ``XT[k, pixel]``, linear layers
+transpose. Then every parallel task owns one block row and a tile of ``token_tile`` pixels and
+keeps ``row_chunk × token_tile`` accumulators in registers over the ragged block walk, loading
 XT rows as vectors and broadcasting W scalars. That makes the vector width independent of the
 block's row count, so it suits r = 1, 2, 4 and convs (whose output is channel-major, NCHW, which
 is exactly this layout). The result is written channel-major to ``YT`` and moved to NCHW (or,
