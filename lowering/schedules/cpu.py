@@ -1,20 +1,21 @@
 """CPU (llvm) schedules: which template and which tile sizes, from the block and the host.
 
-The register budget drives everything: AVX2 has 16 vector registers, so a task keeps at most 12
+The register file drives everything. AVX2 has 16 vector registers, so a task keeps at most 12
 accumulator vectors live and leaves the rest for the W vector and the X broadcasts; AVX-512 has
-32, and 16 accumulators measured 1.2–1.3× faster than 8–12 there (Xeon, 2 threads, BERT FFN and
-ResNet 3×3 shapes at 50 and 90%; more spilled). Two templates cover the block shapes:
+32, and 16 accumulators measured 1.2–1.3× faster than 8–12 there. Two templates cover the
+block shapes:
 
 * ``rows`` (``kernels.bsr_dense.row_lanes_func``): lanes along the block's r output rows, for
-  linear layers whose blocks have at least a vector of rows (r ≥ lanes) — W blocks are vector
-  loads, X rows are broadcasts, the output is written row-major directly. Since its tasks sweep
-  a group of block rows per cached X tile it also beats ``tokens`` at r = lanes (8×8 on AVX2,
-  BERT FFN shapes at 50 and 90%: 1.2–1.8× faster, measured interleaved on one core).
+  linear layers with tall blocks — W blocks are vector loads, X rows are broadcasts, the output
+  is written row-major directly, and tasks sweep a group of block rows per cached X tile.
 * ``tokens`` (``kernels.bsr_conv2d.token_lanes_func``): lanes along X's rows (tokens, pixels),
   for narrower blocks and for every conv (whose NCHW output is token-contiguous).
 
-Batch 1 (or any M below one vector) always uses ``rows``: vectorising along M would waste
-nearly all lanes on zero padding.
+Where ``rows`` starts paying differs by ISA (2 threads, BERT FFN shapes at 50 and 90%, measured
+side by side): on AVX2 (AMD znver3) from r = lanes, where it beat ``tokens`` by 1.2–1.8× at 8×8;
+on AVX-512 (Intel Xeon) only from r = 2·lanes: at 16×1 ``tokens`` was 1.2–1.8× faster, at
+32×32 ``rows`` 1.1–1.5×. Batch 1 (or any M below one vector) always uses ``rows``: vectorising
+along M would waste nearly all lanes on zero padding.
 """
 
 from __future__ import annotations
@@ -58,9 +59,20 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _register_budget(lanes: int) -> tuple[int, int]:
-    """(accumulator vectors, X rows per ``rows`` task) for a vector width: 32 registers at 16 lanes."""
-    return (16, 16) if lanes >= 16 else (12, 8)
+@dataclass(frozen=True)
+class _Registers:
+    """What a vector width allows: live accumulators, X rows per ``rows`` task, and the least
+    block height for which ``rows`` beats ``tokens`` (see the module docstring)."""
+
+    accumulators: int
+    max_rows: int
+    rows_from: int
+
+
+def _registers(lanes: int) -> _Registers:
+    if lanes >= 16:  # AVX-512: 32 registers
+        return _Registers(accumulators=16, max_rows=16, rows_from=2 * lanes)
+    return _Registers(accumulators=12, max_rows=8, rows_from=lanes)
 
 
 def _group(spec: KernelSpec) -> int:
@@ -75,19 +87,19 @@ def choose_cpu_schedule(spec: KernelSpec, lanes: int, threads: int = 1) -> CpuSc
     """Template and tiles for ``spec`` on a CPU with ``lanes`` fp32 lanes and ``threads`` workers."""
     r, _ = spec.block
     m = spec.geometry.m
-    budget, max_rows = _register_budget(lanes)
-    if spec.geometry.is_dense and (r >= lanes or m < lanes):
+    regs = _registers(lanes)
+    if spec.geometry.is_dense and (r >= regs.rows_from or m < lanes):
         # Chunks of at most two vectors keep rows × chunk within the accumulator budget.
         chunk = _largest_divisor(r, 2 * lanes)
         vectors = max(1, chunk // lanes)
-        tile = max(1, min(budget // vectors, m, max_rows))
+        tile = max(1, min(regs.accumulators // vectors, m, regs.max_rows))
         tiles = -(-m // tile)
         parts = threads if tiles % threads == 0 else 1  # batch 1: threads split block rows instead
         return CpuSchedule("rows", tile=tile, row_chunk=chunk, group=_group(spec), parts=parts)
     chunk = _largest_divisor(r, 4)
     # Wide token tiles amortise the W broadcasts; keep chunk × tile/lanes within budget, and
     # a power of two so the usual M (128, 28·28·…) needs no padding.
-    tile_vectors = max(v for v in (1, 2, 4, 8) if v * chunk <= budget)
+    tile_vectors = max(v for v in (1, 2, 4, 8) if v * chunk <= regs.accumulators)
     tile = lanes * tile_vectors
     tile = min(tile, lanes * -(-m // lanes))  # never pad a small M beyond its last vector
     return CpuSchedule("tokens", tile=tile, row_chunk=chunk)
