@@ -156,6 +156,9 @@ def compile_graph(
     out.graph.lint()
     out.recompile()
     out.meta["lowering_choices"] = tuple(choices)
+    spin = compat.openmp_spin_warning(torch.get_num_threads()) if not compat.is_cuda(tvm_target) else None
+    if spin and any(c.lowered for c in choices):
+        log.warning(spin)
     log.info(
         "lowered %d of %d sparse layers for %s (%.2fs compiling)",
         sum(c.lowered for c in choices),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -273,3 +274,27 @@ def test_burst_timer_times_only_the_last_call_of_each_turn() -> None:
     times = interleaved_times(calls, rounds=2, warmup=0, burst=3)
     assert {name: len(ts) for name, ts in times.items()} == {"a": 2, "b": 2}
     assert "".join(order) == "aaabbbaaabbb"
+
+
+def test_openmp_spin_warning_names_the_fix_unless_waiting_is_passive(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert "OMP_WAIT_POLICY=PASSIVE" in (compat.openmp_spin_warning(2) or "")
+    assert compat.openmp_spin_warning(1) is None  # one torch thread: no worker to spin
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert compat.openmp_spin_warning(2) is None
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert compat.openmp_spin_warning(2) is None
+
+
+def test_compile_warns_about_spinning_openmp_only_when_a_kernel_is_used(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(compat, "openmp_spin_warning", lambda threads: "spinning workers")
+    gm, _ = _pruned()
+    with caplog.at_level(logging.WARNING, logger="tilefx.lowering.build"):
+        compile_graph(gm, "llvm", timer=_timer_favouring(set()))
+    assert "spinning workers" not in caplog.text  # everything stayed torch
+    with caplog.at_level(logging.WARNING, logger="tilefx.lowering.build"):
+        compile_graph(gm, "llvm", timer=_timer_favouring({"linear"}))
+    assert "spinning workers" in caplog.text
