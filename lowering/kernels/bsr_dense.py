@@ -60,9 +60,10 @@ def transpose_x(X, XT, m_rows, k_cols, m_pad):  # type: ignore[no-untyped-def]
         for kk in T.parallel(k_cols):
             for m in range(m_rows):
                 XT[kk, m] = X[m, kk]
-    for kk in T.parallel(k_cols):
-        for m in range(m_rows, m_pad):
-            XT[kk, m] = T.float32(0)
+    if m_pad > m_rows:  # each parallel loop wakes the pool (~5 µs with a sleeping pool)
+        for kk in T.parallel(k_cols):
+            for m in range(m_rows, m_pad):
+                XT[kk, m] = T.float32(0)
 
 
 @T.macro
