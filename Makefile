@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check tilefx passes lowering runtime tests benchmarks
 
 typecheck: $(STAMP)
-	$(PY) -m mypy tilefx passes
+	$(PY) -m mypy tilefx passes lowering runtime
 
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py

@@ -158,7 +158,7 @@ def _attr(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
     value: Any = gm
     for part in name.split("."):
         value = getattr(value, part)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _bias_name(gm: torch.fx.GraphModule, bias_node: Any, out: int, where: str) -> str | None:

@@ -33,6 +33,11 @@ KernelFactory = Callable[[tuple[int, ...]], Kernel]
 class _BsrModule(torch.nn.Module):
     """Shared state: packed weight, bias (zeros when the layer had none), kernels per input shape."""
 
+    w_data: torch.Tensor
+    w_indices: torch.Tensor
+    w_indptr: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, weight: BsrWeight, bias: torch.Tensor | None, kernel_for: KernelFactory) -> None:
         super().__init__()
         self.register_buffer("w_data", weight.data)
