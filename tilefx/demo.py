@@ -117,7 +117,13 @@ def minilm_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8) -> None
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
-    print(f"tilefx {tilefx.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    import os
+
+    print(
+        f"tilefx {tilefx.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (torch's small ops are ~10% slower "
+        "with PASSIVE, TVM kernels between them much faster: README, Threads)"
+    )
     minilm_demo()
     resnet50_demo()
     return 0
