@@ -4,8 +4,6 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export TVM_NUM_THREADS ?= 2
-# torch's OpenMP workers otherwise spin after each op and slow the TVM kernel that follows (lowering/compat.py).
-export OMP_WAIT_POLICY ?= PASSIVE
 # Test workers: CI has 2 cores; each worker gets cores/workers threads (tests/conftest.py).
 TEST_JOBS ?= 2
 

@@ -24,20 +24,15 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-# Before torch loads libgomp, which reads it once: its workers would otherwise spin after every
-# torch call and share cores with TVM's (see lowering/compat.py). torch's GEMM is not slower
-# for it (2.07 vs 1.99 ms median, BERT FFN2 shape, 2 threads); the header prints the policy used.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
 
-import scipy.sparse as sp  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from tilefx.lowering import compat  # noqa: E402
-from tilefx.lowering.build import KernelCache  # noqa: E402
-from tilefx.lowering.fallback import interleaved_times  # noqa: E402
-from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec  # noqa: E402
-from tilefx.runtime.packing import pack_bsr  # noqa: E402
+from tilefx.lowering import compat, openmp_launch
+from tilefx.lowering.build import KernelCache
+from tilefx.lowering.fallback import interleaved_times
+from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec
+from tilefx.runtime.packing import pack_bsr
 
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 BLOCKS = ((1, 1), (16, 1), (1, 16), (8, 8), (32, 32))
@@ -134,7 +129,8 @@ def main() -> int:
     load = os.getloadavg()[0]
     print(
         f"target {target}, torch threads {threads}, TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, kernels on torch's OpenMP threads: "
+        f"{openmp_launch.available()[0]}, "
         f"{args.runs} runs, load average at start {load:.2f}\n"
     )
     for shape in shapes:

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,7 @@ from ..passes.graph_utils import unique_attr_name
 from ..passes.infra.errors import LoweringError
 from ..runtime.packing import BsrWeight, pack_bsr, pattern_hash
 from ..runtime.sparse_modules import BsrConv2d, BsrLinear, Kernel
-from . import compat
+from . import compat, openmp_launch
 from .fallback import Fallback, LayerChoice, Timer, check_fallback, choose, interleaved_best_ms
 from .kernels.spec import Conv2dGeometry, KernelSpec
 from .plan import SparseLayer, plan_graph
@@ -45,7 +46,7 @@ __all__ = ["KernelCache", "compile_graph", "kernel_func", "layer_spec", "lowerin
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a template changes, so stale on-disk kernels are never loaded.
-_KERNEL_VERSION = "2"
+_KERNEL_VERSION = "3"
 
 
 def kernel_func(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
@@ -56,7 +57,12 @@ def kernel_func(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFun
 
 
 class KernelCache:
-    """Compiled kernels by (spec, target): in memory always, on disk when given a directory."""
+    """Compiled kernels by (spec, target): in memory always, on disk when given a directory.
+
+    CPU kernels are loaded from a shared library whenever their parallel loops can run on
+    torch's OpenMP threads (``openmp_launch``): without a ``cache_dir`` that library goes to a
+    per-user temporary directory, keyed like the cache, so it is reused too.
+    """
 
     _memory: dict[str, Kernel] = {}  # process-wide: recompiling an identical kernel is pure waste
 
@@ -76,32 +82,38 @@ class KernelCache:
             started = time.perf_counter()
             executable = compat.build(kernel_func(spec, target), target)
             self.compile_seconds += time.perf_counter() - started
-            self._store(key, executable, target)
-            found = executable["main"]
+            found = self._store(key, executable, target) or executable["main"]
         self._memory[key] = found
         return found
 
     def _path(self, key: str, target: tvm.target.Target) -> Path | None:
         # CUDA executables need nvcc to export; they are cheap to regenerate, so memory only.
-        if self.cache_dir is None or compat.is_cuda(target):
+        if compat.is_cuda(target):
             return None
-        return self.cache_dir / f"bsr_{key}.so"
+        directory = self.cache_dir
+        if directory is None and openmp_launch.launcher_address() is not None:
+            directory = openmp_launch.cache_dir() / "kernels"
+        return directory / f"bsr_{key}.so" if directory is not None else None
 
     def _load(self, key: str, target: tvm.target.Target) -> Kernel | None:
         path = self._path(key, target)
         if path is None or not path.exists():
             return None
         log.debug("kernel %s loaded from %s", key, path)
-        return tvm.runtime.load_module(str(path))["main"]
+        kernel = tvm.runtime.load_module(str(path))["main"]
+        openmp_launch.share_torch_threads(path)  # after loading: the runtime sets TVM's pool first
+        return kernel
 
-    def _store(self, key: str, executable: Any, target: tvm.target.Target) -> None:
+    def _store(self, key: str, executable: Any, target: tvm.target.Target) -> Kernel | None:
+        """Export ``executable`` (when it has a path) and return the kernel loaded from it."""
         path = self._path(key, target)
         if path is None:
-            return
+            return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".tmp.so")
+        partial = path.with_suffix(f".{os.getpid()}.tmp.so")
         executable.export_library(str(partial))
         partial.replace(path)  # atomic: a concurrent reader never sees half a library
+        return self._load(key, target)
 
 
 def layer_spec(layer: SparseLayer, nnzb: int, input_shape: tuple[int, ...]) -> KernelSpec:
@@ -156,7 +168,10 @@ def compile_graph(
     out.graph.lint()
     out.recompile()
     out.meta["lowering_choices"] = tuple(choices)
-    spin = compat.openmp_spin_warning(torch.get_num_threads()) if not compat.is_cuda(tvm_target) else None
+    shared = openmp_launch.launcher_address() is not None  # then there is one pool, nothing to fight
+    spin = (
+        None if compat.is_cuda(tvm_target) or shared else compat.openmp_spin_warning(torch.get_num_threads())
+    )
     if spin and any(c.lowered for c in choices):
         log.warning(spin)
     log.info(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tilefx.lowering import build as build_mod
-from tilefx.lowering import compat
+from tilefx.lowering import compat, openmp_launch
 from tilefx.lowering.build import KernelCache, compile_graph, lowering_choices
 from tilefx.lowering.fallback import LayerChoice, choose, interleaved_times
 from tilefx.lowering.plan import plan_graph
@@ -291,6 +291,7 @@ def test_openmp_spin_warning_names_the_fix_unless_waiting_is_passive(monkeypatch
 
 def test_compile_warns_about_spinning_openmp_only_when_a_kernel_is_used(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(compat, "openmp_spin_warning", lambda threads: "spinning workers")
+    monkeypatch.setattr(openmp_launch, "launcher_address", lambda: None)  # two pools, as without a compiler
     gm, _ = _pruned()
     with caplog.at_level(logging.WARNING, logger="tilefx.lowering.build"):
         compile_graph(gm, "llvm", timer=_timer_favouring(set()))
@@ -298,3 +299,51 @@ def test_compile_warns_about_spinning_openmp_only_when_a_kernel_is_used(monkeypa
     with caplog.at_level(logging.WARNING, logger="tilefx.lowering.build"):
         compile_graph(gm, "llvm", timer=_timer_favouring({"linear"}))
     assert "spinning workers" in caplog.text
+
+
+def test_no_spin_warning_when_kernels_run_on_torchs_threads(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(compat, "openmp_spin_warning", lambda threads: "spinning workers")
+    monkeypatch.setattr(openmp_launch, "launcher_address", lambda: 1)
+    gm, _ = _pruned()
+    with caplog.at_level(logging.WARNING, logger="tilefx.lowering.build"):
+        compile_graph(gm, "llvm", timer=_timer_favouring({"linear"}))
+    assert "spinning workers" not in caplog.text
+
+
+def test_cpu_kernels_run_on_torchs_openmp_threads_and_stay_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import ctypes
+
+    from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec
+    from tilefx.runtime.packing import pack_bsr
+
+    shared, why = openmp_launch.available()
+    if not shared:
+        pytest.skip(f"kernels keep TVM's pool here: {why}")
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(64 // 8, 96 // 8, generator=gen) < 0.4
+    weight = torch.randn(64, 96, generator=gen) * mask.repeat_interleave(8, 0).repeat_interleave(8, 1)
+    packed = pack_bsr(weight, (8, 8), mask)
+    spec = KernelSpec(Conv2dGeometry.dense(128, 96), 64, (8, 8), packed.nnzb)
+    target = compat.make_target("llvm")
+    cache = KernelCache(tmp_path)
+    kernel = cache.kernel(spec, target)
+    library = tmp_path / f"bsr_{cache.key(spec, target)}.so"
+    hook = ctypes.c_void_p.in_dll(ctypes.CDLL(str(library)), "__TVMBackendParallelLaunch")
+    assert hook.value == openmp_launch.launcher_address()
+    x, bias = torch.randn(128, 96), torch.randn(64)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):  # the team is torch's: its size follows torch.set_num_threads
+            torch.set_num_threads(n)
+            y = torch.empty(128, 64)
+            kernel(x, packed.data, packed.indices, packed.indptr, bias, y)
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sharing_torchs_threads_can_be_turned_off() -> None:
+    env = {**os.environ, "TILEFX_OPENMP_LAUNCH": "0"}
+    code = "from tilefx.lowering import openmp_launch; print(openmp_launch.available())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    assert "(False, 'disabled by TILEFX_OPENMP_LAUNCH=0')" in done.stdout
