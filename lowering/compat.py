@@ -35,7 +35,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# TVM's pool workers spin (300k iterations by default) after each parallel kernel. Next to
+# When kernels keep TVM's own pool (see openmp_launch, which normally replaces it with torch's
+# threads): TVM's pool workers spin (300k iterations by default) after each parallel kernel. Next to
 # torch, whose OpenMP workers spin too after each op, a spinning TVM worker shares its core
 # with a spinning OpenMP one until the scheduler's time slice ends: a 0.5 ms kernel took
 # 2.4-5.8 ms when alternated with torch's GEMM (BERT FFN shapes at 90%, 2 threads, AVX2). A
@@ -47,6 +48,9 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 def openmp_spin_warning(torch_threads: int) -> str | None:
     """Why TVM kernels between torch ops may run slow here, or None when they should not.
+
+    Only relevant when kernels keep TVM's own pool (``openmp_launch`` could not share torch's
+    threads); ``build.compile_graph`` asks only then.
 
     The other half of the fight above: torch's OpenMP (libgomp) workers spin for a while after
     every torch op unless ``OMP_WAIT_POLICY=PASSIVE`` (or a small ``GOMP_SPINCOUNT``) was set

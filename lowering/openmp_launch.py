@@ -84,14 +84,17 @@ def _compile_launcher() -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    source = target.with_suffix(".c")
+    source = target.with_suffix(f".{os.getpid()}.c")  # per process: concurrent first uses race
     source.write_text(_SOURCE)
     partial = target.with_suffix(f".{os.getpid()}.tmp")
     command = [compiler, "-O2", "-shared", "-fPIC", "-fopenmp", str(source), "-o", str(partial)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[:500]}")
-    partial.replace(target)  # atomic: a concurrent process never loads half a library
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[:500]}")
+        partial.replace(target)  # atomic: a concurrent process never loads half a library
+    finally:
+        source.unlink(missing_ok=True)
     return target
 
 
