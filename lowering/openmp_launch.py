@@ -134,7 +134,10 @@ def share_torch_threads(library_path: str | Path) -> bool:
     address = launcher_address()
     if address is None:
         return False
-    library = ctypes.CDLL(str(library_path))
-    hook = ctypes.c_void_p.in_dll(library, "__TVMBackendParallelLaunch")
+    try:
+        hook = ctypes.c_void_p.in_dll(ctypes.CDLL(str(library_path)), "__TVMBackendParallelLaunch")
+    except (OSError, ValueError) as exc:  # a TVM whose libraries no longer expose the hook
+        log.warning("kernel %s keeps TVM's thread pool: %s", library_path, exc)
+        return False
     hook.value = address
     return True
