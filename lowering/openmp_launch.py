@@ -56,7 +56,11 @@ int tilefx_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task
 
 
 def _torch_libgomp() -> str | None:
-    """Path of the libgomp torch loaded, if torch runs on libgomp (Linux wheels do)."""
+    """Path of the loaded ``libgomp.so.1``, the soname torch links and our launcher will bind to.
+
+    Other packages bundle libgomp under hashed names (scikit-learn's ``libgomp-<hash>.so``);
+    those are separate runtimes that the launcher does not bind to, so they do not matter here.
+    """
     import torch
 
     if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
@@ -65,8 +69,8 @@ def _torch_libgomp() -> str | None:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    paths = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line.split("/")[-1]}
-    return sorted(paths)[0] if len(paths) == 1 else None
+    paths = {line.split()[-1] for line in maps.splitlines() if line.endswith("/libgomp.so.1")}
+    return paths.pop() if len(paths) == 1 else None
 
 
 def cache_dir() -> Path:
