@@ -153,12 +153,16 @@ def resnet18_blocks_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
-    import os
+    from tilefx.lowering import openmp_launch  # imports tvm
 
+    shared, why = openmp_launch.available()
     print(
-        f"tilefx {tilefx.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (torch's small ops are ~10% slower "
-        "with PASSIVE, TVM kernels between them much faster: README, Threads)"
+        f"tilefx {tilefx.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        + (
+            "TVM kernels run on torch's OpenMP threads"
+            if shared
+            else f"TVM kernels use their own pool ({why})"
+        )
     )
     minilm_demo()
     resnet18_blocks_demo()
