@@ -109,7 +109,7 @@ def _launcher() -> tuple[int | None, str]:
         return None, "disabled by TILEFX_OPENMP_LAUNCH=0"
     gomp = _torch_libgomp()
     if gomp is None:
-        return None, "torch does not run on a single libgomp here"
+        return None, "no libgomp.so.1 is loaded (torch does not run on libgomp here)"
     try:
         library = ctypes.CDLL(str(_compile_launcher()))
     except (OSError, RuntimeError) as exc:
