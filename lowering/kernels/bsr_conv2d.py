@@ -100,8 +100,11 @@ def pad_planes(X, Xs, g, wp, plane):  # type: ignore[no-untyped-def]
     for t in T.parallel(g.in_channels * g.batch):
         for i in range(plane):
             Xs[t * plane + i] = T.float32(0)
-        for y, x in T.grid(g.height, g.width):
-            Xs[t * plane + (y + g.padding[0]) * wp + x + g.padding[1]] = X[t % g.batch, t // g.batch, y, x]
+        for y in range(g.height):
+            for x in T.vectorized(g.width):
+                Xs[t * plane + (y + g.padding[0]) * wp + x + g.padding[1]] = X[
+                    t % g.batch, t // g.batch, y, x
+                ]
 
 
 def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.tirx.PrimFunc:
@@ -220,7 +223,8 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
                     Y[m, n] = act(YT[n, m] + bias[n])
         else:
             for t in T.parallel(g.batch * N):
-                for y, x in T.grid(oh, ow):
-                    Y[t // N, t % N, y, x] = act(YT[t % N, t // N * PER_IMAGE + y * WP + x] + bias[t % N])
+                for y in range(oh):
+                    for x in T.vectorized(ow):
+                        Y[t // N, t % N, y, x] = act(YT[t % N, t // N * PER_IMAGE + y * WP + x] + bias[t % N])
 
     return main
