@@ -46,7 +46,7 @@ __all__ = ["KernelCache", "compile_graph", "kernel_func", "layer_spec", "lowerin
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a template changes, so stale on-disk kernels are never loaded.
-_KERNEL_VERSION = "3"
+_KERNEL_VERSION = "4"
 
 
 def kernel_func(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
