@@ -131,15 +131,12 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
     if shifted:
         WP, PER_IMAGE, PLANE = _shifted_layout(g, MV)
         M = B * PER_IMAGE  # tokens, including the dropped columns
-        SRC = K // KHW * B * PLANE
     else:
         M = g.m
         WP, PER_IMAGE, PLANE = ow, oh * ow, 0
-        SRC = 0
     MO = -(-M // MV)
     Mp = MO * MV
-    SRC = SRC or K * Mp
-    TPI = PER_IMAGE // MV if shifted else MO  # tiles per image
+    SRC = K // KHW * B * PLANE if shifted else K * Mp  # padded planes, or XT[K, Mp]
     padded_shape = (g.batch, g.in_channels, g.height + 2 * g.padding[0], g.width + 2 * g.padding[1])
     tiled_transpose = g.is_dense and M % _TILE == 0 and N % _TILE == 0
     act = activation(spec.relu)
@@ -155,8 +152,8 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
 
     def _tile_offset(t):  # type: ignore[no-untyped-def]
         """Where tile ``t % MO`` starts in ``src``, past its tap offset."""
-        if shifted:
-            return t % MO // TPI * PLANE + t % MO % TPI * MV
+        if shifted:  # tiles never straddle images: PER_IMAGE // MV of them per image
+            return t % MO // (PER_IMAGE // MV) * PLANE + t % MO % (PER_IMAGE // MV) * MV
         return t % MO * MV
 
     @T.prim_func
@@ -176,11 +173,7 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
         if shifted:
             pad_planes(X, src, g, WP, PLANE)
             for kk in range(K):
-                tap[kk] = (
-                    kk // KHW * B * PLANE
-                    + kk % KHW // g.kernel[1] * g.dilation[0] * WP
-                    + kk % g.kernel[1] * g.dilation[1]
-                )
+                tap[kk] = kk // KHW * B * PLANE + _tap_y(g, 0, kk) * WP + _tap_x(g, 0, kk)
         else:
             if g.is_dense:
                 transpose_x(X, XT, M, K, Mp)
