@@ -100,9 +100,7 @@ class KernelCache:
         if path is None or not path.exists():
             return None
         log.debug("kernel %s loaded from %s", key, path)
-        kernel = tvm.runtime.load_module(str(path))["main"]
-        openmp_launch.share_torch_threads(path)  # after loading: the runtime sets TVM's pool first
-        return kernel
+        return self._open(path)
 
     def _store(self, key: str, executable: Any, target: tvm.target.Target) -> Kernel | None:
         """Export ``executable`` (when it has a path) and return the kernel loaded from it."""
@@ -113,7 +111,13 @@ class KernelCache:
         partial = path.with_suffix(f".{os.getpid()}.tmp.so")
         executable.export_library(str(partial))
         partial.replace(path)  # atomic: a concurrent reader never sees half a library
-        return self._load(key, target)
+        return self._open(path)
+
+    @staticmethod
+    def _open(path: Path) -> Kernel:
+        kernel = tvm.runtime.load_module(str(path))["main"]
+        openmp_launch.share_torch_threads(path)  # after loading: the runtime sets TVM's pool first
+        return kernel
 
 
 def layer_spec(layer: SparseLayer, nnzb: int, input_shape: tuple[int, ...]) -> KernelSpec:
@@ -168,10 +172,7 @@ def compile_graph(
     out.graph.lint()
     out.recompile()
     out.meta["lowering_choices"] = tuple(choices)
-    shared = openmp_launch.launcher_address() is not None  # then there is one pool, nothing to fight
-    spin = (
-        None if compat.is_cuda(tvm_target) or shared else compat.openmp_spin_warning(torch.get_num_threads())
-    )
+    spin = None if compat.is_cuda(tvm_target) else openmp_launch.contention_warning(torch.get_num_threads())
     if spin and any(c.lowered for c in choices):
         log.warning(spin)
     log.info(

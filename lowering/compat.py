@@ -28,7 +28,6 @@ __all__ = [
     "is_cuda",
     "make_target",
     "nvcc_available",
-    "openmp_spin_warning",
     "to_tvm",
     "vector_lanes",
 ]
@@ -36,7 +35,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # When kernels keep TVM's own pool (see openmp_launch, which normally replaces it with torch's
-# threads): TVM's pool workers spin (300k iterations by default) after each parallel kernel. Next to
+# threads, and its contention_warning for torch's half of the fight): TVM's pool workers spin (300k iterations by default) after each parallel kernel. Next to
 # torch, whose OpenMP workers spin too after each op, a spinning TVM worker shares its core
 # with a spinning OpenMP one until the scheduler's time slice ends: a 0.5 ms kernel took
 # 2.4-5.8 ms when alternated with torch's GEMM (BERT FFN shapes at 90%, 2 threads, AVX2). A
@@ -44,32 +43,6 @@ log = logging.getLogger(__name__)
 # 2000 spins brought the slowdown back, so the pool sleeps at once unless the user chose
 # otherwise. TVM reads the variable when it starts its pool, at the first parallel kernel.
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-
-
-def openmp_spin_warning(torch_threads: int) -> str | None:
-    """Why TVM kernels between torch ops may run slow here, or None when they should not.
-
-    Only relevant when kernels keep TVM's own pool (``openmp_launch`` could not share torch's
-    threads); ``build.compile_graph`` asks only then.
-
-    The other half of the fight above: torch's OpenMP (libgomp) workers spin for a while after
-    every torch op unless ``OMP_WAIT_POLICY=PASSIVE`` (or a small ``GOMP_SPINCOUNT``) was set
-    before torch was imported; libgomp reads it once and offers no call to change it later. A
-    TVM kernel right after a torch GEMM then shares a core with a spinning worker: BERT FFN2 at
-    50% (32×32 blocks, 2 threads, Intel Xeon) took 1.46 ms median, 4.2 ms at the 90th
-    percentile, against 1.35 / 1.48 ms with ``PASSIVE``, which did not slow torch's GEMM. It
-    does slow models made of many small torch ops by 10–15% (workers are woken per op), yet a
-    compiled MiniLM ran 15.8 ms with it and 23.1 ms without, so the warning recommends it.
-    """
-    if torch_threads <= 1 or host_num_cores() <= 1:
-        return None
-    if os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive" or "GOMP_SPINCOUNT" in os.environ:
-        return None
-    return (
-        "torch's OpenMP workers spin after each op (OMP_WAIT_POLICY is not PASSIVE), which can make "
-        "the TVM kernels that follow a torch op up to 3x slower; export OMP_WAIT_POLICY=PASSIVE "
-        "before Python starts (it cannot take effect once torch is imported)"
-    )
 
 
 #: Target kinds lowering has kernels for; anything else is rejected before any compile.

@@ -277,21 +277,31 @@ def test_burst_timer_times_only_the_last_call_of_each_turn() -> None:
 
 
 def test_openmp_spin_warning_names_the_fix_unless_waiting_is_passive(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(openmp_launch, "launcher_address", lambda: None)  # two pools, as without a compiler
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    assert "OMP_WAIT_POLICY=PASSIVE" in (compat.openmp_spin_warning(2) or "")
-    assert compat.openmp_spin_warning(1) is None  # one torch thread: no worker to spin
+    assert "OMP_WAIT_POLICY=PASSIVE" in (openmp_launch.contention_warning(2) or "")
+    assert openmp_launch.contention_warning(1) is None  # one torch thread: no worker to spin
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-    assert compat.openmp_spin_warning(2) is None
+    assert openmp_launch.contention_warning(2) is None
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
-    assert compat.openmp_spin_warning(2) is None
+    assert openmp_launch.contention_warning(2) is None
+
+
+def test_no_spin_warning_when_kernels_run_on_torchs_threads(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setattr(openmp_launch, "launcher_address", lambda: None)
+    assert openmp_launch.contention_warning(2) is not None  # would warn with two pools...
+    monkeypatch.setattr(openmp_launch, "launcher_address", lambda: 1)
+    assert openmp_launch.contention_warning(2) is None  # ...but there is only one
 
 
 def test_compile_warns_about_spinning_openmp_only_when_a_kernel_is_used(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(compat, "openmp_spin_warning", lambda threads: "spinning workers")
-    monkeypatch.setattr(openmp_launch, "launcher_address", lambda: None)  # two pools, as without a compiler
+    monkeypatch.setattr(openmp_launch, "contention_warning", lambda threads: "spinning workers")
     gm, _ = _pruned()
     with caplog.at_level(logging.WARNING, logger="tilefx.lowering.build"):
         compile_graph(gm, "llvm", timer=_timer_favouring(set()))
@@ -299,15 +309,6 @@ def test_compile_warns_about_spinning_openmp_only_when_a_kernel_is_used(monkeypa
     with caplog.at_level(logging.WARNING, logger="tilefx.lowering.build"):
         compile_graph(gm, "llvm", timer=_timer_favouring({"linear"}))
     assert "spinning workers" in caplog.text
-
-
-def test_no_spin_warning_when_kernels_run_on_torchs_threads(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(compat, "openmp_spin_warning", lambda threads: "spinning workers")
-    monkeypatch.setattr(openmp_launch, "launcher_address", lambda: 1)
-    gm, _ = _pruned()
-    with caplog.at_level(logging.WARNING, logger="tilefx.lowering.build"):
-        compile_graph(gm, "llvm", timer=_timer_favouring({"linear"}))
-    assert "spinning workers" not in caplog.text
 
 
 def test_cpu_kernels_run_on_torchs_openmp_threads_and_stay_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
