@@ -12,13 +12,17 @@ the achieved speedup over dense divided by it. ``alternating`` times tilefx and 
 strict alternation, which is what a compiled model does (a TVM kernel between torch ops): each
 call then starts next to the other library's just-used pool. scipy BSR (single-threaded, no
 pool) is timed on its own. The roofline columns give the kernel's flops and bytes (W blocks +
-indices + X + Y, fp32) and the GFLOP/s and GB/s it reached.
+indices + X + Y, fp32) and the GFLOP/s and GB/s it reached. ``in FFN`` times the FFN layers in
+the layout ``tilefx.compile`` runs them in when FFN1 → GELU → FFN2 are both sparse (FFN1 writes
+Yᵀ, FFN2 reads it without a transpose; only where the ``tokens`` template runs, else "–"),
+in the same rounds as the others.
 Never imported by tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -32,6 +36,7 @@ from tilefx.lowering import compat, openmp_launch
 from tilefx.lowering.build import KernelCache
 from tilefx.lowering.fallback import interleaved_times
 from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec
+from tilefx.lowering.schedules.cpu import takes_transposed
 from tilefx.runtime.packing import pack_bsr
 
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -43,11 +48,14 @@ class Shape:
     name: str
     geometry: Conv2dGeometry
     n: int
+    #: (Xᵀ in, Yᵀ out): the layout this layer runs in inside FFN1 → GELU → FFN2 once both are
+    #: sparse (``runtime.sparse_modules``): FFN1 hands Yᵀ to FFN2, which reads it in place.
+    in_ffn: tuple[bool, bool] | None = None
 
 
 SHAPES = (
-    Shape("BERT FFN1 128x768->3072", Conv2dGeometry.dense(128, 768), 3072),
-    Shape("BERT FFN2 128x3072->768", Conv2dGeometry.dense(128, 3072), 768),
+    Shape("BERT FFN1 128x768->3072", Conv2dGeometry.dense(128, 768), 3072, in_ffn=(False, True)),
+    Shape("BERT FFN2 128x3072->768", Conv2dGeometry.dense(128, 3072), 768, in_ffn=(True, False)),
     Shape("R50 conv3x3 128->128 @28x28", Conv2dGeometry(1, 128, 28, 28, (3, 3), (1, 1), (1, 1)), 128),
 )
 
@@ -85,6 +93,18 @@ def contenders(shape: Shape, weight: torch.Tensor, mask: torch.Tensor, block, ca
             "torch CSR": lambda: w_csr @ xt,
             "scipy BSR": lambda: w_bsr @ xt_np,
         }
+        chained = shape.in_ffn and dataclasses.replace(
+            spec, x_transposed=shape.in_ffn[0], y_transposed=shape.in_ffn[1]
+        )
+        if chained and takes_transposed(chained, compat.vector_lanes(target)):
+            ffn_kernel = cache.kernel(chained, target)
+            ffn_args = (xt if chained.x_transposed else x, *args[1:5], torch.empty(chained.y_shape))
+            fns["tilefx in FFN"] = lambda: ffn_kernel(*ffn_args)
+            ffn_kernel(*ffn_args)
+            ffn_y = ffn_args[5].T if chained.y_transposed else ffn_args[5]
+            assert torch.allclose(ffn_y, F.linear(x, weight), rtol=1e-3, atol=1e-3), (
+                "transposed kernel disagrees"
+            )
     else:
         w4 = weight.reshape(shape.n, g.in_channels, *g.kernel)
         w_csr, w_bsr = weight.to_sparse_csr(), sp.bsr_matrix(weight.numpy(), blocksize=block)
@@ -138,15 +158,19 @@ def main() -> int:
         print(
             "| sparsity | block | tilefx ms | torch dense ms | torch CSR ms | scipy BSR ms | vs dense | ideal "
             "| of ideal | vs CSR | vs scipy BSR | alternating vs dense | best-of vs dense "
-            "| GFLOP/s | GB/s | compile s | max err |"
+            "| GFLOP/s | GB/s | compile s | max err | in FFN vs dense |"
         )
-        print("|---" * 17 + "|")
+        print("|---" * 18 + "|")
         x = torch.randn(shape.geometry.input_shape, generator=gen)
         for sparsity in sparsities:
             for block in blocks:
                 weight, mask = block_sparse(shape.n, shape.geometry.k, block, sparsity, gen)
                 fns, compile_s, error, nnzb = contenders(shape, weight, mask, block, cache, target, x)
-                threaded = {name: fns[name] for name in ("tilefx", "torch dense", "torch CSR")}
+                threaded = {
+                    name: fns[name]
+                    for name in ("tilefx", "torch dense", "torch CSR", "tilefx in FFN")
+                    if name in fns
+                }
                 times = interleaved_times(threaded, rounds=args.runs, warmup=1, burst=3)
                 pair = {name: fns[name] for name in ("tilefx", "torch dense")}
                 alternating = interleaved_times(pair, rounds=args.runs, warmup=3)
@@ -158,13 +182,14 @@ def main() -> int:
                 ideal = 1.0 / (1.0 - sparsity)
                 speedup = ms["torch dense"] / ms["tilefx"]
                 flops, nbytes = roofline(shape, block, nnzb)
+                in_ffn = f"{ms['torch dense'] / ms['tilefx in FFN']:.2f}x" if "tilefx in FFN" in ms else "–"
                 print(
                     f"| {sparsity:.2f} | {block[0]}x{block[1]} | {ms['tilefx']:.3f} | {ms['torch dense']:.3f} "
                     f"| {ms['torch CSR']:.3f} | {ms['scipy BSR']:.3f} | {speedup:.2f}x | {ideal:.1f}x "
                     f"| {speedup / ideal:.2f} | {ms['torch CSR'] / ms['tilefx']:.2f}x "
                     f"| {ms['scipy BSR'] / ms['tilefx']:.1f}x | {alt:.2f}x | {best:.2f}x "
                     f"| {flops / ms['tilefx'] / 1e6:.1f} | {nbytes / ms['tilefx'] / 1e6:.1f} | {compile_s:.2f} "
-                    f"| {error:.1e} |",
+                    f"| {error:.1e} | {in_ffn} |",
                     flush=True,
                 )
         print()

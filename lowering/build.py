@@ -16,6 +16,7 @@ pattern with the same block count shares one kernel. Its hash is recorded for th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -38,7 +39,7 @@ from . import compat, openmp_launch
 from .fallback import Fallback, LayerChoice, Timer, check_fallback, choose, interleaved_best_ms
 from .kernels.spec import Conv2dGeometry, KernelSpec
 from .plan import SparseLayer, plan_graph
-from .schedules.cpu import cpu_kernel
+from .schedules.cpu import cpu_kernel, takes_transposed
 from .schedules.cuda import cuda_kernel
 
 __all__ = ["KernelCache", "compile_graph", "kernel_func", "layer_spec", "lowering_choices"]
@@ -46,7 +47,7 @@ __all__ = ["KernelCache", "compile_graph", "kernel_func", "layer_spec", "lowerin
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a template changes, so stale on-disk kernels are never loaded.
-_KERNEL_VERSION = "4"
+_KERNEL_VERSION = "5"
 
 
 def kernel_func(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
@@ -72,7 +73,7 @@ class KernelCache:
 
     @staticmethod
     def key(spec: KernelSpec, target: tvm.target.Target) -> str:
-        text = f"{_KERNEL_VERSION}|{spec!r}|{target}"
+        text = f"{_KERNEL_VERSION}|{spec!r}|{spec.x_shape}|{spec.y_shape}|{target}"  # shapes: the pitch rule
         return hashlib.sha1(text.encode()).hexdigest()[:20]
 
     def kernel(self, spec: KernelSpec, target: tvm.target.Target) -> Kernel:
@@ -128,7 +129,7 @@ def layer_spec(layer: SparseLayer, nnzb: int, input_shape: tuple[int, ...]) -> K
     else:
         n, cin, h, w = input_shape
         geometry = Conv2dGeometry(n, cin, h, w, layer.kernel, layer.stride, layer.padding, layer.dilation)
-    return KernelSpec(geometry, layer.out_features, layer.block, nnzb, relu=layer.fused_relu is not None)
+    return KernelSpec(geometry, layer.out_features, layer.block, nnzb, activation=layer.activation)
 
 
 def compile_graph(
@@ -136,7 +137,7 @@ def compile_graph(
     target: str | dict[str, Any] | tvm.target.Target = "llvm",
     *,
     cache_dir: str | Path | None = None,
-    fuse_relu: bool = True,
+    fuse_activations: bool = True,
     fallback: str = "measure",
     timer: Timer = interleaved_best_ms,
 ) -> torch.fx.GraphModule:
@@ -154,7 +155,7 @@ def compile_graph(
     policy = check_fallback(fallback)
     if compat.is_cuda(tvm_target):
         policy = "never"
-    plan = plan_graph(gm, fuse_relu=fuse_relu)
+    plan = plan_graph(gm, fuse_activations=fuse_activations)
     layers = [layer for layer in plan.layers if _runs_on(layer, tvm_target)]
     packed = {layer.node: _pack(gm, layer) for layer in layers}
     cache = KernelCache(cache_dir)
@@ -162,13 +163,18 @@ def compile_graph(
     out.meta.update(gm.meta)
     device = _device_for(tvm_target)
     choices = []
+    lowered: dict[str, torch.nn.Module] = {}
     for layer in layers:
         module = _runtime_module(gm, layer, packed[layer.node], cache, tvm_target).to(device)
         module.kernel(layer.input_shape)  # compile now: errors and compile time belong here
         choice = _choose(gm, layer, module, device, policy, timer)
-        choices.append(choice)
         if choice.lowered:
             _swap_node(out, layer, module)
+            lowered[layer.node] = module
+        choices.append(choice)
+    # Readers first (reverse graph order), so each compiles the one layout it will run in.
+    for i in reversed(range(len(layers))):
+        choices[i] = _hand_over_transposed(layers[i], choices[i], lowered)
     out.graph.lint()
     out.recompile()
     out.meta["lowering_choices"] = tuple(choices)
@@ -183,6 +189,29 @@ def compile_graph(
         cache.compile_seconds,
     )
     return out
+
+
+def _hand_over_transposed(
+    layer: SparseLayer, choice: LayerChoice, lowered: dict[str, torch.nn.Module]
+) -> LayerChoice:
+    """Let a lowered linear return ``Yᵀ`` when every reader is a lowered linear that takes ``Xᵀ``.
+
+    Decided after all layers are chosen: a reader kept dense would still be correct (torch
+    accepts any strides) but would pay for the layout. Compiles the transposed kernels now.
+    """
+    module = lowered.get(layer.node)
+    if not isinstance(module, BsrLinear) or not layer.consumers:
+        return choice
+    rows = math.prod(layer.input_shape[:-1])
+    readers = [lowered.get(name) for name in layer.consumers]
+    if module.transposed_kernel(rows, False, True) is None or not all(
+        isinstance(r, BsrLinear) and r.transposed_kernel(rows, True, r.transposed_output) is not None
+        for r in readers
+    ):
+        return choice
+    module.transposed_output = True
+    log.debug("node %s hands Yᵀ to %s", layer.node, layer.consumers)
+    return dataclasses.replace(choice, transposed_to=layer.consumers)
 
 
 def lowering_choices(gm: torch.fx.GraphModule) -> tuple[LayerChoice, ...]:
@@ -207,7 +236,7 @@ def _choose(
 def _dense_call(
     gm: torch.fx.GraphModule, layer: SparseLayer, device: torch.device
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The layer as the torch code it replaces (with its fused ReLU), for the fallback timing."""
+    """The layer as the torch code it replaces (with its fused activation), for the fallback timing."""
     weight = _tensor(gm, layer.weight).detach().to(device)
     bias = _tensor(gm, layer.bias).detach().to(device) if layer.bias is not None else None
 
@@ -216,7 +245,9 @@ def _dense_call(
             y = F.linear(x, weight, bias)
         else:
             y = F.conv2d(x, weight, bias, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
-        return torch.relu(y) if layer.fused_relu is not None else y
+        if layer.activation == "relu":
+            return torch.relu(y)
+        return F.gelu(y) if layer.activation == "gelu" else y
 
     return call
 
@@ -266,7 +297,15 @@ def _runtime_module(
         return cache.kernel(layer_spec(layer, weight.nnzb, shape), target)
 
     if layer.op == "linear":
-        return BsrLinear(weight, bias, kernel_for)
+
+        def transposed_for(rows: int, x_transposed: bool, y_transposed: bool) -> Kernel | None:
+            plain = layer_spec(layer, weight.nnzb, (rows, layer.input_shape[-1]))
+            spec = dataclasses.replace(plain, x_transposed=x_transposed, y_transposed=y_transposed)
+            if compat.is_cuda(target) or not takes_transposed(spec, compat.vector_lanes(target)):
+                return None
+            return cache.kernel(spec, target)
+
+        return BsrLinear(weight, bias, kernel_for, transposed_for)
 
     def output_hw(h: int, w: int) -> tuple[int, int]:
         spec = layer_spec(layer, weight.nnzb, (1, layer.input_shape[1], h, w))
@@ -283,7 +322,7 @@ def _swap_node(out: torch.fx.GraphModule, layer: SparseLayer, module: torch.nn.M
     with out.graph.inserting_before(node):
         call = out.graph.call_module(name, (node.args[0],))
     call.meta.update(node.meta)
-    replaced = nodes[layer.fused_relu] if layer.fused_relu is not None else node
+    replaced = nodes[layer.fused_node] if layer.fused_node is not None else node
     call.meta["val"] = replaced.meta.get("val")
     replaced.replace_all_uses_with(call)
     for dead in dict.fromkeys((replaced, node, *node.args[1:])):

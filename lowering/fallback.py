@@ -53,14 +53,17 @@ class LayerChoice:
     lowered: bool
     sparse_ms: float | None = None
     dense_ms: float | None = None
+    #: Sparse linears this one hands its output to transposed (``runtime.sparse_modules``).
+    transposed_to: tuple[str, ...] = ()
 
     def describe(self) -> str:
         verdict = "block-sparse kernel" if self.lowered else "dense torch"
+        handoff = f", output Yᵀ to {', '.join(self.transposed_to)}" if self.transposed_to else ""
         if self.sparse_ms is None or self.dense_ms is None:
-            return f"node {self.node}: {verdict} (not measured)"
+            return f"node {self.node}: {verdict} (not measured){handoff}"
         return (
             f"node {self.node}: {verdict} (kernel {self.sparse_ms:.3f} ms, "
-            f"dense {self.dense_ms:.3f} ms, {self.dense_ms / self.sparse_ms:.2f}x)"
+            f"dense {self.dense_ms:.3f} ms, {self.dense_ms / self.sparse_ms:.2f}x){handoff}"
         )
 
 

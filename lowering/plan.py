@@ -10,6 +10,7 @@ be printed, tested and reported on machines without it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch.fx
 
 from ..passes.infra.errors import LoweringError
 from ..passes.metadata import BlockSparsity, get_metadata
+from .kernels.spec import Activation
 
 __all__ = ["Plan", "SparseLayer", "plan_graph"]
 
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 _LINEAR = torch.ops.aten.linear.default
 _CONV2D = torch.ops.aten.conv2d.default
 _RELU = torch.ops.aten.relu.default
+_GELU = torch.ops.aten.gelu.default
 _SUPPORTED_DTYPES = (torch.float32,)
 
 
@@ -46,7 +49,11 @@ class SparseLayer:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
-    fused_relu: str | None = None  # name of the relu node the kernel's epilogue absorbs
+    fused_node: str | None = None  # the relu/gelu node the kernel's epilogue absorbs
+    activation: Activation | None = None  # what that node computes
+    # Linear only: the sparse linears that are the sole users of this layer's output, directly
+    # or through elementwise ops; empty when anything else reads it. They may take Yᵀ.
+    consumers: tuple[str, ...] = ()
 
     @property
     def block(self) -> tuple[int, int]:
@@ -61,7 +68,7 @@ class Plan:
         return next(layer for layer in self.layers if layer.node == node)
 
 
-def plan_graph(gm: torch.fx.GraphModule, *, fuse_relu: bool = True) -> Plan:
+def plan_graph(gm: torch.fx.GraphModule, *, fuse_activations: bool = True) -> Plan:
     """The kernels ``gm`` lowers to. Raises ``LoweringError`` for a sparse layer we cannot run."""
     metadata = get_metadata(gm)
     layers = []
@@ -74,13 +81,59 @@ def plan_graph(gm: torch.fx.GraphModule, *, fuse_relu: bool = True) -> Plan:
         records = metadata.of(str(weight_node.target), BlockSparsity)
         if not records:
             continue
-        layers.append(_plan_node(gm, node, records[-1], fuse_relu))
+        layers.append(_plan_node(gm, node, records[-1], fuse_activations))
+    layers = _with_consumers(gm, layers)
     log.debug("planned %d sparse layers", len(layers))
     return Plan(tuple(layers))
 
 
+#: Elementwise ops that keep their input's memory layout, so a transposed activation passes
+#: through them unchanged on its way from one sparse linear to the next.
+_LAYOUT_KEEPING = frozenset(
+    {
+        torch.ops.aten.gelu.default,
+        torch.ops.aten.relu.default,
+        torch.ops.aten.silu.default,
+        torch.ops.aten.sigmoid.default,
+        torch.ops.aten.tanh.default,
+    }
+)
+
+
+def _with_consumers(gm: torch.fx.GraphModule, layers: list[SparseLayer]) -> list[SparseLayer]:
+    """``layers`` with ``consumers`` filled in for linears whose output only feeds sparse linears."""
+    linears = {layer.node for layer in layers if layer.op == "linear"}
+    nodes = {node.name: node for node in gm.graph.nodes}
+    done = []
+    for layer in layers:
+        if layer.op == "linear":
+            output = nodes[layer.fused_node or layer.node]
+            consumers = _sparse_consumers(output, linears)
+            if consumers:
+                log.debug("node %s feeds only sparse linears %s", layer.node, consumers)
+                layer = dataclasses.replace(layer, consumers=consumers)
+        done.append(layer)
+    return done
+
+
+def _sparse_consumers(output: torch.fx.Node, linears: set[str]) -> tuple[str, ...]:
+    """The sparse linears reading ``output`` (through layout-keeping ops); () if anything else does."""
+    found: list[str] = []
+    pending = [output]
+    while pending:
+        value = pending.pop()
+        for user in value.users:
+            if user.op == "call_function" and user.target in _LAYOUT_KEEPING and user.args[0] is value:
+                pending.append(user)
+            elif user.name in linears and user.args[0] is value and value not in user.args[1:]:
+                found.append(user.name)
+            else:
+                return ()
+    return tuple(dict.fromkeys(found))
+
+
 def _plan_node(
-    gm: torch.fx.GraphModule, node: torch.fx.Node, record: BlockSparsity, fuse_relu: bool
+    gm: torch.fx.GraphModule, node: torch.fx.Node, record: BlockSparsity, fuse_activations: bool
 ) -> SparseLayer:
     weight_name = str(node.args[1].target)  # type: ignore[union-attr]
     weight = _attr(gm, weight_name)
@@ -102,12 +155,23 @@ def _plan_node(
     bias_node = node.args[2] if len(node.args) > 2 else None
     bias = _bias_name(gm, bias_node, out, where)
     input_shape = _input_shape(node, where)
-    relu = _fusable_relu(node) if fuse_relu else None
+    fused = _fusable_activation(node) if fuse_activations else None
     if node.target == _LINEAR:
         if input_shape[-1] != rest:
             raise LoweringError(f"{where}: input has {input_shape[-1]} features, the weight expects {rest}")
-        return SparseLayer(node.name, "linear", weight_name, bias, record, input_shape, out, fused_relu=relu)
-    return _plan_conv(node, record, weight, bias, input_shape, relu, where)
+        fused_node, kind = fused if fused else (None, None)
+        return SparseLayer(
+            node.name,
+            "linear",
+            weight_name,
+            bias,
+            record,
+            input_shape,
+            out,
+            fused_node=fused_node,
+            activation=kind,
+        )
+    return _plan_conv(node, record, weight, bias, input_shape, fused, where)
 
 
 def _plan_conv(
@@ -116,7 +180,7 @@ def _plan_conv(
     weight: torch.Tensor,
     bias: str | None,
     input_shape: tuple[int, ...],
-    relu: str | None,
+    fused: tuple[str, Activation] | None,
     where: str,
 ) -> SparseLayer:
     args = [*node.args, *([None] * 7)][:7]
@@ -150,7 +214,8 @@ def _plan_conv(
         stride=stride,
         padding=padding,
         dilation=dilation,
-        fused_relu=relu,
+        fused_node=fused[0] if fused else None,
+        activation=fused[1] if fused else None,
     )
 
 
@@ -189,11 +254,20 @@ def _input_shape(node: torch.fx.Node, where: str) -> tuple[int, ...]:
         ) from exc
 
 
-def _fusable_relu(node: torch.fx.Node) -> str | None:
-    """The relu consuming ``node`` alone: folding it into the epilogue saves a pass over Y."""
+def _fusable_activation(node: torch.fx.Node) -> tuple[str, Activation] | None:
+    """(name, kind) of the relu or exact GELU consuming ``node`` alone, which the epilogue absorbs.
+
+    Folding it saves a pass over Y. GELU's tanh approximation is left to torch.
+    """
     users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_function" and users[0].target == _RELU:
-        return users[0].name
+    if len(users) != 1 or users[0].op != "call_function":
+        return None
+    user = users[0]
+    if user.target == _RELU:
+        return user.name, "relu"
+    approximate = user.kwargs.get("approximate", user.args[1] if len(user.args) > 1 else "none")
+    if user.target == _GELU and approximate == "none":
+        return user.name, "gelu"
     return None
 
 

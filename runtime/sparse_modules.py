@@ -8,6 +8,14 @@ Kernels are specialised to an input shape. The module holds the one it was compi
 asks ``kernel_for`` (supplied by ``tilefx.lowering.build``, which caches) for other batch
 sizes, so a model compiled at batch 128 still runs at batch 1. The runtime never imports the
 lowering package itself.
+
+Layouts between sparse linear layers: a ``BsrLinear`` whose output reaches only other sparse
+linears (directly, or through elementwise ops) is told to return ``Yᵀ`` stored ``[N, P]``
+(``P = token_pitch(M)``), as a transposed view of shape ``[M, N]``. The next ``BsrLinear``
+recognises that layout and hands it to a kernel that reads ``Xᵀ`` where it lies. The
+token-major kernels compute in that layout anyway, so FFN1 → GELU → FFN2 (GELU fused into
+FFN1's epilogue) skips transposing out of FFN1 and back into FFN2. Any other input layout is
+made contiguous, so the result never depends on who produced the input.
 """
 
 from __future__ import annotations
@@ -20,14 +28,30 @@ import torch
 from ..passes.infra.errors import LoweringError
 from .packing import BsrWeight
 
-__all__ = ["BsrConv2d", "BsrLinear", "Kernel", "KernelFactory"]
+__all__ = ["BsrConv2d", "BsrLinear", "Kernel", "KernelFactory", "TransposedFactory", "token_pitch"]
 
 #: Byte alignment TVM assumes for buffer data (``tvm.tirx`` default ``data_alignment``).
 _ALIGNMENT = 64
+
+
+def token_pitch(tokens: int) -> int:
+    """Row length of a transposed activation ``[features, pitch]`` holding ``tokens`` columns.
+
+    Token-major kernels run whole tiles of tokens, so the pitch pads M to one: to 64 (the tile
+    of 16 accumulators on AVX-512, a multiple of AVX2's) from 64 tokens on, to whole vectors of
+    16 below, as the row-major kernels pad internally. Padding to 16 everywhere left M = 168
+    (MiniLM's 12 × 14 tokens) with 16-token tiles, which made its FFN slower, not faster.
+    """
+    align = 64 if tokens >= 64 else 16
+    return -(-tokens // align) * align
+
+
 #: A compiled kernel: (X, W_data, W_indices, W_indptr, bias, Y) -> None, Y written in place.
 Kernel = Callable[..., Any]
 #: Compiles (or fetches from the cache) the kernel for one input shape.
 KernelFactory = Callable[[tuple[int, ...]], Kernel]
+#: The kernel for (rows M, Xᵀ given, Yᵀ wanted), or None where no kernel computes in that layout.
+TransposedFactory = Callable[[int, bool, bool], "Kernel | None"]
 
 
 class _BsrModule(torch.nn.Module):
@@ -65,10 +89,15 @@ class _BsrModule(torch.nn.Module):
                 f"{type(self).__name__}: input shape {tuple(x.shape)} does not match {expected}"
             )
 
-    def _run(self, x: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    @staticmethod
+    def _aligned(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         if x.data_ptr() % _ALIGNMENT:  # a view into a larger tensor; TVM buffers assume alignment
             x = x.clone()
+        return x
+
+    def _run(self, x: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+        x = self._aligned(x)
         y = torch.empty(out_shape, dtype=torch.float32, device=x.device)
         self.kernel(tuple(x.shape))(x, self.w_data, self.w_indices, self.w_indptr, self.bias, y)
         return y
@@ -78,13 +107,72 @@ class _BsrModule(torch.nn.Module):
 
 
 class BsrLinear(_BsrModule):
-    """``act(x @ Wᵀ + b)`` for x of shape ``[..., in_features]``; leading dims are flattened."""
+    """``act(x @ Wᵀ + b)`` for x of shape ``[..., in_features]``; leading dims are flattened.
+
+    With ``transposed_for`` it also runs kernels that read ``Xᵀ`` / write ``Yᵀ`` (see the module
+    docstring); ``transposed_output`` (set by the compiler) asks for ``Yᵀ`` where one exists.
+    """
+
+    def __init__(
+        self,
+        weight: BsrWeight,
+        bias: torch.Tensor | None,
+        kernel_for: KernelFactory,
+        transposed_for: TransposedFactory | None = None,
+    ) -> None:
+        super().__init__(weight, bias, kernel_for)
+        self._transposed_for = transposed_for
+        self._variants: dict[tuple[int, bool, bool], Kernel | None] = {}
+        self.transposed_output = False
+
+    def transposed_kernel(self, rows: int, x_transposed: bool, y_transposed: bool) -> Kernel | None:
+        """The kernel for ``rows`` inputs in that layout, or None where there is none."""
+        key = (rows, x_transposed, y_transposed)
+        if key not in self._variants:
+            factory = self._transposed_for
+            self._variants[key] = factory(*key) if factory is not None else None
+        return self._variants[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, x.dim() >= 1 and x.shape[-1] == self.in_features, f"[..., {self.in_features}]")
         rows = x.reshape(-1, self.in_features)
-        y = self._run(rows, (rows.shape[0], self.out_features))
+        m = rows.shape[0]
+        xt = _transposed_storage(rows)
+        y_t = self.transposed_output
+        kernel = self.transposed_kernel(m, xt is not None, y_t) if xt is not None or y_t else None
+        if kernel is None:
+            y = self._run(rows, (m, self.out_features))
+        else:
+            shape = (self.out_features, token_pitch(m)) if y_t else (m, self.out_features)
+            y = torch.empty(shape, dtype=torch.float32, device=x.device)
+            src = xt if xt is not None else self._aligned(rows)
+            kernel(src, self.w_data, self.w_indices, self.w_indptr, self.bias, y)
+            y = y[:, :m].T if y_t else y
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _transposed_storage(rows: torch.Tensor) -> torch.Tensor | None:
+    """Xᵀ as ``[K, pitch]`` for a token-major input ``rows`` [M, K]; None for other layouts.
+
+    In place when ``rows`` is a ``BsrLinear`` output (strides ``(1, pitch)``, aligned, storage
+    for the padding columns). A torch op between two sparse linears (an unfused activation)
+    keeps the layout but drops the padding (strides ``(1, M)``): then the M-float rows are copied
+    into a padded buffer, which is cheaper than transposing them back (a copy of BERT's
+    128 × 3072 activation takes ~0.05 ms; torch's transposing copy took 0.3 ms).
+    """
+    m, k = rows.shape
+    pitch = token_pitch(m)
+    if rows.is_contiguous() or rows.stride(0) != 1:
+        return None
+    if rows.stride(1) == pitch and rows.data_ptr() % _ALIGNMENT == 0:
+        end = rows.storage_offset() + k * pitch
+        if end <= rows.untyped_storage().nbytes() // rows.element_size():
+            return rows.as_strided((k, pitch), (pitch, 1))
+    if rows.stride(1) != m:
+        return None
+    padded = torch.empty((k, pitch), dtype=torch.float32, device=rows.device)
+    padded[:, :m] = rows.T
+    return padded
 
 
 class BsrConv2d(_BsrModule):

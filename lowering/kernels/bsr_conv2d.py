@@ -23,8 +23,9 @@ import tvm
 from tvm.script import tirx as T
 
 from .bsr_dense import TILE as _TILE
-from .bsr_dense import activation, transpose_x
-from .spec import KernelSpec
+from .bsr_dense import transpose_x
+from .epilogue import activation
+from .spec import KernelSpec, token_pitch
 
 __all__ = ["token_lanes_func"]
 
@@ -110,15 +111,23 @@ def pad_planes(X, Xs, g, wp, plane):  # type: ignore[no-untyped-def]
 def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.tirx.PrimFunc:
     """BSR conv2d / dense kernel with lanes over ``token_tile`` output pixels (GEMM rows).
 
-    Requires: ``row_chunk`` divides ``r``. Buffers: X (NCHW, or [M, K] for a linear layer),
-    W_data[nnzb, c, r], W_indices[nnzb], W_indptr[N/r + 1], bias[N], Y (NCHW, or [M, N]).
-    Every path reads X through ``src[row start of k + tile offset + lane]``: the im2col and
-    transpose paths store ``XT[k, token]`` (row start ``k·Mp``), stride-1 convs read the
-    padded planes directly (``_shifted_layout``), which saves writing kh·kw copies of X.
+    Requires: ``row_chunk`` divides ``r``; ``token_tile`` divides the pitch P when X or Y is
+    transposed. Buffers: X (NCHW, or [M, K] for a linear layer, [K, P] if ``spec.x_transposed``),
+    W_data[nnzb, c, r], W_indices[nnzb], W_indptr[N/r + 1], bias[N], Y (NCHW, or [M, N], or
+    [N, P] if ``spec.y_transposed``). Every path reads X through ``src[row start of k + tile
+    offset + lane]``: the im2col and transpose paths store ``XT[k, token]`` (row start ``k·Mp``),
+    stride-1 convs read the padded planes directly (``_shifted_layout``), which saves writing
+    kh·kw copies of X; a transposed X is read where it lies. A transposed Y is written by the
+    task that computes it, with no ``YT`` and no transpose.
     """
     g = spec.geometry
     if spec.block[0] % row_chunk:
         raise ValueError(f"row_chunk {row_chunk} must divide the block rows of {spec.block}")
+    transposed = spec.x_transposed or spec.y_transposed
+    if transposed and token_pitch(g.m) % token_tile:
+        raise ValueError(
+            f"token_tile {token_tile} must divide the pitch {token_pitch(g.m)} of a transposed X or Y"
+        )
     R, C = spec.block
     N = spec.n
     MV, RT = token_tile, row_chunk
@@ -134,12 +143,13 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
     else:
         M = g.m
         WP, PER_IMAGE, PLANE = ow, oh * ow, 0
-    MO = -(-M // MV)
-    Mp = MO * MV
-    SRC = K // KHW * B * PLANE if shifted else K * Mp  # padded planes, or XT[K, Mp]
+    MO = -(-(token_pitch(M) if transposed else M) // MV)
+    Mp = MO * MV  # the pitch itself when X or Y is transposed
+    # padded planes, or XT[K, Mp] (a transposed X is used in place: 1 placeholder element)
+    SRC = K // KHW * B * PLANE if shifted else 1 if spec.x_transposed else K * Mp
     padded_shape = (g.batch, g.in_channels, g.height + 2 * g.padding[0], g.width + 2 * g.padding[1])
-    tiled_transpose = g.is_dense and M % _TILE == 0 and N % _TILE == 0
-    act = activation(spec.relu)
+    tiled_transpose = g.is_dense and M % _TILE == 0 and N % _TILE == 0 and not spec.y_transposed
+    act = activation(spec.activation)
 
     def _row_start(tap, kk):  # type: ignore[no-untyped-def]
         """Where row ``kk`` of the GEMM's X̂ starts in ``src``.
@@ -158,24 +168,27 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
 
     @T.prim_func
     def main(
-        X: T.Buffer(g.input_shape, "float32"),
+        X: T.Buffer(spec.x_shape, "float32"),
         W_data: T.Buffer((NNZB, C, R), "float32"),
         W_indices: T.Buffer((NNZB,), "int32"),
         W_indptr: T.Buffer((NB + 1,), "int32"),
         bias: T.Buffer((N,), "float32"),
-        Y: T.Buffer(g.output_shape(N), "float32"),
+        Y: T.Buffer(spec.y_shape, "float32"),
     ) -> None:
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         src = T.alloc_buffer((SRC,), "float32")
         tap = T.alloc_buffer((K if shifted else 1,), "int32")
-        YT = T.alloc_buffer((N, Mp), "float32")
-        XT = T.decl_buffer((K, Mp), "float32", data=src.data)
+        YT = T.alloc_buffer((1, 1) if spec.y_transposed else (N, Mp), "float32")
+        XT = T.decl_buffer((K, Mp), "float32", data=X.data if spec.x_transposed else src.data)
+        flat = T.decl_buffer((K * Mp,) if spec.x_transposed else (SRC,), "float32", data=XT.data)
         if shifted:
             pad_planes(X, src, g, WP, PLANE)
             for kk in range(K):
                 tap[kk] = kk // KHW * B * PLANE + _tap_y(g, 0, kk) * WP + _tap_x(g, 0, kk)
         else:
-            if g.is_dense:
+            if spec.x_transposed:
+                pass  # already token-major, in whole tiles of the pitch
+            elif g.is_dense:
                 transpose_x(X, XT, M, K, Mp)
             elif g.is_pointwise:
                 pointwise_relayout(X, XT, g, M, Mp)
@@ -196,12 +209,21 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
                                 acc[r, m] = (
                                     acc[r, m]
                                     + W_data[e, c, rc * RT + r]
-                                    * src[_row_start(tap, W_indices[e] * C + c) + _tile_offset(t) + m]
+                                    * flat[_row_start(tap, W_indices[e] * C + c) + _tile_offset(t) + m]
                                 )
-                for r in T.unroll(RT):
-                    for m in T.vectorized(MV):
-                        YT[t // MO * R + rc * RT + r, t % MO * MV + m] = acc[r, m]
-        if tiled_transpose:
+                if spec.y_transposed:
+                    for r in T.unroll(RT):
+                        for m in T.vectorized(MV):
+                            Y[t // MO * R + rc * RT + r, t % MO * MV + m] = act(
+                                acc[r, m] + bias[t // MO * R + rc * RT + r]
+                            )
+                else:
+                    for r in T.unroll(RT):
+                        for m in T.vectorized(MV):
+                            YT[t // MO * R + rc * RT + r, t % MO * MV + m] = acc[r, m]
+        if spec.y_transposed:
+            pass  # written by the tasks
+        elif tiled_transpose:
             # Square tiles keep both the strided reads and the contiguous writes in L1.
             for t in T.parallel((M // _TILE) * (N // _TILE)):
                 for mm in T.unroll(_TILE):

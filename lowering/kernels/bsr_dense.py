@@ -30,16 +30,10 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
+from .epilogue import activation
 from .spec import KernelSpec
 
-__all__ = ["TILE", "activation", "row_lanes_func", "transpose_x"]
-
-
-def activation(relu: bool):  # type: ignore[no-untyped-def]
-    """The fused epilogue, applied to PrimExprs while the template is parsed."""
-    if relu:
-        return lambda v: T.max(v, T.float32(0))
-    return lambda v: v
+__all__ = ["TILE", "row_lanes_func", "transpose_x"]
 
 
 #: Side of the square tiles transposes use: both the strided and the contiguous side stay in L1.
@@ -105,6 +99,8 @@ def row_lanes_func(
         raise ValueError(
             f"row_lanes_func needs a dense geometry, row_chunk | r, group | N/r and parts | X tiles, got {spec}"
         )
+    if spec.x_transposed or spec.y_transposed:
+        raise ValueError(f"row_lanes_func reads X and writes Y row-major, got {spec}")
     R, C = spec.block
     M, K, N = g.m, g.k, spec.n
     MI, RT = row_tile, row_chunk
@@ -113,7 +109,7 @@ def row_lanes_func(
     NB = N // R
     NNZB = max(spec.nnzb, 1)  # an all-zero weight still needs a well-formed buffer
     padded = Mp != M
-    act = activation(spec.relu)
+    act = activation(spec.activation)
     G, NG, MOP = group, NB // group, MO // parts  # task t = (part, group, tile in part, row in group)
 
     def _nb(t):  # type: ignore[no-untyped-def]

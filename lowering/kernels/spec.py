@@ -10,8 +10,14 @@ input (``k = (ci, dy, dx)``, the order of ``weight.reshape(out, -1)``, so blocks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["Conv2dGeometry", "KernelSpec"]
+from ...runtime.sparse_modules import token_pitch
+
+__all__ = ["Activation", "Conv2dGeometry", "KernelSpec"]
+
+#: Fused epilogue after bias (``kernels.epilogue``); spec stays TVM-free, so the names live here.
+Activation = Literal["relu", "gelu"]
 
 
 @dataclass(frozen=True)
@@ -69,13 +75,39 @@ class Conv2dGeometry:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One kernel instance: geometry, output features, BSR block, stored blocks, epilogue."""
+    """One kernel instance: geometry, output features, BSR block, stored blocks, epilogue.
+
+    For a linear layer, ``x_transposed`` means X arrives as ``Xᵀ [K, P]`` and ``y_transposed``
+    that Y is written as ``Yᵀ [N, P]``: the token-major layout the ``tokens`` template computes
+    in, so two sparse layers in a row (FFN1 → GELU → FFN2) hand over without transposing. The
+    pitch ``P = token_pitch(M)`` rounds M up to whole tiles (columns past M are padding the
+    kernels may read and write), so any M can be handed over, not only multiples of the tile.
+    """
 
     geometry: Conv2dGeometry
     n: int
     block: tuple[int, int]
     nnzb: int
-    relu: bool = False
+    activation: Activation | None = None
+    x_transposed: bool = False
+    y_transposed: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.x_transposed or self.y_transposed) and not self.geometry.is_dense:
+            raise ValueError(f"transposed X/Y layouts are for linear layers only, got {self.geometry}")
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        g = self.geometry
+        return (g.k, token_pitch(g.m)) if self.x_transposed else g.input_shape
+
+    @property
+    def y_shape(self) -> tuple[int, ...]:
+        return (
+            (self.n, token_pitch(self.geometry.m))
+            if self.y_transposed
+            else self.geometry.output_shape(self.n)
+        )
 
     @property
     def num_block_rows(self) -> int:

@@ -20,6 +20,7 @@ along M would waste nearly all lanes on zero padding.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -29,9 +30,9 @@ import tvm
 from ..compat import vector_lanes
 from ..kernels.bsr_conv2d import token_lanes_func
 from ..kernels.bsr_dense import row_lanes_func
-from ..kernels.spec import KernelSpec
+from ..kernels.spec import KernelSpec, token_pitch
 
-__all__ = ["CpuSchedule", "choose_cpu_schedule", "cpu_kernel"]
+__all__ = ["CpuSchedule", "choose_cpu_schedule", "cpu_kernel", "takes_transposed"]
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,39 @@ def _group(spec: KernelSpec) -> int:
     return _largest_divisor(rows, max(1, _GROUP_BYTES // row_bytes))
 
 
+def takes_transposed(spec: KernelSpec, lanes: int) -> bool:
+    """Whether ``spec``'s linear layer may read Xᵀ and write Yᵀ (those it schedules as ``tokens``).
+
+    Only ``tokens`` computes in that layout; handing ``rows`` a transposed X would cost the
+    transpose it saves, so a layer that schedules as ``rows`` keeps row-major X and Y.
+    """
+    plain = dataclasses.replace(spec, x_transposed=False, y_transposed=False)
+    return (
+        spec.geometry.is_dense
+        and choose_cpu_schedule(plain, lanes).template == "tokens"
+        and (_transposed_tile(spec, lanes) is not None)
+    )
+
+
+def _transposed_tile(spec: KernelSpec, lanes: int) -> int | None:
+    """The widest ``tokens`` tile within the register budget that divides the token pitch, if any."""
+    chunk = _largest_divisor(spec.block[0], 4)
+    budget = _registers(lanes).accumulators
+    pitch = token_pitch(spec.geometry.m)
+    fits = [lanes * v for v in (8, 4, 2, 1) if v * chunk <= budget and pitch % (lanes * v) == 0]
+    return fits[0] if fits else None
+
+
 def choose_cpu_schedule(spec: KernelSpec, lanes: int, threads: int = 1) -> CpuSchedule:
     """Template and tiles for ``spec`` on a CPU with ``lanes`` fp32 lanes and ``threads`` workers."""
     r, _ = spec.block
     m = spec.geometry.m
     regs = _registers(lanes)
+    if spec.x_transposed or spec.y_transposed:
+        tile = _transposed_tile(spec, lanes)
+        if tile is None:
+            raise ValueError(f"no token tile of {lanes}-lane vectors divides the pitch of M = {m} for {spec}")
+        return CpuSchedule("tokens", tile=tile, row_chunk=_largest_divisor(r, 4))
     if spec.geometry.is_dense and (r >= regs.rows_from or m < lanes):
         # Chunks of at most two vectors keep rows × chunk within the accumulator budget.
         chunk = _largest_divisor(r, 2 * lanes)

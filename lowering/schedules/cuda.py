@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
-from ..kernels.bsr_dense import activation
+from ..kernels.epilogue import activation
 from ..kernels.spec import KernelSpec
 
 __all__ = ["CudaSchedule", "choose_cuda_schedule", "cuda_kernel"]
@@ -44,6 +44,8 @@ def cuda_kernel(spec: KernelSpec, schedule: CudaSchedule | None = None) -> tvm.t
     g = spec.geometry
     if not g.is_dense:
         raise ValueError("the CUDA kernel takes the GEMM view: im2col a conv first")
+    if spec.x_transposed or spec.y_transposed:
+        raise ValueError("the CUDA kernel reads X and writes Y row-major")
     schedule = schedule or choose_cuda_schedule(spec)
     R, C = spec.block
     M, K, N = g.m, g.k, spec.n
@@ -53,7 +55,7 @@ def cuda_kernel(spec: KernelSpec, schedule: CudaSchedule | None = None) -> tvm.t
     NNZB = max(spec.nnzb, 1)
     THREADS = TM * R
     LOADS = -(-(TM * C) // THREADS)  # staging rounds so every slot of the X tile is filled
-    act = activation(spec.relu)
+    act = activation(spec.activation)
 
     @T.prim_func
     def main(

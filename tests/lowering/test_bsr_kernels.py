@@ -45,7 +45,9 @@ def test_dense_kernel_matches_masked_reference(block, m, template, make_block_sp
     weight, mask = make_block_sparse(N, k, block, seed=m)
     x, bias = torch.randn(m, k), torch.randn(N)
     relu = template == "rows"  # each template's epilogue is exercised both ways across the grid
-    spec = KernelSpec(Conv2dGeometry.dense(m, k), N, block, int(mask.sum()), relu=relu)
+    spec = KernelSpec(
+        Conv2dGeometry.dense(m, k), N, block, int(mask.sum()), activation="relu" if relu else None
+    )
     lanes = compat.vector_lanes(llvm_target)
     chunk = max(d for d in (1, 2, 4, 8, 16) if block[0] % d == 0 and d <= 2 * lanes)
     schedule = CpuSchedule(template, tile=4 if template == "rows" else 16, row_chunk=chunk)
@@ -108,7 +110,7 @@ def test_single_nonzero_block(block, make_single_block, llvm_target):  # type: i
 def test_all_blocks_dropped_gives_bias(llvm_target):  # type: ignore[no-untyped-def]
     mask = torch.zeros(N // 4, K // 4, dtype=torch.bool)
     x, bias = torch.randn(8, K), torch.randn(N)
-    spec = KernelSpec(Conv2dGeometry.dense(8, K), N, (4, 4), 0, relu=True)
+    spec = KernelSpec(Conv2dGeometry.dense(8, K), N, (4, 4), 0, activation="relu")
     y = _run_dense(spec, None, torch.zeros(N, K), mask, x, bias, llvm_target)
     torch.testing.assert_close(y, torch.relu(bias).expand(8, N))
 
@@ -131,7 +133,7 @@ def test_conv_kernel_matches_masked_reference(case, make_block_sparse, llvm_targ
     batch, cin, cout, hw, kk, stride, padding, dilation, block = case
     weight, mask = make_block_sparse(cout, cin * kk * kk, block)
     geometry = Conv2dGeometry(batch, cin, hw, hw, (kk, kk), (stride,) * 2, (padding,) * 2, (dilation,) * 2)
-    spec = KernelSpec(geometry, cout, block, int(mask.sum()), relu=True)
+    spec = KernelSpec(geometry, cout, block, int(mask.sum()), activation="relu")
     packed = pack_bsr(weight, block, mask)
     kernel = compat.build(cpu_kernel(spec, llvm_target), llvm_target)["main"]
     x, bias = torch.randn(batch, cin, hw, hw), torch.randn(cout)
@@ -181,3 +183,90 @@ def test_stride_one_conv_reads_padded_planes_instead_of_an_im2col() -> None:
 
     assert src_floats(1) == 16 * (12 * 12 + 10)  # 16 planes of 12×12, +10 so the last tile stays inside
     assert src_floats(2) == 144 * 32  # im2col: 9 taps × 16 channels, 25 pixels padded to 32
+
+
+@pytest.mark.parametrize("m", [48, 37])
+@pytest.mark.parametrize(
+    ("x_t", "y_t"), [(True, False), (False, True), (True, True)], ids=["Xt", "Yt", "XtYt"]
+)
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+def test_transposed_layouts_match_masked_reference(block, x_t, y_t, m, make_block_sparse, llvm_target):  # type: ignore[no-untyped-def]
+    """Reading Xᵀ [K, P] in place and writing Yᵀ [N, P] from the tasks gives the same layer.
+
+    M = 48 is its own pitch; M = 37 has pitch 48, and NaN in X's padding columns shows that
+    they reach only the padding columns of Y.
+    """
+    k = _k(block)
+    weight, mask = make_block_sparse(N, k, block, seed=3)
+    x, bias = torch.randn(m, k), torch.randn(N)
+    spec = KernelSpec(
+        Conv2dGeometry.dense(m, k),
+        N,
+        block,
+        int(mask.sum()),
+        activation="relu",
+        x_transposed=x_t,
+        y_transposed=y_t,
+    )
+    xt = torch.full((k, 48), float("nan"))
+    xt[:, :m] = x.T
+    packed = pack_bsr(weight, block, mask)
+    kernel = compat.build(cpu_kernel(spec, llvm_target), llvm_target)["main"]
+    y = torch.full(spec.y_shape, float("nan"))
+    kernel(xt if x_t else x, packed.data, packed.indices, packed.indptr, bias, y)
+    torch.testing.assert_close(
+        y[:, :m].T if y_t else y, _reference(x, weight, bias, True), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_transposed_layouts_need_a_token_tile_dividing_the_pitch_and_a_linear_layer() -> None:
+    from tilefx.lowering.kernels.bsr_conv2d import token_lanes_func
+    from tilefx.lowering.kernels.bsr_dense import row_lanes_func
+    from tilefx.lowering.schedules.cpu import takes_transposed
+
+    def spec(m: int, block: tuple[int, int] = (4, 4)) -> KernelSpec:
+        return KernelSpec(Conv2dGeometry.dense(m, 64), 64, block, 10, x_transposed=True)
+
+    assert spec(20).x_shape == (64, 32)  # 20 tokens padded to a pitch of 32
+    assert takes_transposed(spec(20), 8) and takes_transposed(spec(20), 16)
+    assert choose_cpu_schedule(spec(128), 16).tile == 64  # the widest tile within 16 accumulators
+    assert choose_cpu_schedule(spec(20), 16).tile == 32  # ... that divides the pitch
+    with pytest.raises(ValueError, match="divide the pitch 32"):
+        token_lanes_func(spec(20), 64, 4)
+    assert not takes_transposed(spec(128, (32, 32)), 16)  # schedules as `rows`: row-major only
+    with pytest.raises(ValueError, match="row-major"):
+        row_lanes_func(spec(128, (32, 32)), 8, 32)
+    with pytest.raises(ValueError, match="linear layers only"):
+        KernelSpec(Conv2dGeometry(1, 8, 4, 4), 16, (4, 4), 2, y_transposed=True)
+
+
+def test_vectorised_erf_is_accurate(llvm_target):  # type: ignore[no-untyped-def]
+    """The GELU epilogue's rational erf, compiled, stays within 1e-6 of torch.erf (clamped tails too)."""
+    from tvm.script import tirx as T
+
+    from tilefx.lowering.kernels.epilogue import erf
+
+    n = 1 << 16
+
+    @T.prim_func
+    def erf_of(a: T.Buffer((n,), "float32"), b: T.Buffer((n,), "float32")) -> None:
+        for o in range(n // 16):
+            for i in T.vectorized(16):
+                b[o * 16 + i] = erf(a[o * 16 + i])
+
+    x = torch.linspace(-8, 8, n)
+    y = torch.empty(n)
+    compat.build(erf_of, llvm_target)["main"](x, y)
+    assert float((y - torch.erf(x)).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("template", ["rows", "tokens"])
+def test_gelu_epilogue_matches_torch(template, make_block_sparse, llvm_target):  # type: ignore[no-untyped-def]
+    weight, mask = make_block_sparse(N, K, (16, 1), seed=5)
+    x, bias = 3 * torch.randn(32, K), torch.randn(N)  # outputs well past the erf clamp at ±3.92·√2
+    spec = KernelSpec(Conv2dGeometry.dense(32, K), N, (16, 1), int(mask.sum()), activation="gelu")
+    schedule = CpuSchedule(
+        template, tile=4 if template == "rows" else 16, row_chunk=16 if template == "rows" else 4
+    )
+    y = _run_dense(spec, schedule, weight, mask, x, bias, llvm_target)
+    torch.testing.assert_close(y, F.gelu(F.linear(x, weight, bias)), rtol=1e-4, atol=1e-4)

@@ -21,7 +21,7 @@ def cuda_target():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def source(cuda_target):  # type: ignore[no-untyped-def]
-    spec = KernelSpec(Conv2dGeometry.dense(64, 96), 128, (16, 4), 40, relu=True)
+    spec = KernelSpec(Conv2dGeometry.dense(64, 96), 128, (16, 4), 40, activation="relu")
     return compat.cuda_source(cuda_kernel(spec), cuda_target)
 
 
@@ -30,6 +30,12 @@ def test_cuda_source_builds_without_a_gpu(source):  # type: ignore[no-untyped-de
     assert "__shared__" in source  # X tiles are staged in shared memory
     assert "__syncthreads()" in source
     assert "blockIdx.x" in source and "threadIdx.x" in source
+
+
+def test_cuda_source_with_the_gelu_epilogue_builds(cuda_target):  # type: ignore[no-untyped-def]
+    spec = KernelSpec(Conv2dGeometry.dense(64, 96), 128, (16, 4), 40, activation="gelu")
+    source = compat.cuda_source(cuda_kernel(spec), cuda_target)
+    assert "__global__" in source and "erf" not in source  # the rational erf, no libm call
 
 
 @pytest.mark.skipif(not compat.nvcc_available(), reason="nvcc (CUDA toolkit) not installed")
@@ -46,7 +52,7 @@ def test_cuda_kernel_matches_masked_reference(block, m, make_block_sparse, cuda_
     n, k = 64, 128
     weight, mask = make_block_sparse(n, k, block)
     packed = pack_bsr(weight, block, mask)
-    spec = KernelSpec(Conv2dGeometry.dense(m, k), n, block, packed.nnzb, relu=True)
+    spec = KernelSpec(Conv2dGeometry.dense(m, k), n, block, packed.nnzb, activation="relu")
     kernel = compat.build(cuda_kernel(spec), cuda_target)["main"]
     dev = torch.device("cuda")
     x, bias = torch.randn(m, k, device=dev), torch.randn(n, device=dev)

@@ -17,7 +17,7 @@ from tilefx.lowering.fallback import LayerChoice, choose, interleaved_times
 from tilefx.lowering.plan import plan_graph
 from tilefx.passes.infra.errors import LoweringError
 from tilefx.passes.metadata import BlockSparsity, Metadata, apply_masks, set_metadata
-from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear
+from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear, _transposed_storage, token_pitch
 
 
 class Net(torch.nn.Module):
@@ -69,7 +69,8 @@ def test_plan_picks_the_annotated_layers_and_fuses_relu() -> None:
     ]
     conv, fc1, fc2 = plan.layers
     assert conv.kernel == (3, 3) and conv.padding == (1, 1) and conv.input_shape == (2, 8, 6, 6)
-    assert conv.fused_relu is not None and fc1.fused_relu is not None and fc2.fused_relu is None
+    assert conv.activation == "relu" and fc1.activation == "relu" and fc2.activation is None
+    assert conv.fused_node is not None and fc2.fused_node is None
     assert fc2.bias is None
 
 
@@ -194,9 +195,9 @@ def test_runtime_accepts_unaligned_views(compiled) -> None:  # type: ignore[no-u
     torch.testing.assert_close(layer(x), expected)
 
 
-def _timer_favouring(sparse_wins: set[str]):  # type: ignore[no-untyped-def]
+def _timer_favouring(sparse_wins: set[str], plan_order=("conv2d", "linear", "linear_1")):  # type: ignore[no-untyped-def]
     """A fake timer: the kernel wins for layers whose node is in ``sparse_wins``; nothing is timed."""
-    nodes = iter(["conv2d", "linear", "linear_1"])  # plan order
+    nodes = iter(plan_order)
 
     def timer(calls):  # type: ignore[no-untyped-def]
         assert set(calls) == {"sparse", "dense"}
@@ -351,3 +352,117 @@ def test_sharing_torchs_threads_can_be_turned_off() -> None:
     code = "from tilefx.lowering import openmp_launch; print(openmp_launch.available())"
     done = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
     assert "(False, 'disabled by TILEFX_OPENMP_LAUNCH=0')" in done.stdout
+
+
+class Ffn(torch.nn.Module):
+    """A transformer FFN (fc1 → GELU → fc2) whose output also feeds fc3 and a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 128)
+        self.fc2 = torch.nn.Linear(128, 64)
+        self.fc3 = torch.nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+        return self.fc3(h) + h
+
+
+def _pruned_ffn(batch: int = 2, tokens: int = 32) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    """(4, 4) blocks: the token-major template on AVX2 and AVX-512 alike."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, tokens, 64)
+    gm = torch.export.export(Ffn().eval(), (x,)).module()
+    metadata = Metadata()
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        w = gm.get_parameter(name)
+        metadata = metadata.with_annotation(
+            name, BlockSparsity((4, 4), torch.rand(w.shape[0] // 4, w.shape[1] // 4) < 0.3)
+        )
+    set_metadata(gm, metadata)
+    apply_masks(gm, gm)
+    return gm, x
+
+
+def test_plan_finds_linears_that_only_feed_sparse_linears() -> None:
+    gm, _ = _pruned_ffn()
+    fc1, fc2, fc3 = plan_graph(gm).layers
+    assert fc1.activation == "gelu" and fc1.fused_node is not None  # the epilogue absorbs GELU
+    assert fc1.consumers == (fc2.node,)
+    unfused = plan_graph(gm, fuse_activations=False).layers[0]
+    assert unfused.activation is None and unfused.consumers == (fc2.node,)  # through the GELU node
+    assert fc2.consumers == ()  # also read by the residual add
+    assert fc3.consumers == ()  # the graph output
+
+
+def test_gelu_tanh_approximation_is_left_to_torch() -> None:
+    class TanhGelu(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.gelu(self.fc(x), approximate="tanh")
+
+    gm = torch.export.export(TanhGelu().eval(), (torch.randn(4, 16),)).module()
+    set_metadata(
+        gm, Metadata().with_annotation("fc.weight", BlockSparsity((4, 4), torch.ones(4, 4, dtype=torch.bool)))
+    )
+    (layer,) = plan_graph(gm).layers
+    assert layer.activation is None and layer.fused_node is None
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["gelu-fused", "gelu-in-torch"])
+@pytest.mark.parametrize(("batch", "tokens"), [(2, 32), (3, 7)])
+def test_sparse_linears_hand_over_transposed_activations(batch: int, tokens: int, fuse: bool) -> None:
+    """fc1 returns Yᵀ, fc2 reads it token-major: same result, no transposes.
+
+    21 tokens are not whole vectors: Yᵀ is then stored with a pitch of 32 columns, which fc2
+    reads in place when GELU is fused, and copies row by row when torch's GELU dropped it.
+    """
+    gm, x = _pruned_ffn(batch, tokens)
+    out = compile_graph(gm, "llvm", fallback="never", fuse_activations=fuse)
+    fc1, fc2, fc3 = lowering_choices(out)
+    assert fc1.transposed_to == (fc2.node,) and fc2.transposed_to == () and "Yᵀ to" in fc1.describe()
+    modules = dict(out.named_children())
+    seen = []
+    reader = modules[f"bsr_{fc2.node}"]
+    reader.register_forward_pre_hook(
+        lambda _, args: seen.append(_transposed_storage(args[0].reshape(-1, 128)))
+    )
+    torch.testing.assert_close(out(x), gm(x), rtol=1e-4, atol=1e-4)
+    assert len(seen) == 1 and seen[0] is not None and seen[0].shape == (128, token_pitch(batch * tokens))
+    assert reader.transposed_kernel(batch * tokens, True, False) is not None
+
+
+def test_no_transposed_handover_to_a_reader_kept_dense() -> None:
+    gm, x = _pruned_ffn()
+    order = ("linear", "linear_1", "linear_2")
+    out = compile_graph(gm, "llvm", timer=_timer_favouring({"linear", "linear_2"}, order))
+    assert [(c.node, c.lowered, c.transposed_to) for c in lowering_choices(out)] == [
+        ("linear", True, ()),
+        ("linear_1", False, ()),
+        ("linear_2", True, ()),
+    ]
+    torch.testing.assert_close(out(x), gm(x), rtol=1e-4, atol=1e-4)
+
+
+def test_runtime_takes_any_input_layout() -> None:
+    """A transposed or strided input is correct whether or not a transposed kernel exists for it."""
+    gm, x = _pruned_ffn()
+    out = compile_graph(gm, "llvm", fallback="never")
+    layer = next(m for m in out.children() if isinstance(m, BsrLinear) and m.in_features == 128)
+    w, b = gm.get_parameter("fc2.weight"), gm.get_parameter("fc2.bias")
+    for rows in (64, 10):  # its own pitch, and not
+        for xt in (torch.randn(128, rows).T, torch.randn(128, token_pitch(rows))[:, :rows].T):
+            torch.testing.assert_close(layer(xt), torch.nn.functional.linear(xt, w, b), rtol=1e-4, atol=1e-4)
+    strided = torch.randn(64, 256)[:, ::2]
+    torch.testing.assert_close(
+        layer(strided), torch.nn.functional.linear(strided, w, b), rtol=1e-4, atol=1e-4
+    )
+    writer = next(m for m in out.children() if isinstance(m, BsrLinear) and m.transposed_output)
+    w1, b1 = gm.get_parameter("fc1.weight"), gm.get_parameter("fc1.bias")
+    for shape in ((2, 32, 64), (1, 64), (3, 7, 64)):  # Yᵀ where a tile divides M, row-major elsewhere
+        xb = torch.randn(shape)
+        expected = torch.nn.functional.gelu(torch.nn.functional.linear(xb, w1, b1))  # GELU fused
+        torch.testing.assert_close(writer(xb), expected, rtol=1e-4, atol=1e-4)
