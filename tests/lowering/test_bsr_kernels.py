@@ -233,7 +233,9 @@ def test_transposed_layouts_need_a_token_tile_dividing_the_pitch_and_a_linear_la
     assert choose_cpu_schedule(spec(20), 16).tile == 32  # ... that divides the pitch
     with pytest.raises(ValueError, match="divide the pitch 32"):
         token_lanes_func(spec(20), 64, 4)
-    assert not takes_transposed(spec(128, (32, 32)), 16)  # schedules as `rows`: row-major only
+    assert not takes_transposed(spec(128, (32, 32)), 8)  # `rows` on AVX2: row-major only
+    assert takes_transposed(spec(128, (32, 32)), 16)  # on AVX-512 the hand-over beats `rows`
+    assert not takes_transposed(spec(8), 16)  # batches under a vector of tokens stay `rows`
     with pytest.raises(ValueError, match="row-major"):
         row_lanes_func(spec(128, (32, 32)), 8, 32)
     with pytest.raises(ValueError, match="linear layers only"):
