@@ -3,8 +3,10 @@
 Each layer of the plan (``lowering.plan``) is replaced by a ``call_module`` to a small runtime
 module (``runtime.sparse_modules``) that calls its compiled kernel through DLPack, unless
 ``lowering.fallback`` finds the kernel no faster than dense torch for that layer's shape;
-everything else stays the torch code it was. The choices are logged and kept in the result's
-``meta["lowering_choices"]``. The input graph module is never modified.
+everything else stays the torch code it was. A lowered linear whose output only feeds other
+lowered linears hands it over token-major (``runtime.sparse_modules``), where that is faster
+(measured too). The choices are logged and kept in the result's ``meta["lowering_choices"]``.
+The input graph module is never modified.
 
 Compiled kernels are cached in memory for the process and, with ``cache_dir``, as shared
 libraries on disk. The key is the kernel spec (op geometry incl. input shape, output features,
@@ -174,7 +176,7 @@ def compile_graph(
         choices.append(choice)
     # Readers first (reverse graph order), so each compiles the one layout it will run in.
     for i in reversed(range(len(layers))):
-        choices[i] = _hand_over_transposed(layers[i], choices[i], lowered)
+        choices[i] = _hand_over_transposed(layers[i], choices[i], lowered, policy, timer)
     out.graph.lint()
     out.recompile()
     out.meta["lowering_choices"] = tuple(choices)
@@ -192,12 +194,19 @@ def compile_graph(
 
 
 def _hand_over_transposed(
-    layer: SparseLayer, choice: LayerChoice, lowered: dict[str, torch.nn.Module]
+    layer: SparseLayer,
+    choice: LayerChoice,
+    lowered: dict[str, torch.nn.Module],
+    policy: Fallback,
+    timer: Timer,
 ) -> LayerChoice:
     """Let a lowered linear return ``Yᵀ`` when every reader is a lowered linear that takes ``Xᵀ``.
 
     Decided after all layers are chosen: a reader kept dense would still be correct (torch
-    accepts any strides) but would pay for the layout. Compiles the transposed kernels now.
+    accepts any strides) but would pay for the layout. With ``policy="measure"`` the layer and
+    its readers are timed both ways on the layer's input shape and the hand-over is kept only
+    if strictly faster (the schedules' rule of thumb comes from BERT shapes on two machines).
+    Compiles the transposed kernels now.
     """
     module = lowered.get(layer.node)
     if not isinstance(module, BsrLinear) or not layer.consumers:
@@ -209,9 +218,33 @@ def _hand_over_transposed(
         for r in readers
     ):
         return choice
+    if policy == "measure" and not _hand_over_is_faster(layer, module, readers, timer):
+        return choice
     module.transposed_output = True
     log.debug("node %s hands Yᵀ to %s", layer.node, layer.consumers)
     return dataclasses.replace(choice, transposed_to=layer.consumers)
+
+
+def _hand_over_is_faster(
+    layer: SparseLayer, module: BsrLinear, readers: list[torch.nn.Module | None], timer: Timer
+) -> bool:
+    """Time the layer and its readers with ``Yᵀ`` handed over and row-major (torch ops between omitted)."""
+    x = torch.randn(layer.input_shape)
+
+    def chain(transposed: bool) -> Callable[[], object]:
+        def call() -> object:
+            module.transposed_output = transposed
+            y = module(x)
+            return [reader(y) for reader in readers if reader is not None]
+
+        return call
+
+    try:
+        ms = timer({"hand-over": chain(True), "row-major": chain(False)})
+    finally:
+        module.transposed_output = False
+    log.info("node %s: hand-over %.3f ms, row-major %.3f ms", layer.node, ms["hand-over"], ms["row-major"])
+    return ms["hand-over"] < ms["row-major"]
 
 
 def lowering_choices(gm: torch.fx.GraphModule) -> tuple[LayerChoice, ...]:

@@ -447,6 +447,26 @@ def test_no_transposed_handover_to_a_reader_kept_dense() -> None:
     torch.testing.assert_close(out(x), gm(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("faster", ["hand-over", "row-major"])
+def test_measured_hand_over_is_kept_only_when_faster(faster: str) -> None:
+    timed = []
+
+    def timer(calls):  # type: ignore[no-untyped-def]
+        if set(calls) == {"sparse", "dense"}:
+            return {"sparse": 1.0, "dense": 2.0}
+        outputs = {name: call() for name, call in calls.items()}  # both ways compute the same
+        torch.testing.assert_close(outputs["hand-over"], outputs["row-major"], rtol=1e-4, atol=1e-4)
+        timed.append(set(calls))
+        return {name: 1.0 if name == faster else 2.0 for name in calls}
+
+    gm, x = _pruned_ffn()
+    out = compile_graph(gm, "llvm", timer=timer)
+    fc1 = lowering_choices(out)[0]
+    assert timed == [{"hand-over", "row-major"}]  # fc1 alone has sparse readers only
+    assert fc1.transposed_to == (("linear_1",) if faster == "hand-over" else ())
+    torch.testing.assert_close(out(x), gm(x), rtol=1e-4, atol=1e-4)
+
+
 def test_runtime_takes_any_input_layout() -> None:
     """A transposed or strided input is correct whether or not a transposed kernel exists for it."""
     gm, x = _pruned_ffn()
