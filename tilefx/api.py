@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,4 +67,7 @@ def compile(
     """
     from tilefx.lowering.build import compile_graph  # tvm is imported only here
 
+    if "fuse_relu" in options:  # renamed when GELU joined ReLU in the epilogue
+        warnings.warn("fuse_relu is now fuse_activations", DeprecationWarning, stacklevel=2)
+        options["fuse_activations"] = options.pop("fuse_relu")
     return compile_graph(gm, target, **options)

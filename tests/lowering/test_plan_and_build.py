@@ -435,6 +435,17 @@ def test_sparse_linears_hand_over_transposed_activations(batch: int, tokens: int
     assert reader.transposed_kernel(batch * tokens, True, False) is not None
 
 
+def test_fuse_relu_still_works_but_warns_it_was_renamed() -> None:
+    import tilefx
+
+    gm, x = _pruned_ffn()
+    with pytest.warns(DeprecationWarning, match="fuse_activations"):
+        out = tilefx.compile(gm, "llvm", fallback="never", fuse_relu=False)
+    targets = {str(n.target) for n in out.graph.nodes if n.op == "call_function"}
+    assert "aten.gelu.default" in targets  # fusion off: torch still runs the GELU
+    torch.testing.assert_close(out(x), gm(x), rtol=1e-4, atol=1e-4)
+
+
 def test_no_transposed_handover_to_a_reader_kept_dense() -> None:
     gm, x = _pruned_ffn()
     order = ("linear", "linear_1", "linear_2")
