@@ -1,10 +1,10 @@
-"""Shared measurements for the channel-pruning benchmarks: MACs, parameters, latency, machine line."""
+"""Shared measurements for the benchmarks: MACs, parameters, latency, machine line, dense peers."""
 
 from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tilefx.report import median_ms  # one timing loop for every benchmark
 
-__all__ = ["count_macs", "count_params", "machine", "median_ms"]
+__all__ = ["count_macs", "count_params", "machine", "median_ms", "onednn_linear"]
 
 
 def count_macs(model: torch.nn.Module, inputs: Sequence[Any]) -> int:
@@ -33,3 +33,27 @@ def machine() -> str:
         f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores visible, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
+
+
+def onednn_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torch's other dense fp32 GEMM: oneDNN on a prepacked weight (what inductor's CPU freezing
+    emits for a linear); None where torch was built without it.
+
+    ``F.linear`` calls MKL's sgemm, which on AMD cores ran at under half oneDNN's speed (3.0 vs
+    1.2 ms for BERT's FFN1 on a Zen 5 EPYC), so a speedup quoted only against ``F.linear`` would
+    flatter a kernel there. The result is checked against ``F.linear`` before it is returned.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return None
+    batch = 128  # a hint for the packing layout, not a constraint on the inputs
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    probe = torch.randn(batch, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.linear(probe, weight.detach(), bias)
+    assert torch.allclose(run(probe), expected, rtol=1e-4, atol=1e-3), "oneDNN linear disagrees"
+    return run

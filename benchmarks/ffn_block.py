@@ -9,6 +9,9 @@ and the result lowered by ``tilefx.compile(fallback="never")``. Contenders, time
 interleaved rounds (each makes two untimed calls, then the timed one), medians reported:
 
 * ``torch dense``: the unpruned block in eager torch;
+* ``oneDNN dense``: the unpruned block on oneDNN with prepacked weights
+  (``_measure.onednn_linear``), torch's faster dense GEMM on AMD cores; ``best dense`` is the
+  faster of the two;
 * ``tilefx``: the compiled block as users get it, where fc1 hands its output to fc2 transposed
   (``runtime.sparse_modules``) when both run the token-major template;
 * ``no hand-over``: the same compiled block with that hand-over switched off, so each layer
@@ -26,6 +29,7 @@ import argparse
 import os
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,9 @@ import torch.nn.functional as F
 import tilefx
 from tilefx.lowering.fallback import interleaved_times
 from tilefx.runtime.sparse_modules import BsrLinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import onednn_linear  # noqa: E402
 
 TOKENS, HIDDEN, INNER = 128, 768, 3072
 BLOCKS = ((16, 1), (8, 8), (32, 32), (1, 16), (1, 1))
@@ -71,19 +78,25 @@ def _row(dense: Ffn, x: torch.Tensor, block: tuple[int, int], sparsity: float, r
             for module in handing:
                 module.transposed_output = True
 
+    fc1, fc2 = (onednn_linear(layer.weight, layer.bias) for layer in (dense.fc1, dense.fc2))
     calls = {
         "tilefx": lambda: compiled(x),
         "no hand-over": no_hand_over,
         "torch dense": lambda: dense(x),
         "torch CSR": lambda: torch.addmm(b2, w2, F.gelu(torch.addmm(b1, w1, xt))),
     }
+    if fc1 is not None and fc2 is not None:
+        calls["oneDNN dense"] = lambda: fc2(F.gelu(fc1(x[0])))
     times = interleaved_times(calls, rounds=runs, warmup=2, burst=3)
     ms = {name: statistics.median(ts) for name, ts in times.items()}
     d = ms["torch dense"]
+    best = min(d, ms.get("oneDNN dense", d))
+    onednn_ms = f"{ms['oneDNN dense']:.3f}" if "oneDNN dense" in ms else "–"
     return (
         f"| {sparsity:.2f} | {block[0]}x{block[1]} | {ms['tilefx']:.3f} | {ms['no hand-over']:.3f} "
         f"| {d:.3f} | {ms['torch CSR']:.3f} | {d / ms['tilefx']:.2f}x | {d / ms['no hand-over']:.2f}x "
-        f"| {ms['torch CSR'] / ms['tilefx']:.2f}x | {'yes' if handing else 'no'} | {error:.1e} |"
+        f"| {ms['torch CSR'] / ms['tilefx']:.2f}x | {'yes' if handing else 'no'} | {error:.1e} "
+        f"| {onednn_ms} | {best / ms['tilefx']:.2f}x |"
     )
 
 
@@ -106,9 +119,10 @@ def main() -> int:
     )
     print(
         "| sparsity | block | tilefx ms | no hand-over ms | torch dense ms | torch CSR ms | vs dense "
-        "| no hand-over vs dense | vs CSR | fc1 hands Yᵀ to fc2 | max rel err |"
+        "| no hand-over vs dense | vs CSR | fc1 hands Yᵀ to fc2 | max rel err | oneDNN dense ms "
+        "| vs best dense |"
     )
-    print("|---" * 11 + "|")
+    print("|---" * 13 + "|")
     for sparsity in sparsities:
         for block in blocks:
             print(_row(dense, x, block, sparsity, args.runs), flush=True)

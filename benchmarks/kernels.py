@@ -15,7 +15,9 @@ pool) is timed on its own. The roofline columns give the kernel's flops and byte
 indices + X + Y, fp32) and the GFLOP/s and GB/s it reached. ``in FFN`` times the FFN layers in
 the layout ``tilefx.compile`` runs them in when FFN1 → GELU → FFN2 are both sparse (FFN1 writes
 Yᵀ, FFN2 reads it without a transpose; only where the ``tokens`` template runs, else "–"),
-in the same rounds as the others.
+in the same rounds as the others. ``torch oneDNN`` is the same dense linear through oneDNN on a
+prepacked weight (``_measure.onednn_linear``; a conv already runs on oneDNN), and ``best dense``
+the faster of the two: on AMD cores MKL's sgemm behind ``F.linear`` ran at under half of it.
 Never imported by tests.
 """
 
@@ -27,6 +29,7 @@ import os
 import statistics
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import scipy.sparse as sp
 import torch
@@ -38,6 +41,9 @@ from tilefx.lowering.fallback import interleaved_times
 from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec
 from tilefx.lowering.schedules.cpu import takes_transposed
 from tilefx.runtime.packing import pack_bsr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import onednn_linear  # noqa: E402
 
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 BLOCKS = ((1, 1), (16, 1), (1, 16), (8, 8), (32, 32))
@@ -93,6 +99,9 @@ def contenders(shape: Shape, weight: torch.Tensor, mask: torch.Tensor, block, ca
             "torch CSR": lambda: w_csr @ xt,
             "scipy BSR": lambda: w_bsr @ xt_np,
         }
+        onednn = onednn_linear(weight)
+        if onednn is not None:
+            fns["torch oneDNN"] = lambda: onednn(x)
         chained = shape.in_ffn and dataclasses.replace(
             spec, x_transposed=shape.in_ffn[0], y_transposed=shape.in_ffn[1]
         )
@@ -158,9 +167,10 @@ def main() -> int:
         print(
             "| sparsity | block | tilefx ms | torch dense ms | torch CSR ms | scipy BSR ms | vs dense | ideal "
             "| of ideal | vs CSR | vs scipy BSR | alternating vs dense | best-of vs dense "
-            "| GFLOP/s | GB/s | compile s | max err | in FFN vs dense |"
+            "| GFLOP/s | GB/s | compile s | max err | in FFN vs dense | torch oneDNN ms "
+            "| vs best dense | in FFN vs best dense |"
         )
-        print("|---" * 18 + "|")
+        print("|---" * 21 + "|")
         x = torch.randn(shape.geometry.input_shape, generator=gen)
         for sparsity in sparsities:
             for block in blocks:
@@ -168,7 +178,7 @@ def main() -> int:
                 fns, compile_s, error, nnzb = contenders(shape, weight, mask, block, cache, target, x)
                 threaded = {
                     name: fns[name]
-                    for name in ("tilefx", "torch dense", "torch CSR", "tilefx in FFN")
+                    for name in ("tilefx", "torch dense", "torch oneDNN", "torch CSR", "tilefx in FFN")
                     if name in fns
                 }
                 times = interleaved_times(threaded, rounds=args.runs, warmup=1, burst=3)
@@ -183,13 +193,17 @@ def main() -> int:
                 speedup = ms["torch dense"] / ms["tilefx"]
                 flops, nbytes = roofline(shape, block, nnzb)
                 in_ffn = f"{ms['torch dense'] / ms['tilefx in FFN']:.2f}x" if "tilefx in FFN" in ms else "–"
+                best_dense = min(ms["torch dense"], ms.get("torch oneDNN", float("inf")))
+                onednn_ms = f"{ms['torch oneDNN']:.3f}" if "torch oneDNN" in ms else "–"
+                in_ffn_best = f"{best_dense / ms['tilefx in FFN']:.2f}x" if "tilefx in FFN" in ms else "–"
                 print(
                     f"| {sparsity:.2f} | {block[0]}x{block[1]} | {ms['tilefx']:.3f} | {ms['torch dense']:.3f} "
                     f"| {ms['torch CSR']:.3f} | {ms['scipy BSR']:.3f} | {speedup:.2f}x | {ideal:.1f}x "
                     f"| {speedup / ideal:.2f} | {ms['torch CSR'] / ms['tilefx']:.2f}x "
                     f"| {ms['scipy BSR'] / ms['tilefx']:.1f}x | {alt:.2f}x | {best:.2f}x "
                     f"| {flops / ms['tilefx'] / 1e6:.1f} | {nbytes / ms['tilefx'] / 1e6:.1f} | {compile_s:.2f} "
-                    f"| {error:.1e} | {in_ffn} |",
+                    f"| {error:.1e} | {in_ffn} | {onednn_ms} | {best_dense / ms['tilefx']:.2f}x "
+                    f"| {in_ffn_best} |",
                     flush=True,
                 )
         print()
