@@ -212,12 +212,17 @@ def _hand_over_transposed(
     if not isinstance(module, BsrLinear) or not layer.consumers:
         return choice
     rows = math.prod(layer.input_shape[:-1])
-    readers = [lowered.get(name) for name in layer.consumers]
-    if module.transposed_kernel(rows, False, True) is None or not all(
-        isinstance(r, BsrLinear) and r.transposed_kernel(rows, True, r.transposed_output) is not None
-        for r in readers
-    ):
+    if module.transposed_kernel(rows, False, True) is None:
         return choice
+    readers = []
+    for name in layer.consumers:
+        reader = lowered.get(name)
+        if (
+            not isinstance(reader, BsrLinear)
+            or reader.transposed_kernel(rows, True, reader.transposed_output) is None
+        ):
+            return choice
+        readers.append(reader)
     if policy == "measure" and not _hand_over_is_faster(layer, module, readers, timer):
         return choice
     module.transposed_output = True
@@ -226,7 +231,7 @@ def _hand_over_transposed(
 
 
 def _hand_over_is_faster(
-    layer: SparseLayer, module: BsrLinear, readers: list[torch.nn.Module | None], timer: Timer
+    layer: SparseLayer, module: BsrLinear, readers: list[BsrLinear], timer: Timer
 ) -> bool:
     """Time the layer and its readers with ``Yᵀ`` handed over and row-major (torch ops between omitted)."""
     x = torch.randn(layer.input_shape)
@@ -235,7 +240,7 @@ def _hand_over_is_faster(
         def call() -> object:
             module.transposed_output = transposed
             y = module(x)
-            return [reader(y) for reader in readers if reader is not None]
+            return [reader(y) for reader in readers]
 
         return call
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import tilefx
 from tilefx.lowering import build as build_mod
 from tilefx.lowering import compat, openmp_launch
 from tilefx.lowering.build import KernelCache, compile_graph, lowering_choices
@@ -436,8 +437,6 @@ def test_sparse_linears_hand_over_transposed_activations(batch: int, tokens: int
 
 
 def test_fuse_relu_still_works_but_warns_it_was_renamed() -> None:
-    import tilefx
-
     gm, x = _pruned_ffn()
     with pytest.warns(DeprecationWarning, match="fuse_activations"):
         out = tilefx.compile(gm, "llvm", fallback="never", fuse_relu=False)
