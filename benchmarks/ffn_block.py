@@ -14,7 +14,7 @@ interleaved rounds (each makes two untimed calls, then the timed one), medians r
   faster of the two;
 * ``tilefx``: the compiled block as users get it, where fc1 hands its output to fc2 transposed
   (``runtime.sparse_modules``) when both run the token-major template;
-* ``no hand-over``: the same compiled block with that hand-over switched off, so each layer
+* ``no hand-over``: the same block compiled with ``hand_over=False``, so each layer
   transposes its input in and its output back, as a lone kernel does;
 * ``torch CSR``: both pruned weights as ``to_sparse_csr`` matrices applied to the transposed
   activations (CSR's best layout, the transposes not counted).
@@ -61,6 +61,7 @@ def _row(dense: Ffn, x: torch.Tensor, block: tuple[int, int], sparsity: float, r
     recipe = tilefx.Recipe(blocks=tilefx.BlockPruning(block=block, sparsity=sparsity, reorder="none"))
     pruned = tilefx.optimize(dense, (x,), recipe=recipe)
     compiled = tilefx.compile(pruned, target="llvm", fallback="never")
+    row_major = tilefx.compile(pruned, target="llvm", fallback="never", hand_over=False)
     handing = [m for m in compiled.modules() if isinstance(m, BsrLinear) and m.transposed_output]
     with torch.no_grad():
         expected = pruned(x)
@@ -69,19 +70,10 @@ def _row(dense: Ffn, x: torch.Tensor, block: tuple[int, int], sparsity: float, r
     b1, b2 = (pruned.get_parameter(f"fc{i}.bias").detach()[:, None] for i in (1, 2))
     xt = x[0].T.contiguous()
 
-    def no_hand_over() -> torch.Tensor:
-        for module in handing:
-            module.transposed_output = False
-        try:
-            return compiled(x)
-        finally:
-            for module in handing:
-                module.transposed_output = True
-
     fc1, fc2 = (onednn_linear(layer.weight, layer.bias) for layer in (dense.fc1, dense.fc2))
     calls = {
         "tilefx": lambda: compiled(x),
-        "no hand-over": no_hand_over,
+        "no hand-over": lambda: row_major(x),
         "torch dense": lambda: dense(x),
         "torch CSR": lambda: torch.addmm(b2, w2, F.gelu(torch.addmm(b1, w1, xt))),
     }

@@ -5,8 +5,9 @@ module (``runtime.sparse_modules``) that calls its compiled kernel through DLPac
 ``lowering.fallback`` finds the kernel no faster than dense torch for that layer's shape;
 everything else stays the torch code it was. A lowered linear whose output only feeds other
 lowered linears hands it over token-major (``runtime.sparse_modules``), where that is faster
-(measured too). The choices are logged and kept in the result's ``meta["lowering_choices"]``.
-The input graph module is never modified.
+(measured too): ``lowering.hand_over`` records that in the plan, and the modules are built from
+it. The choices are logged and kept in the result's ``meta["lowering_choices"]``. The input
+graph module is never modified.
 
 Compiled kernels are cached in memory for the process and, with ``cache_dir``, as shared
 libraries on disk. The key is the kernel spec (op geometry incl. input shape, output features,
@@ -24,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from ..runtime.packing import BsrWeight, pack_bsr, pattern_hash
 from ..runtime.sparse_modules import BsrConv2d, BsrLinear, Kernel
 from . import compat, openmp_launch
 from .fallback import Fallback, LayerChoice, Timer, check_fallback, choose, interleaved_best_ms
+from .hand_over import decide_hand_overs
 from .kernels.spec import Conv2dGeometry, KernelSpec
 from .plan import SparseLayer, plan_graph
 from .schedules.cpu import cpu_kernel, takes_transposed
@@ -64,7 +66,9 @@ class KernelCache:
 
     CPU kernels are loaded from a shared library whenever their parallel loops can run on
     torch's OpenMP threads (``openmp_launch``): without a ``cache_dir`` that library goes to a
-    per-user temporary directory, keyed like the cache, so it is reused too.
+    per-user temporary directory, keyed like the cache, so it is reused too. Handing out a CPU
+    kernel that keeps TVM's pool instead is when that pool is told not to spin
+    (``openmp_launch.keep_tvm_pool_asleep``).
     """
 
     _memory: dict[str, Kernel] = {}  # process-wide: recompiling an identical kernel is pure waste
@@ -85,7 +89,7 @@ class KernelCache:
             started = time.perf_counter()
             executable = compat.build(kernel_func(spec, target), target)
             self.compile_seconds += time.perf_counter() - started
-            found = self._store(key, executable, target) or executable["main"]
+            found = self._store(key, executable, target) or self._unexported(executable, target)
         self._memory[key] = found
         return found
 
@@ -119,8 +123,16 @@ class KernelCache:
     @staticmethod
     def _open(path: Path) -> Kernel:
         kernel = tvm.runtime.load_module(str(path))["main"]
-        openmp_launch.share_torch_threads(path)  # after loading: the runtime sets TVM's pool first
+        if not openmp_launch.share_torch_threads(path):  # after loading: the runtime sets TVM's pool first
+            openmp_launch.keep_tvm_pool_asleep()
         return kernel
+
+    @staticmethod
+    def _unexported(executable: Any, target: tvm.target.Target) -> Kernel:
+        """The kernel of an executable kept in memory: CUDA, or CPU on TVM's own pool."""
+        if not compat.is_cuda(target):
+            openmp_launch.keep_tvm_pool_asleep()
+        return executable["main"]
 
 
 def layer_spec(layer: SparseLayer, nnzb: int, input_shape: tuple[int, ...]) -> KernelSpec:
@@ -142,12 +154,15 @@ def compile_graph(
     fuse_activations: bool = True,
     fallback: str = "measure",
     timer: Timer = interleaved_best_ms,
+    hand_over: bool = True,
 ) -> torch.fx.GraphModule:
     """A new GraphModule in which the block-sparse layers of ``gm`` run compiled kernels.
 
     ``fallback="measure"`` keeps a layer dense torch when its kernel, timed against dense on
     the layer's input shape (by ``timer``), is not faster; ``"never"`` lowers every layer.
     CUDA kernels are lowered unmeasured (timing them needs a GPU and device synchronisation).
+    ``hand_over=False`` keeps every lowered linear's output row-major (``lowering.hand_over``
+    decides otherwise; benchmarks compare the two).
     Requires: an ATen-level graph (``torch.export(...).module()``) with shapes in
     ``meta['val']`` and ``BlockSparsity`` metadata on the weights to lower.
     Raises ``LoweringError`` (naming the node) for an unknown target or fallback, a non-float32
@@ -161,24 +176,30 @@ def compile_graph(
     layers = [layer for layer in plan.layers if _runs_on(layer, tvm_target)]
     packed = {layer.node: _pack(gm, layer) for layer in layers}
     cache = KernelCache(cache_dir)
-    out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="CompiledGraphModule")
-    out.meta.update(gm.meta)
     device = _device_for(tvm_target)
+
+    def build_module(layer: SparseLayer) -> BsrLinear | BsrConv2d:
+        return _runtime_module(gm, layer, packed[layer.node], cache, tvm_target).to(device)
+
     choices = []
-    lowered: dict[str, torch.nn.Module] = {}
+    lowered: dict[str, BsrLinear | BsrConv2d] = {}
     for layer in layers:
-        module = _runtime_module(gm, layer, packed[layer.node], cache, tvm_target).to(device)
+        module = build_module(layer)
         module.kernel(layer.input_shape)  # compile now: errors and compile time belong here
         choice = _choose(gm, layer, module, device, policy, timer)
         if choice.lowered:
-            _swap_node(out, layer, module)
             lowered[layer.node] = module
         choices.append(choice)
-    # Readers first (reverse graph order), so each compiles the one layout it will run in.
-    for i in reversed(range(len(layers))):
-        choices[i] = _hand_over_transposed(layers[i], choices[i], lowered, policy, timer)
-    out.graph.lint()
-    out.recompile()
+    decided, lowered = (
+        decide_hand_overs(layers, lowered, build_module, policy, timer)
+        if hand_over
+        else (tuple(layers), lowered)
+    )
+    choices = [
+        dataclasses.replace(choice, transposed_to=layer.consumers) if layer.transposed_output else choice
+        for layer, choice in zip(decided, choices, strict=True)
+    ]
+    out = _calling_modules(gm, decided, lowered)
     out.meta["lowering_choices"] = tuple(choices)
     spin = None if compat.is_cuda(tvm_target) else openmp_launch.contention_warning(torch.get_num_threads())
     if spin and any(c.lowered for c in choices):
@@ -191,65 +212,6 @@ def compile_graph(
         cache.compile_seconds,
     )
     return out
-
-
-def _hand_over_transposed(
-    layer: SparseLayer,
-    choice: LayerChoice,
-    lowered: dict[str, torch.nn.Module],
-    policy: Fallback,
-    timer: Timer,
-) -> LayerChoice:
-    """Let a lowered linear return ``Yᵀ`` when every reader is a lowered linear that takes ``Xᵀ``.
-
-    Decided after all layers are chosen: a reader kept dense would still be correct (torch
-    accepts any strides) but would pay for the layout. With ``policy="measure"`` the layer and
-    its readers are timed both ways on the layer's input shape and the hand-over is kept only
-    if strictly faster (the schedules' rule of thumb comes from BERT shapes on two machines).
-    Compiles the transposed kernels now.
-    """
-    module = lowered.get(layer.node)
-    if not isinstance(module, BsrLinear) or not layer.consumers:
-        return choice
-    rows = math.prod(layer.input_shape[:-1])
-    if module.transposed_kernel(rows, False, True) is None:
-        return choice
-    readers = []
-    for name in layer.consumers:
-        reader = lowered.get(name)
-        if (
-            not isinstance(reader, BsrLinear)
-            or reader.transposed_kernel(rows, True, reader.transposed_output) is None
-        ):
-            return choice
-        readers.append(reader)
-    if policy == "measure" and not _hand_over_is_faster(layer, module, readers, timer):
-        return choice
-    module.transposed_output = True
-    log.debug("node %s hands Yᵀ to %s", layer.node, layer.consumers)
-    return dataclasses.replace(choice, transposed_to=layer.consumers)
-
-
-def _hand_over_is_faster(
-    layer: SparseLayer, module: BsrLinear, readers: list[BsrLinear], timer: Timer
-) -> bool:
-    """Time the layer and its readers with ``Yᵀ`` handed over and row-major (torch ops between omitted)."""
-    x = torch.randn(layer.input_shape)
-
-    def chain(transposed: bool) -> Callable[[], object]:
-        def call() -> object:
-            module.transposed_output = transposed
-            y = module(x)
-            return [reader(y) for reader in readers]
-
-        return call
-
-    try:
-        ms = timer({"hand-over": chain(True), "row-major": chain(False)})
-    finally:
-        module.transposed_output = False
-    log.info("node %s: hand-over %.3f ms, row-major %.3f ms", layer.node, ms["hand-over"], ms["row-major"])
-    return ms["hand-over"] < ms["row-major"]
 
 
 def lowering_choices(gm: torch.fx.GraphModule) -> tuple[LayerChoice, ...]:
@@ -343,13 +305,27 @@ def _runtime_module(
                 return None
             return cache.kernel(spec, target)
 
-        return BsrLinear(weight, bias, kernel_for, transposed_for)
+        return BsrLinear(weight, bias, kernel_for, transposed_for, transposed_output=layer.transposed_output)
 
     def output_hw(h: int, w: int) -> tuple[int, int]:
         spec = layer_spec(layer, weight.nnzb, (1, layer.input_shape[1], h, w))
         return spec.geometry.out_hw
 
     return BsrConv2d(weight, bias, kernel_for, in_channels=layer.input_shape[1], output_hw=output_hw)
+
+
+def _calling_modules(
+    gm: torch.fx.GraphModule, layers: Sequence[SparseLayer], modules: Mapping[str, torch.nn.Module]
+) -> torch.fx.GraphModule:
+    """A copy of ``gm`` in which every layer that has a module calls it instead of its torch ops."""
+    out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="CompiledGraphModule")
+    out.meta.update(gm.meta)
+    for layer in layers:
+        if layer.node in modules:
+            _swap_node(out, layer, modules[layer.node])
+    out.graph.lint()
+    out.recompile()
+    return out
 
 
 def _swap_node(out: torch.fx.GraphModule, layer: SparseLayer, module: torch.nn.Module) -> None:

@@ -34,17 +34,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# When kernels keep TVM's own pool (openmp_launch normally replaces it with torch's threads;
-# its contention_warning covers torch's half of the fight): TVM's pool workers spin (300k
-# iterations by default) after each parallel kernel. Next to
-# torch, whose OpenMP workers spin too after each op, a spinning TVM worker shares its core
-# with a spinning OpenMP one until the scheduler's time slice ends: a 0.5 ms kernel took
-# 2.4-5.8 ms when alternated with torch's GEMM (BERT FFN shapes at 90%, 2 threads, AVX2). A
-# worker that sleeps instead is woken with priority and preempts the spinner: 0.6-1.0 ms. Even
-# 2000 spins brought the slowdown back, so the pool sleeps at once unless the user chose
-# otherwise. TVM reads the variable when it starts its pool, at the first parallel kernel.
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-
 #: Target kinds lowering has kernels for; anything else is rejected before any compile.
 KNOWN_TARGETS = ("llvm", "cuda")
 

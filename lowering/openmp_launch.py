@@ -13,7 +13,8 @@ the kernel from a shared library, open the same library with ``ctypes`` (the sam
 same global) and point it at a ten-line OpenMP launcher compiled here against libgomp's soname:
 loaded after torch, it binds to torch's libgomp and so runs each loop on torch's own team.
 This needs Linux, torch built with libgomp and a C compiler; otherwise kernels keep TVM's pool
-(``TILEFX_OPENMP_LAUNCH=0`` forces that) and ``available()`` says why not.
+(``TILEFX_OPENMP_LAUNCH=0`` forces that), ``available()`` says why not, and
+``keep_tvm_pool_asleep`` stops that pool spinning before the first kernel runs on it.
 """
 
 from __future__ import annotations
@@ -31,9 +32,19 @@ from pathlib import Path
 
 from . import compat
 
-__all__ = ["available", "cache_dir", "contention_warning", "launcher_address", "share_torch_threads"]
+__all__ = [
+    "available",
+    "cache_dir",
+    "contention_warning",
+    "keep_tvm_pool_asleep",
+    "launcher_address",
+    "share_torch_threads",
+]
 
 log = logging.getLogger(__name__)
+
+#: TVM's thread pool reads it once, when it starts: iterations a worker spins before it sleeps.
+_SPIN_COUNT = "TVM_THREAD_POOL_SPIN_COUNT"
 
 #: TVM's C ABI for a parallel loop body (``c_runtime_api.h``): the launcher calls it once per
 #: thread with that thread's index and the team size; the body splits the loop itself.
@@ -149,12 +160,31 @@ def share_torch_threads(library_path: str | Path) -> bool:
     return True
 
 
+@functools.cache
+def keep_tvm_pool_asleep() -> None:
+    """Let TVM's pool workers sleep at once after each kernel, unless the user set a spin count.
+
+    Called (once per process) by ``build.KernelCache`` as it hands out a CPU kernel that keeps
+    TVM's pool: TVM reads ``TVM_THREAD_POOL_SPIN_COUNT`` when its pool starts, at the first
+    parallel kernel, so this is the last moment it can take effect, and processes whose kernels
+    run on torch's threads (or that only import tilefx) keep their environment as it was.
+    Why: TVM's workers spin (300k iterations by default) after each parallel kernel. Next to
+    torch, whose OpenMP workers spin too after each op, a spinning TVM worker shares its core
+    with a spinning OpenMP one until the scheduler's time slice ends: a 0.5 ms kernel took
+    2.4-5.8 ms when alternated with torch's GEMM (BERT FFN shapes at 90%, 2 threads, AVX2). A
+    worker that sleeps instead is woken with priority and preempts the spinner: 0.6-1.0 ms. Even
+    2000 spins brought the slowdown back, so the pool sleeps at once.
+    """
+    if os.environ.setdefault(_SPIN_COUNT, "0") == "0":
+        log.debug("TVM's thread pool sleeps between kernels (%s=0)", _SPIN_COUNT)
+
+
 def contention_warning(torch_threads: int) -> str | None:
     """Why TVM kernels between torch ops may run slow here, or None when they should not.
 
     None whenever kernels run on torch's threads (one pool, nothing to fight). Otherwise TVM's
-    pool is kept from spinning (``compat``), but torch's OpenMP (libgomp) workers spin for a
-    while after every torch op unless ``OMP_WAIT_POLICY=PASSIVE`` (or a small
+    pool is kept from spinning (``keep_tvm_pool_asleep``), but torch's OpenMP (libgomp) workers
+    spin for a while after every torch op unless ``OMP_WAIT_POLICY=PASSIVE`` (or a small
     ``GOMP_SPINCOUNT``) was set before torch was imported; libgomp reads it once. A
     TVM kernel right after a torch GEMM then shares a core with a spinning worker: BERT FFN2 at
     50% (32×32 blocks, 2 threads, Intel Xeon) took 1.46 ms median, 4.2 ms at the 90th

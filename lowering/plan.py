@@ -6,6 +6,10 @@ records of ``tilefx.passes.metadata``: an ``aten.linear`` or ``aten.conv2d`` who
 Every check that can fail (dtype, block tiling, shapes, groups) runs here, so ``build`` raises a
 ``LoweringError`` naming the node before it compiles anything. Kept free of TVM so the plan can
 be printed, tested and reported on machines without it.
+
+What ``build`` decides later is recorded the same way: a new plan derived from this one
+(``lowering.hand_over`` sets ``SparseLayer.transposed_output``), from which the runtime modules
+are built; nothing is switched on a module after it is built.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class SparseLayer:
     # Linear only: the sparse linears that are the sole users of this layer's output, directly
     # or through elementwise ops; empty when anything else reads it. They may take Yᵀ.
     consumers: tuple[str, ...] = ()
+    # Decided by ``lowering.hand_over`` once the kernels are chosen (False in ``plan_graph``'s
+    # plan): the layer writes Yᵀ for its consumers. Its runtime module is built with it.
+    transposed_output: bool = False
 
     @property
     def block(self) -> tuple[int, int]:

@@ -10,10 +10,10 @@ sizes, so a model compiled at batch 128 still runs at batch 1. The runtime never
 lowering package itself.
 
 Layouts between sparse linear layers: a ``BsrLinear`` whose output reaches only other sparse
-linears (directly, or through elementwise ops) is told to return ``Yᵀ`` stored ``[N, P]``
-(``P = token_pitch(M)``), as a transposed view of shape ``[M, N]``. The next ``BsrLinear``
-recognises that layout and hands it to a kernel that reads ``Xᵀ`` where it lies. The
-token-major kernels compute in that layout anyway, so FFN1 → GELU → FFN2 (GELU fused into
+linears (directly, or through elementwise ops) may be built to return ``Yᵀ`` stored ``[N, P]``
+(``P = runtime.layout.token_pitch(M)``), as a transposed view of shape ``[M, N]``. The next
+``BsrLinear`` recognises that layout and hands it to a kernel that reads ``Xᵀ`` where it lies.
+The token-major kernels compute in that layout anyway, so FFN1 → GELU → FFN2 (GELU fused into
 FFN1's epilogue) skips transposing out of FFN1 and back into FFN2. Any other input layout is
 made contiguous, so the result never depends on who produced the input.
 """
@@ -26,24 +26,13 @@ from typing import Any
 import torch
 
 from ..passes.infra.errors import LoweringError
+from .layout import token_pitch
 from .packing import BsrWeight
 
-__all__ = ["BsrConv2d", "BsrLinear", "Kernel", "KernelFactory", "TransposedFactory", "token_pitch"]
+__all__ = ["BsrConv2d", "BsrLinear", "Kernel", "KernelFactory", "TransposedFactory"]
 
 #: Byte alignment TVM assumes for buffer data (``tvm.tirx`` default ``data_alignment``).
 _ALIGNMENT = 64
-
-
-def token_pitch(tokens: int) -> int:
-    """Row length of a transposed activation ``[features, pitch]`` holding ``tokens`` columns.
-
-    Token-major kernels run whole tiles of tokens, so the pitch pads M to one: to 64 (the tile
-    of 16 accumulators on AVX-512, a multiple of AVX2's) from 64 tokens on, to whole vectors of
-    16 below, as the row-major kernels pad internally. Padding to 16 everywhere left M = 168
-    (MiniLM's 12 × 14 tokens) with 16-token tiles, which made its FFN slower, not faster.
-    """
-    align = 64 if tokens >= 64 else 16
-    return -(-tokens // align) * align
 
 
 #: A compiled kernel: (X, W_data, W_indices, W_indptr, bias, Y) -> None, Y written in place.
@@ -110,7 +99,8 @@ class BsrLinear(_BsrModule):
     """``act(x @ Wᵀ + b)`` for x of shape ``[..., in_features]``; leading dims are flattened.
 
     With ``transposed_for`` it also runs kernels that read ``Xᵀ`` / write ``Yᵀ`` (see the module
-    docstring); ``transposed_output`` (set by the compiler) asks for ``Yᵀ`` where one exists.
+    docstring). ``transposed_output`` asks for ``Yᵀ`` where a kernel writes it: the compiler's
+    decision (``SparseLayer.transposed_output`` in the lowering plan), fixed at construction.
     """
 
     def __init__(
@@ -119,11 +109,18 @@ class BsrLinear(_BsrModule):
         bias: torch.Tensor | None,
         kernel_for: KernelFactory,
         transposed_for: TransposedFactory | None = None,
+        *,
+        transposed_output: bool = False,
     ) -> None:
         super().__init__(weight, bias, kernel_for)
         self._transposed_for = transposed_for
         self._variants: dict[tuple[int, bool, bool], Kernel | None] = {}
-        self.transposed_output = False
+        self._transposed_output = transposed_output
+
+    @property
+    def transposed_output(self) -> bool:
+        """Whether this layer returns ``Yᵀ`` (as a transposed view) where a kernel writes it."""
+        return self._transposed_output
 
     def transposed_kernel(self, rows: int, x_transposed: bool, y_transposed: bool) -> Kernel | None:
         """The kernel for ``rows`` inputs in that layout, or None where there is none."""

@@ -21,8 +21,8 @@ rather than scheduled with ``s_tir.Schedule``: its primitives need affine loop n
 whose bounds are loaded from memory is not one. Which template and tile sizes to use for a
 target is decided in ``lowering/schedules``.
 
-Good for blocks with at least one full vector of rows (r ≥ 8 on AVX2); ``bsr_conv2d`` has the
-template that vectorises along X's rows instead, for r = 1, 2, 4.
+Good for blocks with at least one full vector of rows (r ≥ 8 on AVX2); ``bsr_tokens`` has the
+template that vectorises along X's rows instead, for r = 1, 2, 4 and every conv.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ...runtime.sparse_modules import token_pitch
+from ...runtime.layout import token_pitch
 
 __all__ = ["Activation", "Conv2dGeometry", "KernelSpec"]
 

@@ -1,1 +1,1 @@
-"""Per-target schedules for the kernels: cpu (llvm) and cuda."""
+"""Per-target schedules: which kernel template and which tile sizes, for cpu (llvm) and cuda."""

@@ -8,7 +8,7 @@ block shapes:
 * ``rows`` (``kernels.bsr_dense.row_lanes_func``): lanes along the block's r output rows, for
   linear layers with tall blocks — W blocks are vector loads, X rows are broadcasts, the output
   is written row-major directly, and tasks sweep a group of block rows per cached X tile.
-* ``tokens`` (``kernels.bsr_conv2d.token_lanes_func``): lanes along X's rows (tokens, pixels),
+* ``tokens`` (``kernels.bsr_tokens.token_lanes_func``): lanes along X's rows (tokens, pixels),
   for narrower blocks and for every conv (whose NCHW output is token-contiguous).
 
 Where ``rows`` starts paying differs by ISA (2 threads, BERT FFN shapes at 50 and 90%, measured
@@ -31,10 +31,11 @@ from typing import Literal
 
 import tvm
 
+from ...runtime.layout import token_pitch
 from ..compat import vector_lanes
-from ..kernels.bsr_conv2d import token_lanes_func
 from ..kernels.bsr_dense import row_lanes_func
-from ..kernels.spec import KernelSpec, token_pitch
+from ..kernels.bsr_tokens import token_lanes_func
+from ..kernels.spec import KernelSpec
 
 __all__ = ["CpuSchedule", "choose_cpu_schedule", "cpu_kernel", "takes_transposed"]
 

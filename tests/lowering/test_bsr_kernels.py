@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from tilefx.lowering import compat
+from tilefx.lowering.kernels.bsr_dense import row_lanes_func
+from tilefx.lowering.kernels.bsr_tokens import token_lanes_func
 from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec
-from tilefx.lowering.schedules.cpu import CpuSchedule, choose_cpu_schedule, cpu_kernel
+from tilefx.lowering.schedules.cpu import CpuSchedule, choose_cpu_schedule, cpu_kernel, takes_transposed
 from tilefx.runtime.packing import pack_bsr
 
 BLOCKS = [(1, 1), (16, 1), (1, 16), (4, 4), (8, 8), (32, 32), (2, 8)]
@@ -173,7 +175,6 @@ def test_schedule_keeps_accumulators_in_registers(block, lanes):  # type: ignore
 
 def test_stride_one_conv_reads_padded_planes_instead_of_an_im2col() -> None:
     """The stride-1 path's X buffer is the padded input (plus a tail), not kh·kw copies of it."""
-    from tilefx.lowering.kernels.bsr_conv2d import token_lanes_func
 
     def src_floats(stride: int) -> int:
         geometry = Conv2dGeometry(1, 16, 10, 10, (3, 3), (stride, stride), (1, 1))
@@ -220,10 +221,6 @@ def test_transposed_layouts_match_masked_reference(block, x_t, y_t, m, make_bloc
 
 
 def test_transposed_layouts_need_a_token_tile_dividing_the_pitch_and_a_linear_layer() -> None:
-    from tilefx.lowering.kernels.bsr_conv2d import token_lanes_func
-    from tilefx.lowering.kernels.bsr_dense import row_lanes_func
-    from tilefx.lowering.schedules.cpu import takes_transposed
-
     def spec(m: int, block: tuple[int, int] = (4, 4)) -> KernelSpec:
         return KernelSpec(Conv2dGeometry.dense(m, 64), 64, block, 10, x_transposed=True)
 

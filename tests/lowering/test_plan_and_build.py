@@ -18,7 +18,8 @@ from tilefx.lowering.fallback import LayerChoice, choose, interleaved_times
 from tilefx.lowering.plan import plan_graph
 from tilefx.passes.infra.errors import LoweringError
 from tilefx.passes.metadata import BlockSparsity, Metadata, apply_masks, set_metadata
-from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear, _transposed_storage, token_pitch
+from tilefx.runtime.layout import token_pitch
+from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear, _transposed_storage
 
 
 class Net(torch.nn.Module):
@@ -178,14 +179,35 @@ def test_plan_does_not_import_tvm() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_importing_lowering_leaves_the_environment_alone() -> None:
+    code = (
+        "import os; before = dict(os.environ); "
+        "import tilefx.lowering.build, tilefx.lowering.compat, tilefx.lowering.openmp_launch; "
+        "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
 @pytest.mark.parametrize("preset", [None, "5000"])
 def test_tvm_pool_sleeps_between_kernels_unless_the_user_chose(preset: str | None) -> None:
+    """Set when a kernel that keeps TVM's pool is handed out (here: no launcher, no library)."""
     env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+    env["TILEFX_OPENMP_LAUNCH"] = "0"
     if preset is not None:
         env["TVM_THREAD_POOL_SPIN_COUNT"] = preset
-    code = "import os, tilefx.lowering.build; print(os.environ['TVM_THREAD_POOL_SPIN_COUNT'])"
+    code = (
+        "import os\n"
+        "from tilefx.lowering import compat\n"
+        "from tilefx.lowering.build import KernelCache\n"
+        "from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec\n"
+        "before = os.environ.get('TVM_THREAD_POOL_SPIN_COUNT')\n"
+        "spec = KernelSpec(Conv2dGeometry.dense(4, 8), 8, (4, 4), 1)\n"
+        "KernelCache().kernel(spec, compat.make_target('llvm'))\n"
+        "print(before, os.environ.get('TVM_THREAD_POOL_SPIN_COUNT'))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
-    assert done.stdout.strip() == (preset or "0")
+    assert done.stdout.split() == [str(preset), preset or "0"]
 
 
 def test_runtime_accepts_unaligned_views(compiled) -> None:  # type: ignore[no-untyped-def]
@@ -434,6 +456,20 @@ def test_sparse_linears_hand_over_transposed_activations(batch: int, tokens: int
     torch.testing.assert_close(out(x), gm(x), rtol=1e-4, atol=1e-4)
     assert len(seen) == 1 and seen[0] is not None and seen[0].shape == (128, token_pitch(batch * tokens))
     assert reader.transposed_kernel(batch * tokens, True, False) is not None
+
+
+def test_hand_over_is_built_in_not_switched_on_and_can_be_declined() -> None:
+    """The plan's decision is a constructor argument of the module; ``hand_over=False`` skips it."""
+    gm, x = _pruned_ffn()
+    out = compile_graph(gm, "llvm", fallback="never")
+    writer = dict(out.named_children())["bsr_linear"]
+    assert isinstance(writer, BsrLinear) and writer.transposed_output
+    with pytest.raises(AttributeError):
+        writer.transposed_output = False  # type: ignore[misc]
+    row_major = compile_graph(gm, "llvm", fallback="never", hand_over=False)
+    assert all(c.transposed_to == () for c in lowering_choices(row_major))
+    assert not any(isinstance(m, BsrLinear) and m.transposed_output for m in row_major.children())
+    torch.testing.assert_close(row_major(x), out(x), rtol=1e-4, atol=1e-4)
 
 
 def test_fuse_relu_still_works_but_warns_it_was_renamed() -> None:

@@ -1,20 +1,23 @@
-"""Block-sparse conv2d (and narrow-block dense) on CPU, vector lanes along X's rows.
+"""The token-major block-sparse template for CPU, shared by convs and linear layers.
 
 A conv is a GEMM over its im2col: ``Y[pixel, co] = Σ_(ci,dy,dx) X̂[pixel, (ci,dy,dx)] · W[co, ...]``
 with W's matrix view in BSR; blocks of ``(1, kh·kw)`` are whole kernels (Synaptic Strength's
 kernel-level sparsity), larger blocks span several kernels or output channels. A 1×1 conv is
-the same GEMM over channels, and a linear layer is a 1×1 conv on a 1×1 image.
+the same GEMM over channels, and a linear layer is a 1×1 conv on a 1×1 image, so one template
+serves both (``schedules.cpu`` sends every conv here, and the linears whose blocks are too
+short for ``bsr_dense``'s row lanes).
 
-The template first lays X out so that pixels are contiguous: stride-1 convs only copy it into
-zero-padded planes and read every tap as a shifted view of them (no im2col; 2–5× faster at 90%
-than gathering ``XT[k, pixel]`` on ResNet-50's 3×3 convs, measured side by side, since the
-im2col wrote kh·kw copies of X); strided convs gather the im2col ``XT[k, pixel]``, linear layers
-transpose. Then every parallel task owns one block row and a tile of ``token_tile`` pixels and
-keeps ``row_chunk × token_tile`` accumulators in registers over the ragged block walk, loading
-XT rows as vectors and broadcasting W scalars. That makes the vector width independent of the
-block's row count, so it suits r = 1, 2, 4 and convs (whose output is channel-major, NCHW, which
-is exactly this layout). The result is written channel-major to ``YT`` and moved to NCHW (or,
-for a linear layer, transposed back to ``[M, N]``) by the fused bias/ReLU epilogue.
+The template first lays X out so that pixels (tokens) are contiguous: convs through
+``conv_layouts`` (padded planes read as shifted views at stride 1, an im2col otherwise), linear
+layers by a transpose, or not at all when X arrives token-major (``KernelSpec.x_transposed``).
+Then every parallel task owns one block row and a tile of ``token_tile`` pixels and keeps
+``row_chunk × token_tile`` accumulators in registers over the ragged block walk, loading XT rows
+as vectors and broadcasting W scalars. That makes the vector width independent of the block's
+row count, so it suits r = 1, 2, 4 and convs (whose output is channel-major, NCHW, which is
+exactly this layout). The result is written channel-major to ``YT`` and moved to NCHW (or, for
+a linear layer, transposed back to ``[M, N]``) by the fused bias/activation epilogue; a linear
+layer handing its output to another sparse linear writes ``Yᵀ`` from the tasks instead
+(``KernelSpec.y_transposed``).
 """
 
 from __future__ import annotations
@@ -22,90 +25,14 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
+from ...runtime.layout import token_pitch
 from .bsr_dense import TILE as _TILE
 from .bsr_dense import transpose_x
+from .conv_layouts import im2col, pad_input, pad_planes, pointwise_relayout, shifted_layout, tap_x, tap_y
 from .epilogue import activation
-from .spec import KernelSpec, token_pitch
+from .spec import KernelSpec
 
 __all__ = ["token_lanes_func"]
-
-
-def _tap_y(g, y, kk):  # type: ignore[no-untyped-def]
-    """Row of the zero-padded input that output row ``y`` reads through tap ``kk = (ci, dy, dx)``."""
-    return y * g.stride[0] + kk % (g.kernel[0] * g.kernel[1]) // g.kernel[1] * g.dilation[0]
-
-
-def _tap_x(g, x, kk):  # type: ignore[no-untyped-def]
-    """Column of the zero-padded input that output column ``x`` reads through tap ``kk``."""
-    return x * g.stride[1] + kk % g.kernel[1] * g.dilation[1]
-
-
-@T.macro
-def pad_input(X, Xp, g):  # type: ignore[no-untyped-def]
-    """Copy X into a zero border once, so the im2col below needs no bounds test per tap.
-
-    A per-element ``if_then_else`` in im2col (kh·kw times more elements) kept LLVM from
-    vectorising it, and im2col dominated the conv kernel at high sparsity.
-    """
-    for t in T.parallel(g.batch * g.in_channels):
-        for yy, xx in T.grid(g.height + 2 * g.padding[0], g.width + 2 * g.padding[1]):
-            Xp[t // g.in_channels, t % g.in_channels, yy, xx] = T.float32(0)
-        for y, x in T.grid(g.height, g.width):
-            Xp[t // g.in_channels, t % g.in_channels, y + g.padding[0], x + g.padding[1]] = X[
-                t // g.in_channels, t % g.in_channels, y, x
-            ]
-
-
-@T.macro
-def im2col(Xp, XT, g, oh, ow, m_rows, m_pad):  # type: ignore[no-untyped-def]
-    """``XT[(ci,dy,dx), (b,y,x)]`` = the (padded) input pixel that kernel tap sees."""
-    for kk in T.parallel(g.k):
-        for b, y, x in T.grid(g.batch, oh, ow):
-            XT[kk, (b * oh + y) * ow + x] = Xp[
-                b, kk // (g.kernel[0] * g.kernel[1]), _tap_y(g, y, kk), _tap_x(g, x, kk)
-            ]
-        for m in range(m_rows, m_pad):
-            XT[kk, m] = T.float32(0)
-
-
-@T.macro
-def pointwise_relayout(X, XT, g, m_rows, m_pad):  # type: ignore[no-untyped-def]
-    """im2col of a 1×1/stride-1 conv: a per-image copy of contiguous channel planes."""
-    for kk in T.parallel(g.k):
-        for b, y, x in T.grid(g.batch, g.height, g.width):
-            XT[kk, (b * g.height + y) * g.width + x] = X[b, kk, y, x]
-        for m in range(m_rows, m_pad):
-            XT[kk, m] = T.float32(0)
-
-
-def _shifted_layout(g, tile: int) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
-    """``(Wp, tokens per image, plane length)`` of the stride-1 layout without im2col.
-
-    Output pixels are computed on the padded width: token ``y·Wp + x`` of an image reads tap
-    ``(dy, dx)`` at ``y·Wp + x + dy·dh·Wp + dx·dw`` of the flattened zero-padded input plane,
-    a constant offset per tap, so a vector of tokens is one contiguous load. The ``Wp − ow``
-    extra columns per row are computed and dropped by the epilogue; tokens per image are
-    rounded up to whole tiles (tiles never straddle images) and the plane is zero-extended so
-    the last tile's shifted reads stay inside it.
-    """
-    wp = g.width + 2 * g.padding[1]
-    oh, _ = g.out_hw
-    tokens = -(-oh * wp // tile) * tile
-    max_offset = (g.kernel[0] - 1) * g.dilation[0] * wp + (g.kernel[1] - 1) * g.dilation[1]
-    return wp, tokens, max((g.height + 2 * g.padding[0]) * wp, tokens + max_offset)
-
-
-@T.macro
-def pad_planes(X, Xs, g, wp, plane):  # type: ignore[no-untyped-def]
-    """``Xs[(ci·B + b)·plane + (y+ph)·Wp + x+pw] = X[b, ci, y, x]``, zero elsewhere."""
-    for t in T.parallel(g.in_channels * g.batch):
-        for i in range(plane):
-            Xs[t * plane + i] = T.float32(0)
-        for y in range(g.height):
-            for x in T.vectorized(g.width):
-                Xs[t * plane + (y + g.padding[0]) * wp + x + g.padding[1]] = X[
-                    t % g.batch, t // g.batch, y, x
-                ]
 
 
 def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.tirx.PrimFunc:
@@ -116,7 +43,7 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
     W_data[nnzb, c, r], W_indices[nnzb], W_indptr[N/r + 1], bias[N], Y (NCHW, or [M, N], or
     [N, P] if ``spec.y_transposed``). Every path reads X through ``src[row start of k + tile
     offset + lane]``: the im2col and transpose paths store ``XT[k, token]`` (row start ``k·Mp``),
-    stride-1 convs read the padded planes directly (``_shifted_layout``), which saves writing
+    stride-1 convs read the padded planes directly (``shifted_layout``), which saves writing
     kh·kw copies of X; a transposed X is read where it lies. A transposed Y is written by the
     task that computes it, with no ``YT`` and no transpose.
     """
@@ -138,7 +65,7 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
     KHW = g.kernel[0] * g.kernel[1]
     shifted = not g.is_dense and not g.is_pointwise and g.stride == (1, 1)
     if shifted:
-        WP, PER_IMAGE, PLANE = _shifted_layout(g, MV)
+        WP, PER_IMAGE, PLANE = shifted_layout(g, MV)
         M = B * PER_IMAGE  # tokens, including the dropped columns
     else:
         M = g.m
@@ -184,7 +111,7 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
         if shifted:
             pad_planes(X, src, g, WP, PLANE)
             for kk in range(K):
-                tap[kk] = kk // KHW * B * PLANE + _tap_y(g, 0, kk) * WP + _tap_x(g, 0, kk)
+                tap[kk] = kk // KHW * B * PLANE + tap_y(g, 0, kk) * WP + tap_x(g, 0, kk)
         else:
             if spec.x_transposed:
                 pass  # already token-major, in whole tiles of the pitch
