@@ -26,7 +26,7 @@ from tilefx.passes.analysis.weight_layers import LayerSelection
 from tilefx.passes.infra.analysis_manager import AnalysisManager
 from tilefx.passes.metadata import BlockSparsity, get_metadata
 from tilefx.passes.prune_connections import PruneConnectionsPass
-from tilefx.passes.training.synaptic_strength import SynapticStrengthHook
+from tilefx.passes.training.learned_strength import SynapticStrengthHook
 
 
 class DigitsCNN(nn.Module):

@@ -8,7 +8,14 @@ from typing import ClassVar
 import torch
 import torch.fx
 
-from .graph_utils import attr_tensor, get_attr_users, param_node, set_attr_tensor, unique_attr_name
+from .graph_utils import (
+    BATCH_NORM,
+    attr_tensor,
+    get_attr_users,
+    param_node,
+    set_attr_tensor,
+    unique_attr_name,
+)
 from .infra.analysis_manager import AnalysisManager
 from .infra.pass_base import Numerics, PassBase, PassResult
 
@@ -44,7 +51,7 @@ class FoldBatchNormPass(PassBase):
 
 
 def _foldable_producer(gm: torch.fx.GraphModule, bn: torch.fx.Node) -> torch.fx.Node | None:
-    if bn.op != "call_function" or bn.target != aten.batch_norm.default:
+    if bn.op != "call_function" or bn.target != BATCH_NORM:
         return None
     producer, weight, bias, mean, var, training = bn.args[:6]
     if training or not isinstance(producer, torch.fx.Node) or producer.target not in _FOLDABLE:

@@ -1,11 +1,37 @@
-"""Small helpers for editing ATen-level graphs: resolving get_attr tensors and owning modules."""
+"""Small helpers for editing ATen-level graphs: resolving get_attr tensors and owning modules,
+and the op sets several passes recognise."""
 
 from __future__ import annotations
 
 import torch
 import torch.fx
 
-__all__ = ["attr_tensor", "get_attr_users", "param_node", "set_attr_tensor", "unique_attr_name"]
+__all__ = [
+    "BATCH_NORM",
+    "BATCH_NORMS",
+    "attr_tensor",
+    "get_attr_users",
+    "param_node",
+    "set_attr_tensor",
+    "unique_attr_name",
+]
+
+aten = torch.ops.aten
+
+BATCH_NORM = aten.batch_norm.default
+"""The batch norm of captured graphs (``torch.export``'s ATen IR): the op that passes rewrite,
+with arguments ``(x, γ, β, running_mean, running_var, training, momentum, eps, cudnn)``."""
+
+BATCH_NORMS = frozenset(
+    {
+        BATCH_NORM,
+        aten._native_batch_norm_legit_no_training.default,
+        aten._native_batch_norm_legit.default,
+        aten.native_batch_norm.default,
+    }
+)
+"""Every ATen form of batch norm (decomposed graphs carry the others, as tuples): for analyses
+that only read γ, which is argument 1 in each."""
 
 
 def attr_tensor(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 import torch.fx
 
-from .analysis.channel_groups import ChannelGroups, ChannelGroupsAnalysis, Channels, ChannelTrace
+from .analysis.channel_groups import ChannelGroups, ChannelGroupsAnalysis, ChannelTrace
 from .analysis.importance import ChannelScores, score_groups
 from .graph_utils import attr_tensor, set_attr_tensor, unique_attr_name
+from .handlers.api import Channels
 from .infra.analysis_manager import Analysis, AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult

@@ -1,7 +1,7 @@
 """PruneConnectionsPass: zero whole connections (conv kernels ``W[o, i, :, :]``, linear entries ``W[o, i]``).
 
 Criteria: ``"synaptic_strength"`` (post-training estimate |γ_i|·‖W[o,i]‖, see
-``passes/analysis/synaptic_strength.py``; its [unverified] choices are :class:`StrengthOptions`) or
+``passes/analysis/connection_strength.py``; its [unverified] choices are :class:`StrengthOptions`) or
 ``"l1"`` (‖W[o,i]‖₁). Exactly ``floor(sparsity · N)`` connections are zeroed, where N counts the
 connections of every selected layer (``scope="global"``: one ranking across layers, the reading of
 "all connections with synaptic strength smaller than some threshold" [2nd, unverified that the
@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from .analysis.block_selection import check_finite, check_sparsity, lowest
-from .analysis.synaptic_strength import StrengthOptions, connection_strength
+from .analysis.connection_strength import StrengthOptions, connection_strength
 from .analysis.weight_layers import LayerPlan, LayerSelection, WeightLayer, weight_layers
 from .infra.analysis_manager import AnalysisManager
 from .infra.errors import RecipeError

@@ -13,7 +13,7 @@ from tilefx.passes.infra.errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from tilefx.passes.training.dcp import DCPOptions
+from tilefx.passes.training.dcp import DCPOptions  # importing DCP registers the channel criterion "dcp"
 
 from .api import compile, optimize
 from .capture import capture

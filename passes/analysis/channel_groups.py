@@ -1,12 +1,14 @@
 """Coupled channels: which channels of which parameters must be removed (or permuted) together.
 
-The analysis walks the ATen graph once, asking each op's handler (``passes/handlers``) how channel
-*identities* flow through it. Identities live in a union-find: a residual add, a depthwise conv
-or q·kᵀ in attention declares two channel positions to be one; a concat or a flatten only
-rearranges them. Each resulting class is one prunable *unit*; units that touch the same
-parameters form a :class:`ChannelGroup`, the thing a ratio applies to. Removing a unit means
-slicing every :class:`ParamSlice` position of it — producers' filters, consumers' input
-channels, norm parameters, biases — and resizing the shape arguments that mention it.
+The analysis walks the ATen graph once, asking each op's handler (``passes/handlers``; the API
+they share with this module, :class:`~tilefx.passes.handlers.api.Context` and the values it
+carries, is ``passes/handlers/api.py``) how channel *identities* flow through it. Identities
+live in a union-find: a residual add, a depthwise conv or q·kᵀ in attention declares two channel
+positions to be one; a concat or a flatten only rearranges them. Each resulting class is one
+prunable *unit*; units that touch the same parameters form a :class:`ChannelGroup`, the thing a
+ratio applies to. Removing a unit means slicing every :class:`ParamSlice` position of it —
+producers' filters, consumers' input channels, norm parameters, biases — and resizing the shape
+arguments that mention it.
 
 An op with no handler is an :class:`UnsupportedOpError` naming the node, unless the recipe lists
 it in ``skip``: then the channels touching it are frozen, never guessed to be element-wise.
@@ -15,14 +17,26 @@ it in ``skip``: then the channels touching it are frozen, never guessed to be el
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.fx
+from torch._ops import OpOverload
 
+from ..handlers import HANDLERS
+from ..handlers.api import (
+    Channels,
+    Context,
+    KeptCounter,
+    NodeValue,
+    ParamRef,
+    PruneHook,
+    Role,
+    UnionFind,
+    Use,
+)
 from ..infra.analysis_manager import Analysis, AnalysisManager
 from ..infra.errors import UnsupportedOpError
 from .shapes import Shapes
@@ -32,11 +46,7 @@ __all__ = [
     "ChannelGroups",
     "ChannelGroupsAnalysis",
     "ChannelTrace",
-    "Channels",
-    "Context",
-    "ParamRef",
     "ParamSlice",
-    "UnionFind",
 ]
 
 
@@ -51,7 +61,7 @@ class ParamSlice:
     target: str
     dim: int
     positions: np.ndarray  # int64 [units, k]
-    role: Literal["out", "in", "other"]
+    role: Role
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +75,7 @@ class ChannelGroup:
     frozen: bool = False
     reason: str | None = None
 
-    def slices_by_role(self, role: Literal["out", "in", "other"]) -> tuple[ParamSlice, ...]:
+    def slices_by_role(self, role: Role) -> tuple[ParamSlice, ...]:
         return tuple(s for s in self.slices if s.role == role)
 
 
@@ -85,249 +95,11 @@ class ChannelGroups:
 
 
 @dataclass(frozen=True, eq=False)
-class Channels:
-    """Channel identities of a tensor: position ``i`` along ``dim`` is channel ``ids[i]``.
-
-    Ids may repeat (a flatten spreads one channel over H·W positions; a head split makes one
-    head-dim position stand for all heads).
-    """
-
-    dim: int
-    ids: np.ndarray
-
-
-@dataclass(frozen=True, eq=False)
-class ParamRef:
-    """A tensor that is a parameter seen through shape ops (unsqueeze, expand, view, index, ...).
-
-    ``origin[d]`` is ``(param_dim, positions)``: position i along dim d reads index
-    ``positions[i]`` of the parameter's ``param_dim``; None where d is broadcast or mixes dims.
-    """
-
-    target: str
-    origin: tuple[tuple[int, np.ndarray] | None, ...]
-
-
-class UnionFind:
-    """Disjoint sets over channel ids, vectorised with numpy; also tracks frozen ids."""
-
-    def __init__(self) -> None:
-        self.parent = np.zeros(0, dtype=np.int64)
-        self.frozen: dict[int, str] = {}  # id -> reason it may not be pruned
-        self.fixed_order: dict[int, str] = {}  # id -> reason it may not even be permuted
-
-    def fresh(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent = np.concatenate([self.parent, np.arange(start, start + n, dtype=np.int64)])
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def find(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        roots = self.parent[ids]
-        while True:
-            up = self.parent[roots]
-            if np.array_equal(up, roots):
-                break
-            roots = up
-        self.parent[ids] = roots
-        return roots
-
-    def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
-        a, b = a.ravel(), b.ravel()
-        while True:
-            ra, rb = self.find(a), self.find(b)
-            differ = ra != rb
-            if not differ.any():
-                return
-            low, high = np.minimum(ra, rb)[differ], np.maximum(ra, rb)[differ]
-            self.parent[high] = low
-
-    def freeze(self, ids: np.ndarray, reason: str, *, permutable: bool = False) -> None:
-        for i in np.unique(np.asarray(ids, dtype=np.int64)).tolist():
-            self.frozen.setdefault(i, reason)
-            if not permutable:
-                self.fixed_order.setdefault(i, reason)
-
-
-@dataclass(frozen=True, eq=False)
-class Use:
-    """One parameter dimension whose positions carry channel ``ids``."""
-
-    target: str
-    dim: int
-    ids: np.ndarray
-    role: Literal["out", "in", "other"]
-
-
-PruneHook = Callable[["KeptCounter"], None]
-KeptCounter = Callable[[np.ndarray], np.ndarray]  # ids -> bool mask of kept positions
-
-
-class Context:
-    """What handlers see while the analysis walks the graph (see ``passes/handlers``)."""
-
-    def __init__(
-        self, gm: torch.fx.GraphModule, shapes: dict[str, tuple[int, ...]], attention: str = "head_dims"
-    ) -> None:
-        self.gm = gm
-        self.shapes = shapes
-        self.attention = attention  # "head_dims" or "heads": the unit of a split feeding attention
-        self.uf = UnionFind()
-        self.values: dict[str, Any] = {}
-        self.uses: list[Use] = []
-        self.hooks: list[PruneHook] = []
-        self.node: torch.fx.Node | None = None
-
-    # reading -----------------------------------------------------------------------------
-    def value(self, arg: object) -> Any:
-        return self.values.get(arg.name) if isinstance(arg, torch.fx.Node) else None
-
-    def channels(self, arg: object) -> Channels | None:
-        value = self.value(arg)
-        return value if isinstance(value, Channels) else None
-
-    def shape(self, arg: object) -> tuple[int, ...]:
-        if not isinstance(arg, torch.fx.Node) or arg.name not in self.shapes:
-            raise UnsupportedOpError(f"node {self.where()}: argument {arg!r} has no known tensor shape")
-        return self.shapes[arg.name]
-
-    def ids_on(self, arg: object, dim: int) -> np.ndarray:
-        """Channel ids of ``arg`` along ``dim``; fresh frozen ids if it has no identity there."""
-        size = self.shape(arg)[dim]
-        found = self.channels(arg)
-        if found is not None and found.dim == dim % len(self.shape(arg)):
-            return found.ids
-        if found is not None:
-            self.freeze(found.ids, f"node {self.where()}: channels arrive on dim {found.dim}, expected {dim}")
-        return self.fresh(size, frozen=f"node {self.where()}: input has no channel identity on dim {dim}")
-
-    # declaring ---------------------------------------------------------------------------
-    def fresh(self, n: int, frozen: str | None = None) -> np.ndarray:
-        ids = self.uf.fresh(n)
-        if frozen is not None:
-            self.uf.freeze(ids, frozen)
-        return ids
-
-    def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        self.uf.union(a, b)
-
-    def freeze(self, ids: np.ndarray, reason: str, *, permutable: bool = False) -> None:
-        self.uf.freeze(ids, reason, permutable=permutable)
-
-    def freeze_inputs(self, node: torch.fx.Node, reason: str) -> None:
-        for arg in node.all_input_nodes:
-            value = self.value(arg)
-            for channels in value if isinstance(value, list) else [value]:
-                if isinstance(channels, Channels):
-                    self.freeze(channels.ids, reason)
-
-    def use(self, arg: object, dim: int, ids: np.ndarray, role: Literal["out", "in", "other"]) -> None:
-        """Positions along ``dim`` of the parameter read by get_attr node ``arg`` carry ``ids``."""
-        if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
-            self.freeze(ids, f"node {self.where()}: its weight {arg} is computed, not a parameter")
-            return
-        self.use_target(str(arg.target), dim, ids, role)
-
-    def use_target(self, target: str, dim: int, ids: np.ndarray, role: Literal["out", "in", "other"]) -> None:
-        self.uses.append(Use(target, dim, np.asarray(ids, dtype=np.int64), role))
-
-    def use_ref(self, ref: ParamRef, dim: int, ids: np.ndarray) -> None:
-        """A parameter combined with channels along (its view's) ``dim``: slice it with them."""
-        origin = ref.origin[dim]
-        if origin is None:
-            return  # broadcast along this dim: nothing to slice
-        param_dim, positions = origin
-        if len(positions) != len(ids) or sorted(positions.tolist()) != list(range(len(positions))):
-            self.freeze(
-                ids, f"node {self.where()}: parameter {ref.target!r} is gathered, not sliced, along channels"
-            )
-            return
-        ordered = np.empty_like(np.asarray(ids, dtype=np.int64))
-        ordered[positions] = ids
-        self.use_target(ref.target, param_dim, ordered, "other")
-
-    def on_prune(self, hook: PruneHook) -> None:
-        """Run ``hook(kept)`` after pruning, e.g. to shrink a size argument of this node."""
-        self.hooks.append(hook)
-
-    # label tensors: let a shape op move channel ids exactly as it moves data -------------
-    def labels(self, arg: object, like_dim: int | None = None) -> torch.Tensor:
-        """An int64 tensor of ``arg``'s shape holding each position's channel id (-1 = none)."""
-        shape = self.shape(arg)
-        found = self.channels(arg)
-        if found is None and like_dim is not None:
-            found = Channels(
-                like_dim, self.fresh(shape[like_dim], frozen=f"node {self.where()}: unknown channels")
-            )
-        if found is None:
-            return torch.full(shape, -1, dtype=torch.int64)
-        view = [1] * len(shape)
-        view[found.dim] = -1
-        return torch.from_numpy(found.ids).reshape(view).expand(shape).contiguous()
-
-    def derive(
-        self, labels: torch.Tensor, keep_dim: int | None = None, outer: bool = False
-    ) -> Channels | None:
-        """Read Channels back from a label tensor.
-
-        When a view split one channel dim over several (heads × head_dim, groups × width), ids
-        are unioned across all but one of them — ``keep_dim``, else the outermost (``outer``), else
-        the largest — so that the kept channel set always stays a rectangular grid.
-        """
-        varying = _varying_dims(labels)
-        if len(varying) > 1:
-            if keep_dim not in varying:
-                keep_dim = varying[0] if outer else max(varying, key=lambda d: (labels.shape[d], d))
-            rows = labels.movedim(keep_dim, 0).reshape(labels.shape[keep_dim], -1)
-            valid = rows >= 0
-            if not bool(valid.all()):
-                self.freeze(
-                    rows[valid].numpy(), f"node {self.where()}: channels mixed with non-channel positions"
-                )
-                return None
-            self.union(rows[:, :1].expand_as(rows).numpy(), rows.numpy())
-            labels = torch.from_numpy(self.uf.find(labels.numpy()))
-            varying = _varying_dims(labels)
-        if not varying:
-            if bool((labels >= 0).any()):
-                self.freeze(
-                    labels[labels >= 0].numpy(), f"node {self.where()}: a channel broadcast over a dim"
-                )
-            return None
-        dim = varying[0]
-        ids = _along(labels, dim)
-        if bool((ids < 0).any()):
-            self.freeze(
-                ids[ids >= 0].numpy(), f"node {self.where()}: channels mixed with non-channel positions"
-            )
-            return None
-        return Channels(dim, ids.numpy().copy())
-
-    def where(self) -> str:
-        return repr(self.node.name) if self.node is not None else "?"
-
-
-def _varying_dims(labels: torch.Tensor) -> list[int]:
-    return [
-        d
-        for d in range(labels.dim())
-        if labels.shape[d] > 1 and not torch.equal(labels, labels.narrow(d, 0, 1).expand_as(labels))
-    ]
-
-
-def _along(labels: torch.Tensor, dim: int) -> torch.Tensor:
-    index = [0] * labels.dim()
-    index[dim] = slice(None)  # type: ignore[call-overload]
-    return labels[tuple(index)]
-
-
-@dataclass(frozen=True, eq=False)
 class ChannelTrace:
     """Everything the analysis learned, for passes that act on it (prune, permute, mask)."""
 
     uf: UnionFind
-    values: dict[str, Any]
+    values: dict[str, NodeValue]
     uses: tuple[Use, ...]
     hooks: tuple[PruneHook, ...]
 
@@ -348,18 +120,16 @@ class ChannelGroupsAnalysis(Analysis[ChannelGroups]):
     attention: Literal["head_dims", "heads"] = "head_dims"
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> ChannelGroups:
-        from .. import handlers  # registers every handler family
-
         ctx = Context(gm, am.get(Shapes()), self.attention)
         for node in gm.graph.nodes:
             ctx.node = node
-            ctx.values[node.name] = self._visit(node, ctx, handlers.HANDLERS)
+            ctx.values[node.name] = self._visit(node, ctx)
         for use in ctx.uses:
             if any(use.target == p or use.target.startswith(p.rstrip(".") + ".") for p in self.protect):
                 ctx.freeze(use.ids, f"parameter {use.target!r} is protected")
         return _build_groups(ctx)
 
-    def _visit(self, node: torch.fx.Node, ctx: Context, table: dict[Any, Any]) -> Any:
+    def _visit(self, node: torch.fx.Node, ctx: Context) -> NodeValue:
         if node.op == "placeholder":
             return None  # model inputs: identities are created (frozen) where a layer reads them
         if node.op == "get_attr":
@@ -374,7 +144,11 @@ class ChannelGroupsAnalysis(Analysis[ChannelGroups]):
             source = ctx.value(node.args[0])
             index = node.args[1]
             return source[index] if isinstance(source, (list, tuple)) and isinstance(index, int) else None
-        handler = table.get(node.target) if node.op == "call_function" else None
+        handler = (
+            HANDLERS.get(node.target)
+            if node.op == "call_function" and isinstance(node.target, OpOverload)
+            else None
+        )
         if handler is not None:
             return handler(node, ctx)
         if _skipped(node, self.skip):
@@ -388,7 +162,7 @@ class ChannelGroupsAnalysis(Analysis[ChannelGroups]):
         )
 
 
-def getattr_path(obj: Any, target: str) -> Any:
+def getattr_path(obj: object, target: str) -> object:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj

@@ -18,7 +18,12 @@ Criteria, each a pure function of the graph (and calibration data where stated):
   squared first-order loss change of removing the whole unit; ``reduction="slice"`` scores
   ``Σ_s c[s, u]²``. Scores are averaged over batches (the paper averages over mini-batches).
   Only parameters enter (buffers such as running statistics have no gradient here).
-- ``"dcp"``: discrimination-aware channel selection, see :mod:`tilefx.passes.training.dcp`.
+- ``"dcp"``: discrimination-aware channel selection, see :mod:`tilefx.passes.training.dcp`,
+  which registers it.
+
+Criteria are looked up by name in a registry (:func:`register_criterion`): the four above are
+registered here, others from their own modules, so this module imports none of them. Importing
+``tilefx`` registers every built-in criterion.
 
 Scores are float64, per group, not normalised across groups (a global ratio needs that; it is
 the pruning pass's choice). Frozen groups get no score.
@@ -26,43 +31,36 @@ the pruning pass's choice). Frozen groups get no score.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.fx
 
-from ..graph_utils import attr_tensor
+from ..graph_utils import BATCH_NORMS, attr_tensor
 from ..infra.analysis_manager import Analysis, AnalysisManager
 from ..infra.errors import RecipeError
 from ..training.calibration import Calibration, as_calibration
 from .channel_groups import ChannelGroup, ChannelGroups, ParamSlice
 
 __all__ = [
-    "BATCH_NORMS",
     "ChannelImportance",
     "ChannelScores",
-    "Criterion",
+    "CriterionOptions",
+    "Reduction",
+    "ScoreFunction",
+    "ScoringInputs",
     "bn_scale_scores",
+    "criteria",
     "magnitude_scores",
+    "register_criterion",
     "score_groups",
     "taylor_scores",
     "unit_rows",
 ]
 
-Criterion = Literal["l1", "l2", "bn_scale", "taylor", "dcp"]
-CRITERIA: tuple[str, ...] = ("l1", "l2", "bn_scale", "taylor", "dcp")
-
-aten = torch.ops.aten
-BATCH_NORMS = frozenset(
-    {
-        aten.batch_norm.default,
-        aten._native_batch_norm_legit_no_training.default,
-        aten._native_batch_norm_legit.default,
-        aten.native_batch_norm.default,
-    }
-)
+Reduction = Literal["group", "slice"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,26 +79,64 @@ class ChannelScores:
         return self.scores[group.id]
 
 
+class CriterionOptions:
+    """Base of a criterion's own options (``DCPOptions`` is one); importance only passes them on."""
+
+
+@dataclass(frozen=True)
+class ScoringInputs:
+    """What a criterion may read besides the graph and its groups."""
+
+    calibration: Calibration | Iterable[Any] | None = None
+    reduction: Reduction = "group"
+    options: CriterionOptions | None = None
+
+
+ScoreFunction = Callable[[torch.fx.GraphModule, tuple[ChannelGroup, ...], ScoringInputs], ChannelScores]
+"""Scores the given prunable groups of the graph; raises RecipeError when its inputs do not fit."""
+
+_CRITERIA: dict[str, ScoreFunction] = {}
+
+
+def register_criterion(name: str) -> Callable[[ScoreFunction], ScoreFunction]:
+    """Make the decorated function the channel criterion ``name`` (a later registration replaces it)."""
+
+    def register(score: ScoreFunction) -> ScoreFunction:
+        _CRITERIA[name] = score
+        return score
+
+    return register
+
+
+def criteria() -> tuple[str, ...]:
+    """Names of the registered channel criteria, in registration order."""
+    return tuple(_CRITERIA)
+
+
+def _criterion(name: str) -> ScoreFunction:
+    score = _CRITERIA.get(name)
+    if score is None:
+        raise RecipeError(f"unknown channel criterion {name!r}; the registered ones are {criteria()}")
+    return score
+
+
 @dataclass(frozen=True)
 class ChannelImportance(Analysis[ChannelScores]):
-    """Scores every prunable group of ``am.get(groups)`` by ``criterion``.
+    """Scores every prunable group of ``am.get(groups)`` by ``criterion`` (a registered name).
 
     ``calibration`` (taylor, dcp) is compared by identity, so the cache never mixes data sets.
-    ``options`` holds the DCP options (:class:`tilefx.passes.training.dcp.DCPOptions`) for "dcp".
+    ``options`` holds the criterion's own options (``DCPOptions`` for "dcp").
     Requires: for "bn_scale", batch norms not yet folded.
     """
 
     groups: Analysis[ChannelGroups]
-    criterion: Criterion = "l1"
+    criterion: str = "l1"
     calibration: Calibration | None = None
-    reduction: Literal["group", "slice"] = "group"
-    options: Any = field(default=None)
+    reduction: Reduction = "group"
+    options: CriterionOptions | None = None
 
     def __post_init__(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise RecipeError(
-                f"ChannelImportance.criterion must be one of {CRITERIA}, got {self.criterion!r}"
-            )
+        _criterion(self.criterion)
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> ChannelScores:
         return score_groups(
@@ -111,35 +147,40 @@ class ChannelImportance(Analysis[ChannelScores]):
 def score_groups(
     gm: torch.fx.GraphModule,
     groups: ChannelGroups,
-    criterion: Criterion,
+    criterion: str,
     calibration: Calibration | Iterable[Any] | None = None,
-    reduction: Literal["group", "slice"] = "group",
-    options: Any = None,
+    reduction: Reduction = "group",
+    options: CriterionOptions | None = None,
 ) -> ChannelScores:
-    """The scores of every prunable group in ``groups`` (see the module docstring)."""
-    prunable = groups.prunable()
-    if criterion in ("l1", "l2"):
-        p = 1 if criterion == "l1" else 2
-        return ChannelScores(criterion, {g.id: magnitude_scores(gm, g, p) for g in prunable})
-    if criterion == "bn_scale":
-        gammas = batch_norm_weights(gm)
-        return ChannelScores(criterion, {g.id: bn_scale_scores(gm, g, gammas) for g in prunable})
-    if criterion == "taylor":
-        data = as_calibration(calibration, 'criterion "taylor"')
-        return ChannelScores(criterion, taylor_scores(gm, prunable, data, reduction))
-    if criterion == "dcp":
-        from ..training.dcp import DCPOptions, dcp_scores
+    """The scores of every prunable group in ``groups`` by the registered ``criterion``."""
+    score = _criterion(criterion)
+    return score(gm, groups.prunable(), ScoringInputs(calibration, reduction, options))
 
-        data = as_calibration(calibration, 'criterion "dcp"')
-        options = options if options is not None else DCPOptions()
-        result = dcp_scores(gm, prunable, data, options)
-        keep = {}
-        if options.epsilon is not None:  # DCP-Adapt: the units it selected (score ≥ 1) stay
-            keep = {
-                gid: int((s >= 1).sum()) for gid, s in result.scores.items() if gid not in result.fallback
-            }
-        return ChannelScores(criterion, result.scores, keep)
-    raise RecipeError(f"unknown channel criterion {criterion!r}; choose one of {CRITERIA}")
+
+@register_criterion("l1")
+def _l1(gm: torch.fx.GraphModule, groups: tuple[ChannelGroup, ...], inputs: ScoringInputs) -> ChannelScores:
+    return ChannelScores("l1", {g.id: magnitude_scores(gm, g, 1) for g in groups})
+
+
+@register_criterion("l2")
+def _l2(gm: torch.fx.GraphModule, groups: tuple[ChannelGroup, ...], inputs: ScoringInputs) -> ChannelScores:
+    return ChannelScores("l2", {g.id: magnitude_scores(gm, g, 2) for g in groups})
+
+
+@register_criterion("bn_scale")
+def _bn_scale(
+    gm: torch.fx.GraphModule, groups: tuple[ChannelGroup, ...], inputs: ScoringInputs
+) -> ChannelScores:
+    gammas = batch_norm_weights(gm)
+    return ChannelScores("bn_scale", {g.id: bn_scale_scores(gm, g, gammas) for g in groups})
+
+
+@register_criterion("taylor")
+def _taylor(
+    gm: torch.fx.GraphModule, groups: tuple[ChannelGroup, ...], inputs: ScoringInputs
+) -> ChannelScores:
+    data = as_calibration(inputs.calibration, 'criterion "taylor"')
+    return ChannelScores("taylor", taylor_scores(gm, groups, data, inputs.reduction))
 
 
 def unit_rows(tensor: torch.Tensor, piece: ParamSlice) -> torch.Tensor:
@@ -190,7 +231,7 @@ def taylor_scores(
     gm: torch.fx.GraphModule,
     groups: Iterable[ChannelGroup],
     calibration: Calibration,
-    reduction: Literal["group", "slice"] = "group",
+    reduction: Reduction = "group",
 ) -> dict[int, torch.Tensor]:
     """First-order Taylor scores, averaged over the calibration batches (see the module docstring)."""
     groups = tuple(groups)
@@ -217,7 +258,7 @@ def taylor_scores(
 
 
 def _taylor_batch(
-    group: ChannelGroup, products: Mapping[str, torch.Tensor], reduction: Literal["group", "slice"]
+    group: ChannelGroup, products: Mapping[str, torch.Tensor], reduction: Reduction
 ) -> torch.Tensor:
     contributions = [
         unit_rows(products[s.target], s).sum(dim=1) for s in group.slices if s.target in products

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
+import torch.fx
 
-from ..analysis.channel_groups import Channels, Context, ParamRef
-from . import handles
+from .api import Channels, Context, ParamRef
 from .layers import linear_like
+from .registry import handles
 
 aten = torch.ops.aten
 
 
 @handles(aten.scaled_dot_product_attention.default)
-def sdpa(node: Any, ctx: Context) -> Channels | None:
+def sdpa(node: torch.fx.Node, ctx: Context) -> Channels | None:
     """q, k, v are [..., heads, tokens, head_dim]. Channels along head_dim: q and k are one
     (their product is summed over it), v's flow to the output. Channels along heads: q, k and v
     are one. Removing head dims would change the default scale 1/√d, so it is pinned."""
@@ -44,17 +44,17 @@ def sdpa(node: Any, ctx: Context) -> Channels | None:
     return Channels(v.dim, v.ids)
 
 
-def _mask_has_channels(node: Any, ctx: Context) -> bool:
+def _mask_has_channels(node: torch.fx.Node, ctx: Context) -> bool:
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     return ctx.channels(mask) is not None
 
 
-def _pin_scale(node: Any, scale: float) -> None:
+def _pin_scale(node: torch.fx.Node, scale: float) -> None:
     node.kwargs = {**node.kwargs, "scale": scale}
 
 
 @handles(aten.matmul.default, aten.bmm.default, aten.mm.default)
-def matmul(node: Any, ctx: Context) -> Channels | None:
+def matmul(node: torch.fx.Node, ctx: Context) -> Channels | None:
     """``a @ b`` over [..., M, K] × [..., K, N]: K channels are one, M and N and batch dims pass.
     With a parameter on the right it is a linear layer."""
     a, b = node.args[:2]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+import torch.fx
 
-from ..analysis.channel_groups import Channels, Context, ParamRef
-from . import handles
+from .api import Channels, Context, ParamRef
+from .registry import handles
 
 aten = torch.ops.aten
 
@@ -35,14 +34,14 @@ _BROADCAST = (
 
 
 @handles(*_UNARY)
-def unary(node: Any, ctx: Context) -> Any:
+def unary(node: torch.fx.Node, ctx: Context) -> Channels | ParamRef | None:
     """Same channels out as in (a parameter seen through the op stays a parameter)."""
     value = ctx.value(node.args[0])
     return value if isinstance(value, (Channels, ParamRef)) else None
 
 
 @handles(*_BROADCAST)
-def broadcast(node: Any, ctx: Context) -> Any:
+def broadcast(node: torch.fx.Node, ctx: Context) -> Channels | None:
     """Operands' channels on the same (broadcast-aligned) dim are one; parameters get sliced."""
     out_rank = len(ctx.shape(node))
     out: Channels | None = None

@@ -6,33 +6,29 @@ dim is sliced with the identities of the channels it reads (role "in").
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
+import torch.fx
+from torch.fx.node import Argument
 
-from ..analysis.channel_groups import Channels, Context, ParamRef
-from . import handles
+from .api import Channels, Context, ParamRef, int_arg, op_arg
+from .registry import handles
 
 aten = torch.ops.aten
-
-
-def _arg(node: Any, index: int, default: Any = None) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(_CONV_NAMES[index], default)
-
 
 _CONV_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
 @handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
-def conv(node: Any, ctx: Context) -> Channels:
+def conv(node: torch.fx.Node, ctx: Context) -> Channels:
     """Dense, grouped and depthwise convolutions.
 
     Grouped: each group keeps the same positions (``groups`` stays; per-group widths shrink).
     Depthwise (one input channel per group): an input channel and its outputs go together, and
     the ``groups`` argument shrinks with them.
     """
-    x, weight, bias, groups = _arg(node, 0), _arg(node, 1), _arg(node, 2), _arg(node, 6, 1)
+    x, weight, bias = (op_arg(node, i, _CONV_NAMES[i]) for i in range(3))
+    groups = int_arg(node, 6, _CONV_NAMES[6], 1)
     cout, cin_per_group = ctx.shape(weight)[:2]
     in_ids = ctx.ids_on(x, 1)
     if groups == 1:
@@ -54,7 +50,7 @@ def conv(node: Any, ctx: Context) -> Channels:
     return Channels(1, out_ids)
 
 
-def _set_arg(node: Any, index: int, value: Any) -> None:
+def _set_arg(node: torch.fx.Node, index: int, value: Argument) -> None:
     args = list(node.args)
     if len(args) <= index:
         kwargs = dict(node.kwargs)
@@ -66,9 +62,9 @@ def _set_arg(node: Any, index: int, value: Any) -> None:
 
 
 @handles(aten.linear.default)
-def linear(node: Any, ctx: Context) -> Channels:
+def linear(node: torch.fx.Node, ctx: Context) -> Channels:
     x, weight = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bias = op_arg(node, 2, "bias")
     rank = len(ctx.shape(x))
     ctx.use(weight, 1, ctx.ids_on(x, rank - 1), "in")
     out_ids = ctx.fresh(ctx.shape(weight)[0])
@@ -79,7 +75,7 @@ def linear(node: Any, ctx: Context) -> Channels:
 
 
 @handles(aten.addmm.default)
-def addmm(node: Any, ctx: Context) -> Channels | None:
+def addmm(node: torch.fx.Node, ctx: Context) -> Channels | None:
     """``bias + x @ W`` with W stored [in, out] (transformers' Conv1D, e.g. GPT-2)."""
     bias, x, weight = node.args[:3]
     if not isinstance(ctx.value(weight), ParamRef):
@@ -90,7 +86,9 @@ def addmm(node: Any, ctx: Context) -> Channels | None:
     return out
 
 
-def linear_like(node: Any, ctx: Context, x: Any, weight: Any, in_dim: int, out_dim: int) -> Channels:
+def linear_like(
+    node: torch.fx.Node, ctx: Context, x: Argument, weight: Argument, in_dim: int, out_dim: int
+) -> Channels:
     """``x @ W`` (W a parameter, ``in_dim``/``out_dim`` its dims): fresh output channels on x's last dim."""
     rank, w_rank = len(ctx.shape(x)), len(ctx.shape(weight))
     ctx.use(weight, in_dim % w_rank, ctx.ids_on(x, rank - 1), "in")
@@ -100,7 +98,7 @@ def linear_like(node: Any, ctx: Context, x: Any, weight: Any, in_dim: int, out_d
 
 
 @handles(aten.embedding.default)
-def embedding(node: Any, ctx: Context) -> Channels:
+def embedding(node: torch.fx.Node, ctx: Context) -> Channels:
     weight = node.args[0]
     out_ids = ctx.fresh(ctx.shape(weight)[1])
     ctx.use(weight, 1, out_ids, "out")

@@ -3,18 +3,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+import torch.fx
 
-from ..analysis.channel_groups import Channels, Context
-from . import handles
+from ..graph_utils import BATCH_NORM
+from .api import Channels, Context, list_arg
+from .registry import handles
 
 aten = torch.ops.aten
 
 
-@handles(aten.batch_norm.default)
-def batch_norm(node: Any, ctx: Context) -> Channels:
+@handles(BATCH_NORM)
+def batch_norm(node: torch.fx.Node, ctx: Context) -> Channels:
     x = node.args[0]
     ids = ctx.ids_on(x, 1)
     for param in node.args[1:5]:
@@ -24,10 +24,10 @@ def batch_norm(node: Any, ctx: Context) -> Channels:
 
 
 @handles(aten.layer_norm.default)
-def layer_norm(node: Any, ctx: Context) -> Channels | None:
+def layer_norm(node: torch.fx.Node, ctx: Context) -> Channels | None:
     """Mean and variance run over the normalised dims: removing a channel there changes every
     output, so those channels are frozen for pruning (permuting them is still exact)."""
-    x, normalized_shape = node.args[0], node.args[1]
+    x, normalized_shape = node.args[0], list_arg(node, 1)
     weight = node.args[2] if len(node.args) > 2 else None
     bias = node.args[3] if len(node.args) > 3 else None
     found = ctx.channels(x)
@@ -45,7 +45,7 @@ def layer_norm(node: Any, ctx: Context) -> Channels | None:
 
 
 @handles(aten.group_norm.default)
-def group_norm(node: Any, ctx: Context) -> Channels | None:
+def group_norm(node: torch.fx.Node, ctx: Context) -> Channels | None:
     found = ctx.channels(node.args[0])
     if found is not None:
         ctx.freeze(found.ids, f"node {ctx.where()}: group norm statistics span channel groups")

@@ -5,12 +5,11 @@ The last kind is explicit, never a guess: such an op freezes every channel that 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+import torch.fx
 
-from ..analysis.channel_groups import Channels, Context
-from . import handles
+from .api import Channels, Context, int_arg, ints_arg, op_arg
+from .registry import handles
 
 aten = torch.ops.aten
 
@@ -37,7 +36,7 @@ _UNMODELED = (
 
 
 @handles(*_SPATIAL)
-def spatial(node: Any, ctx: Context) -> Any:
+def spatial(node: torch.fx.Node, ctx: Context) -> Channels | None:
     """Pooling and resizing act per channel on the trailing spatial dims."""
     value = ctx.channels(node.args[0])
     if isinstance(value, Channels) and value.dim >= len(ctx.shape(node.args[0])) - _spatial_rank(node):
@@ -46,23 +45,20 @@ def spatial(node: Any, ctx: Context) -> Any:
     return value
 
 
-def _spatial_rank(node: Any) -> int:
+def _spatial_rank(node: torch.fx.Node) -> int:
     name = str(node.target)
     return 1 if "1d" in name else 3 if "3d" in name else 2
 
 
 @handles(*_REDUCTIONS)
-def reduction(node: Any, ctx: Context) -> Any:
+def reduction(node: torch.fx.Node, ctx: Context) -> Channels | None:
     """Reducing other dims keeps the channels; reducing the channel dim would mix them: frozen."""
     value = ctx.channels(node.args[0])
     if value is None:
         return None
     rank = len(ctx.shape(node.args[0]))
-    dims = node.args[1] if len(node.args) > 1 else None
-    reduced = (
-        set(range(rank)) if not dims else {int(d) % rank for d in ([dims] if isinstance(dims, int) else dims)}
-    )
-    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    reduced = set(range(rank)) if not op_arg(node, 1) else {d % rank for d in ints_arg(node, 1)}
+    keepdim = bool(op_arg(node, 2, "keepdim", False))
     if value.dim in reduced:
         ctx.freeze(value.ids, f"node {ctx.where()}: reduces over the channel dim")
         return None
@@ -71,21 +67,21 @@ def reduction(node: Any, ctx: Context) -> Any:
 
 
 @handles(aten.softmax.int, aten._softmax.default, aten.log_softmax.int)
-def softmax(node: Any, ctx: Context) -> Any:
+def softmax(node: torch.fx.Node, ctx: Context) -> Channels | None:
     value = ctx.channels(node.args[0])
-    if value is not None and int(node.args[1]) % len(ctx.shape(node.args[0])) == value.dim:
+    if value is not None and int_arg(node, 1) % len(ctx.shape(node.args[0])) == value.dim:
         ctx.freeze(value.ids, f"node {ctx.where()}: softmax normalises over the channel dim")
     return value
 
 
 @handles(*_NO_CHANNELS)
-def no_channels(node: Any, ctx: Context) -> None:
+def no_channels(node: torch.fx.Node, ctx: Context) -> None:
     """Creation ops and shape queries: their results carry no channel identity."""
     return None
 
 
 @handles(*_UNMODELED)
-def unmodeled(node: Any, ctx: Context) -> None:
+def unmodeled(node: torch.fx.Node, ctx: Context) -> None:
     """Known ops whose channel flow is not modelled: every channel touching them is frozen."""
     ctx.freeze_inputs(node, f"node {ctx.where()} ({node.target}) is not modelled for channel pruning")
     return None

@@ -8,15 +8,15 @@ mention channels are recorded and shrunk after pruning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 import torch
 import torch.fx
+from torch._ops import OpOverload
+from torch.fx.node import Argument
 
-from ..analysis.channel_groups import Channels, Context, KeptCounter, ParamRef
-from . import handles
+from ..infra.errors import UnsupportedOpError
+from .api import Channels, Context, KeptCounter, ParamRef, as_int, int_arg, list_arg, op_arg
+from .registry import handles
 
 aten = torch.ops.aten
 
@@ -30,20 +30,43 @@ _RELABEL = (
 _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
 
 
-def _run(node: Any, ctx: Context, source: torch.Tensor) -> Any:
+def _run(node: torch.fx.Node, ctx: Context, source: torch.Tensor) -> torch.Tensor:
     """Apply the node's op to ``source`` in place of its first argument (other tensors: zeros)."""
+    args, kwargs = _substituted(node, ctx, source)
+    out: torch.Tensor = _op(node)(*args, **kwargs)
+    return out
+
+
+def _run_split(node: torch.fx.Node, ctx: Context, source: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`_run` for ops that return several tensors."""
+    args, kwargs = _substituted(node, ctx, source)
+    return list(_op(node)(*args, **kwargs))
+
+
+def _substituted(
+    node: torch.fx.Node, ctx: Context, source: torch.Tensor
+) -> tuple[tuple[Argument, ...], dict[str, Argument]]:
     first = node.args[0]
 
-    def substitute(arg: torch.fx.Node) -> Any:
-        return source if arg is first else torch.zeros(ctx.shape(arg), dtype=source.dtype)
+    def substitute(value: torch.fx.Node) -> torch.Tensor:
+        return source if value is first else torch.zeros(ctx.shape(value), dtype=source.dtype)
 
-    args = torch.fx.node.map_arg(node.args, substitute)
-    kwargs = torch.fx.node.map_arg(node.kwargs, substitute)
-    return node.target(*args, **kwargs)
+    return torch.fx.node.map_arg(node.args, substitute), dict(torch.fx.node.map_arg(node.kwargs, substitute))
+
+
+def _op(node: torch.fx.Node) -> OpOverload:
+    """The op overload to run on label tensors (handlers are registered for op overloads only)."""
+    if not isinstance(node.target, OpOverload):
+        raise UnsupportedOpError(
+            f"node {node.name!r}: {node.target} is not an ATen op overload",
+            node=node.name,
+            target=str(node.target),
+        )
+    return node.target
 
 
 @handles(*_RELABEL)
-def relabel(node: Any, ctx: Context) -> Any:
+def relabel(node: torch.fx.Node, ctx: Context) -> Channels | ParamRef | None:
     value = ctx.value(node.args[0])
     if isinstance(value, ParamRef):
         return _param_view(node, ctx, value)
@@ -68,7 +91,7 @@ _LAYOUT_ONLY = (
 _ATTENTION = (aten.scaled_dot_product_attention.default, aten.matmul.default, aten.bmm.default)
 
 
-def _feeds_attention(node: Any, depth: int = 4) -> bool:
+def _feeds_attention(node: torch.fx.Node, depth: int = 4) -> bool:
     """Whether ``node`` reaches an attention product through layout-only ops."""
     for user in node.users:
         if user.target in _ATTENTION:
@@ -78,25 +101,25 @@ def _feeds_attention(node: Any, depth: int = 4) -> bool:
     return False
 
 
-def _op_dim(node: Any, rank: int) -> int | None:
+def _op_dim(node: torch.fx.Node, rank: int) -> int | None:
     """The dim a select/slice/narrow works on (None for other ops)."""
     if node.target in (aten.select.int, aten.narrow.default):
-        return int(node.args[1]) % rank
+        return int_arg(node, 1) % rank
     if node.target == aten.slice.Tensor:
-        return int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % rank
+        return int_arg(node, 1, "dim", 0) % rank
     return None
 
 
-def _channel_dim_op_ok(node: Any, ctx: Context, value: Channels) -> bool:
+def _channel_dim_op_ok(node: torch.fx.Node, ctx: Context, value: Channels) -> bool:
     """select/slice/narrow along the channel dim: keep indices consistent after pruning."""
     ids = value.ids
     if node.target == aten.select.int:
-        index = int(node.args[2]) % len(ids)
+        index = int_arg(node, 2) % len(ids)
         ctx.freeze(ids[index : index + 1], f"node {ctx.where()}: selects this channel")
         ctx.on_prune(lambda kept: _set(node, 2, int(kept(ids[:index]).sum())))
         return True
     if node.target == aten.narrow.default:
-        start, length = int(node.args[2]) % len(ids), int(node.args[3])
+        start, length = int_arg(node, 2) % len(ids), int_arg(node, 3)
         ctx.on_prune(
             lambda kept: _set_many(
                 node, {2: int(kept(ids[:start]).sum()), 3: int(kept(ids[start : start + length]).sum())}
@@ -113,14 +136,13 @@ def _channel_dim_op_ok(node: Any, ctx: Context, value: Channels) -> bool:
     return True
 
 
-def _slice_bounds(node: Any, size: int) -> tuple[int, int, int]:
-    args = list(node.args) + [None] * (5 - len(node.args))
-    start, end, step = args[2] or 0, args[3], args[4] or 1
-    end = size if end is None or end > size else end
-    return int(start) % (size + 1), int(end) % (size + 1) if end < 0 else int(end), int(step)
+def _slice_bounds(node: torch.fx.Node, size: int) -> tuple[int, int, int]:
+    start, step, end_arg = int_arg(node, 2, default=0), int_arg(node, 4, default=1), op_arg(node, 3)
+    end = size if end_arg is None else min(as_int(node, end_arg), size)
+    return start % (size + 1), end % (size + 1) if end < 0 else end, step
 
 
-def _record_sizes(node: Any, ctx: Context, out: Channels) -> None:
+def _record_sizes(node: torch.fx.Node, ctx: Context, out: Channels) -> None:
     """Explicit sizes that name the channel dim shrink with it."""
     ids, dim = out.ids, out.dim
     if node.target in (
@@ -129,27 +151,27 @@ def _record_sizes(node: Any, ctx: Context, out: Channels) -> None:
         aten._unsafe_view.default,
         aten.expand.default,
     ):
-        sizes = list(node.args[1])
+        sizes = list_arg(node, 1)
         if sizes[dim] != -1:
             ctx.on_prune(lambda kept: _set(node, 1, [*sizes[:dim], int(kept(ids).sum()), *sizes[dim + 1 :]]))
     elif node.target == aten.unflatten.int:
-        start, sizes = int(node.args[1]) % len(ctx.shape(node.args[0])), list(node.args[2])
+        start, sizes = int_arg(node, 1) % len(ctx.shape(node.args[0])), list_arg(node, 2)
         if start <= dim < start + len(sizes) and sizes[dim - start] != -1:
             i = dim - start
             ctx.on_prune(lambda kept: _set(node, 2, [*sizes[:i], int(kept(ids).sum()), *sizes[i + 1 :]]))
 
 
 @handles(*_SPLITS)
-def split(node: Any, ctx: Context) -> Any:
+def split(node: torch.fx.Node, ctx: Context) -> list[Channels | None] | None:
     value = ctx.value(node.args[0])
     if not isinstance(value, Channels):
         return None
-    parts = _run(node, ctx, ctx.labels(node.args[0]))
+    parts = _run_split(node, ctx, ctx.labels(node.args[0]))
     outs = [ctx.derive(p) for p in parts]
     rank = len(ctx.shape(node.args[0]))
-    dim = int(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % rank
+    dim = int_arg(node, 2, "dim", 0) % rank
     if node.target == aten.unbind.int:
-        dim = int(node.args[1] if len(node.args) > 1 else 0) % rank
+        dim = int_arg(node, 1, default=0) % rank
     if dim != value.dim:
         return outs
     if node.target == aten.unbind.int:
@@ -170,14 +192,12 @@ def split(node: Any, ctx: Context) -> Any:
 
 
 @handles(aten.cat.default, aten.stack.default)
-def cat(node: Any, ctx: Context) -> Channels | None:
+def cat(node: torch.fx.Node, ctx: Context) -> Channels | None:
     """Concatenation: along channels the ids are concatenated; along another dim the inputs'
     channels are one (parameters among the inputs, like ViT's class token, get sliced)."""
-    inputs: Sequence[Any] = node.args[0]
+    inputs = list_arg(node, 0)
     rank = len(ctx.shape(inputs[0]))
-    dim = int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % (
-        rank + (node.target == aten.stack.default)
-    )
+    dim = int_arg(node, 1, "dim", 0) % (rank + (node.target == aten.stack.default))
     found = [ctx.channels(a) for a in inputs]
     reference = next((c for c in found if c is not None), None)
     if reference is None:
@@ -193,7 +213,7 @@ def cat(node: Any, ctx: Context) -> Channels | None:
                 ctx.freeze(ids, f"node {ctx.where()}: concatenated with a tensor of unknown channels")
             channels = Channels(reference.dim, ids)
         labels.append(_labels_of(ctx.shape(arg), channels))
-    stacked = node.target(labels, dim)
+    stacked = _op(node)(labels, dim)
     keep = (
         None
         if dim == reference.dim
@@ -209,11 +229,11 @@ def _labels_of(shape: tuple[int, ...], channels: Channels) -> torch.Tensor:
 
 
 @handles(aten.pad.default, aten.constant_pad_nd.default)
-def pad(node: Any, ctx: Context) -> Any:
+def pad(node: torch.fx.Node, ctx: Context) -> Channels | None:
     value = ctx.value(node.args[0])
     if not isinstance(value, Channels):
         return None
-    widths, rank = list(node.args[1]), len(ctx.shape(node.args[0]))
+    widths, rank = list_arg(node, 1), len(ctx.shape(node.args[0]))
     padded = {rank - 1 - i for i in range(len(widths) // 2) if widths[2 * i] or widths[2 * i + 1]}
     if value.dim in padded:
         ctx.freeze(value.ids, f"node {ctx.where()}: pads the channel dim")
@@ -222,10 +242,10 @@ def pad(node: Any, ctx: Context) -> Any:
 
 
 @handles(aten.index.Tensor)
-def index(node: Any, ctx: Context) -> Any:
+def index(node: torch.fx.Node, ctx: Context) -> ParamRef | None:
     """Advanced indexing: supported for a parameter indexed on its leading dim (e.g. swin's
     relative position table); channels of an activation that is gathered are frozen."""
-    source, indices = ctx.value(node.args[0]), node.args[1]
+    source, indices = ctx.value(node.args[0]), list_arg(node, 1)
     if isinstance(source, ParamRef) and len(indices) == 1 and indices[0] is not None:
         lead = len(ctx.shape(node)) - (len(source.origin) - 1)
         return ParamRef(source.target, (None,) * lead + source.origin[1:])
@@ -234,7 +254,7 @@ def index(node: Any, ctx: Context) -> Any:
     return None
 
 
-def _param_view(node: Any, ctx: Context, ref: ParamRef) -> ParamRef:
+def _param_view(node: torch.fx.Node, ctx: Context, ref: ParamRef) -> ParamRef:
     """Track which parameter dim and index each dim of the result reads."""
     shape = ctx.shape(node.args[0])
     origin: list[tuple[int, np.ndarray] | None] = [None] * len(ctx.shape(node))
@@ -256,13 +276,13 @@ def _param_view(node: Any, ctx: Context, ref: ParamRef) -> ParamRef:
     return ParamRef(ref.target, tuple(origin))
 
 
-def _set(node: Any, index: int, value: Any) -> None:
+def _set(node: torch.fx.Node, index: int, value: Argument) -> None:
     args = list(node.args)
     args[index] = value
     node.args = tuple(args)
 
 
-def _set_many(node: Any, values: dict[int, Any]) -> None:
+def _set_many(node: torch.fx.Node, values: dict[int, Argument]) -> None:
     args = list(node.args) + [None] * (max(values) + 1 - len(node.args))
     for i, v in values.items():
         args[i] = v

@@ -4,7 +4,7 @@ DCP chooses, for each prunable layer, which *input channels* to keep, greedily, 
 gradient of a joint loss ``L = L_M + λ·L_S``: ``L_M`` the reconstruction error of the layer's
 output against the baseline model's (Eq. 3, ``1/(2Q)·Σ‖O^b − O‖²``) and ``L_S`` the cross-entropy
 of an auxiliary head (BN → ReLU → global average pool → linear, Eq. 4–5) at the end of the
-layer's stage (the model's own loss for the last stage). The steps (seeds.md §2):
+layer's stage (the model's own loss for the last stage). The steps (``docs/methods.md``):
 
 1. P auxiliary heads at evenly spaced conv layers ("pivots"); stage p is the layers up to pivot p.
 2. Auxiliary fine-tune. ``aux="code"`` (released code, "2019.05"): every head and the network
@@ -24,7 +24,8 @@ The result is one score per unit for each group DCP ran on, so the pruning pass 
 any criterion: selected units score ``c − t`` (t = the step that selected them, so ≥ 1: the
 selection order); unselected units score in ``[0, 0.5]``, their last gradient norm scaled, so a
 pass that keeps more than DCP selected keeps the most promising of the rest. With ``epsilon``,
-"score ≥ 1" is DCP-Adapt's own keep set.
+"score ≥ 1" is DCP-Adapt's own keep set. This module registers DCP as the channel criterion
+"dcp" (:func:`dcp_criterion`) with the importance analysis.
 
 Which groups: a group whose units reach exactly one consumer, the input channels (dim 1) of a
 ``conv2d`` (groups = 1) or ``linear`` weight used by one node. The other prunable groups (e.g. a
@@ -64,20 +65,28 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..analysis.channel_groups import ChannelGroup
+from ..analysis.importance import (
+    ChannelScores,
+    CriterionOptions,
+    ScoringInputs,
+    magnitude_scores,
+    register_criterion,
+)
 from ..graph_utils import attr_tensor, get_attr_users, param_node
 from ..infra.errors import RecipeError
-from .calibration import Calibration, first_tensor
+from .calibration import Calibration, as_calibration, first_tensor
 from .finetune import SGDOptions, make_sgd, train_epochs
 from .taps import Tapped
 
-__all__ = ["AuxHead", "DCPOptions", "DCPResult", "dcp_scores", "selectable_layers"]
+__all__ = ["AuxHead", "DCPOptions", "DCPResult", "dcp_criterion", "dcp_scores", "selectable_layers"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
-class DCPOptions:
+class DCPOptions(CriterionOptions):
     """DCP's knobs; defaults follow the released code where the paper and code differ.
 
     rate: η, the fraction of each layer's input units to prune (fixed-rate stopping); ignored
@@ -125,7 +134,7 @@ class DCPResult:
 
 @dataclass(frozen=True)
 class _Layer:
-    group: Any  # ChannelGroup
+    group: ChannelGroup
     node: str  # the consuming conv2d / linear
     target: str  # its weight
     dim: int
@@ -145,7 +154,9 @@ class AuxHead(nn.Module):
         return self.fc(torch.relu(self.bn(x)).mean(dim=(2, 3)))
 
 
-def selectable_layers(gm: torch.fx.GraphModule, groups: Sequence[Any]) -> tuple[list[_Layer], list[Any]]:
+def selectable_layers(
+    gm: torch.fx.GraphModule, groups: Sequence[ChannelGroup]
+) -> tuple[list[_Layer], list[ChannelGroup]]:
     """Split prunable groups into those DCP selects on (one conv2d/linear consumer) and the rest."""
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     layers, rest = [], []
@@ -159,7 +170,7 @@ def selectable_layers(gm: torch.fx.GraphModule, groups: Sequence[Any]) -> tuple[
     return layers, rest
 
 
-def _layer_of(gm: torch.fx.GraphModule, group: Any, order: dict[str, int]) -> _Layer | None:
+def _layer_of(gm: torch.fx.GraphModule, group: ChannelGroup, order: dict[str, int]) -> _Layer | None:
     inputs = group.slices_by_role("in")
     if group.frozen or len(inputs) != 1 or inputs[0].dim != 1:
         return None
@@ -181,7 +192,7 @@ def _is_dense_layer(node: torch.fx.Node) -> bool:
 
 
 def dcp_scores(
-    gm: torch.fx.GraphModule, groups: Sequence[Any], data: Calibration, options: DCPOptions
+    gm: torch.fx.GraphModule, groups: Sequence[ChannelGroup], data: Calibration, options: DCPOptions
 ) -> DCPResult:
     """Run DCP on a private copy of ``gm``; see the module docstring. ``gm`` is not modified."""
     with torch.random.fork_rng(devices=[]):
@@ -206,7 +217,7 @@ class _DCP:
         self.masks: dict[str, torch.Tensor] = {}  # pruned so far: weight target → element mask
         self.tuned_stage = -1  # paper variant: the stage whose fine-tune already ran
 
-    def run(self, groups: Sequence[Any]) -> DCPResult:
+    def run(self, groups: Sequence[ChannelGroup]) -> DCPResult:
         layers, rest = selectable_layers(self.work, groups)
         if rest and self.options.fallback == "error":
             names = ", ".join(str(g.id) for g in rest)
@@ -220,7 +231,7 @@ class _DCP:
                 self._stage_finetune(self._stage_of(layer))
             self._select(layer, baseline, result)
         for group in rest:
-            result.scores[group.id] = _l1(self.original, group)
+            result.scores[group.id] = magnitude_scores(self.original, group, 1)
         return result
 
     # ---- auxiliary heads ----------------------------------------------------------------
@@ -446,7 +457,18 @@ def _element_mask(weight: torch.Tensor, layer: _Layer, units: Sequence[int]) -> 
     return mask.reshape(shape).expand_as(weight).contiguous()
 
 
-def _l1(gm: torch.fx.GraphModule, group: Any) -> torch.Tensor:
-    from ..analysis.importance import magnitude_scores
-
-    return magnitude_scores(gm, group, 1)
+@register_criterion("dcp")
+def dcp_criterion(
+    gm: torch.fx.GraphModule, groups: tuple[ChannelGroup, ...], inputs: ScoringInputs
+) -> ChannelScores:
+    """The channel criterion "dcp": :func:`dcp_scores` with ``inputs.options`` (DCPOptions()
+    if None). With ``epsilon`` (DCP-Adapt) the units DCP selected (score ≥ 1) are the keep set."""
+    data = as_calibration(inputs.calibration, 'criterion "dcp"')
+    options = inputs.options if inputs.options is not None else DCPOptions()
+    if not isinstance(options, DCPOptions):
+        raise RecipeError(f'criterion "dcp" takes DCPOptions, got {type(options).__name__}')
+    result = dcp_scores(gm, groups, data, options)
+    keep = {}
+    if options.epsilon is not None:
+        keep = {gid: int((s >= 1).sum()) for gid, s in result.scores.items() if gid not in result.fallback}
+    return ChannelScores("dcp", result.scores, keep)

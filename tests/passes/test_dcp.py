@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import tilefx
 from tests.models import Informative, informative_data
 from tests.passes.chain_groups import chain_groups
 from tilefx.capture import capture
-from tilefx.passes.analysis.importance import score_groups
+from tilefx.passes.analysis.importance import CriterionOptions, score_groups
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.dcp import DCPOptions, dcp_scores
@@ -136,6 +138,18 @@ def test_dcp_adapt_through_the_recipe_keeps_what_dcp_selected() -> None:
     assert _kept_widths(1e-9) == (8, 4)  # ε so small that DCP-Adapt selects every unit: nothing goes
     loose = _kept_widths(0.5)
     assert loose[0] < 4 and loose[1] < 2  # stops early: keeps fewer than the ratio would
+
+
+def test_dcp_is_registered_by_importing_only_the_importance_analysis() -> None:
+    """Importing any tilefx module runs tilefx/__init__, which imports DCP and so registers it."""
+    code = "from tilefx.passes.analysis.importance import criteria; print(criteria())"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "'dcp'" in shown.stdout
+
+
+def test_the_dcp_criterion_takes_dcp_options(gm: torch.fx.GraphModule) -> None:
+    with pytest.raises(RecipeError, match='criterion "dcp" takes DCPOptions'):
+        score_groups(gm, chain_groups(gm), "dcp", informative_data(1), options=CriterionOptions())
 
 
 def test_recipe_dcp_options_are_checked() -> None:

@@ -148,4 +148,11 @@ def test_channel_importance_is_a_cached_analysis_keyed_by_calibration_identity(n
     torch.testing.assert_close(a.scores[0], b.scores[0])
     assert set(l1.scores) == {0, 1} and l1.of(chain_groups(gm).groups[0]).shape == (6,)
     with pytest.raises(RecipeError, match="criterion"):
-        ChannelImportance(_HandGroups(), "l3")  # type: ignore[arg-type]
+        ChannelImportance(_HandGroups(), "l3")
+
+
+def test_an_unknown_criterion_names_the_registered_ones(net: ChainNet) -> None:
+    gm = _gm(net)
+    registered = r"'l1', 'l2', 'bn_scale', 'taylor', 'dcp'"  # dcp registers itself from its own module
+    with pytest.raises(RecipeError, match=rf"unknown channel criterion 'l3'.*{registered}"):
+        score_groups(gm, chain_groups(gm), "l3")

@@ -9,7 +9,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from tilefx.passes.analysis.synaptic_strength import StrengthOptions, SynapticStrength
+from tilefx.passes.analysis.connection_strength import StrengthOptions, SynapticStrength
 from tilefx.passes.analysis.weight_layers import LayerSelection, weight_layers
 from tilefx.passes.infra.analysis_manager import AnalysisManager
 from tilefx.passes.infra.errors import RecipeError, WeightError

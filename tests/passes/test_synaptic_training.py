@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tilefx.passes.infra.errors import RecipeError
-from tilefx.passes.training.synaptic_strength import SynapticConv2d, SynapticStrengthHook
+from tilefx.passes.training.learned_strength import SynapticConv2d, SynapticStrengthHook
 
 
 def _model() -> nn.Module:

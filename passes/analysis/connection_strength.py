@@ -1,7 +1,7 @@
 """Synaptic Strength (Lin et al., NeurIPS 2018), post-training estimate: one score per connection.
 
 A connection is (output channel o, input channel i) of a conv (the kernel ``W[o, i, :, :]``) or one
-entry ``W[o, i]`` of a linear. The paper's method section could not be read (seeds.md §3); a NeurIPS
+entry ``W[o, i]`` of a linear. The paper's method section could not be read (``docs/methods.md``); a NeurIPS
 review describes the strength as "the product of the norms of the kernel ... and the norm of the
 input" [2nd]. The estimate here, without data, is::
 
@@ -18,7 +18,7 @@ repeats γ over H·W). No batch-norm found → γ = 1, i.e. the plain kernel nor
   - the kernel norm: Frobenius (``"fro"``, default) or L1;
   - BN's shift β is ignored (an input channel with γ≈0 but large β still carries a constant);
   - ``layernorm=True`` (extension, not from the paper) also takes γ from a LayerNorm's weight.
-The training-time form (learned per-connection strength) lives in ``passes/training/synaptic_strength.py``.
+The training-time form (learned per-connection strength) lives in ``passes/training/learned_strength.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 import torch.fx
 
+from ..graph_utils import BATCH_NORMS
 from ..infra.analysis_manager import Analysis, AnalysisManager
 from ..infra.errors import RecipeError
 from .weight_layers import WeightLayer, weight_layers
@@ -58,7 +59,6 @@ _PASS_THROUGH = frozenset(
         aten.adaptive_avg_pool2d.default,
     }
 )
-_BATCH_NORM = frozenset({aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default})
 _FLATTEN = frozenset({aten.flatten.using_ints})
 
 
@@ -119,7 +119,7 @@ def input_scale(gm: torch.fx.GraphModule, layer: WeightLayer, layernorm: bool = 
 def _scale_of(gm: torch.fx.GraphModule, node: torch.fx.Node, layernorm: bool) -> torch.Tensor | None:
     if node.op == "call_function" and node.target is operator.getitem:
         node = node.args[0]  # type: ignore[assignment]
-    norms = _BATCH_NORM | ({aten.layer_norm.default} if layernorm else frozenset())
+    norms = BATCH_NORMS | ({aten.layer_norm.default} if layernorm else frozenset())
     if node.op != "call_function" or node.target not in norms:
         return None
     index = 2 if node.target == aten.layer_norm.default else 1

@@ -1,4 +1,4 @@
-"""Synaptic Strength, training-time form (Lin et al., NeurIPS 2018; seeds.md §3, partly [unverified]).
+"""Synaptic Strength, training-time form (Lin et al., NeurIPS 2018; ``docs/methods.md``; partly [unverified]).
 
 Every conv kernel is reparameterised as ``K[o, i] = s[o, i] · V[o, i] / ‖V[o, i]‖_F`` with one learned
 scalar per connection, the Synaptic Strength ``s`` [2nd: "reparameterizing individual kernels"]. The
@@ -14,7 +14,8 @@ reparameterised conv back into a plain ``nn.Conv2d`` whose pruned kernels are ex
 per-layer threshold (``scope``); whether the paper also drops the BN scale γ of the conv's input
 ("discarding batch normalization scaling factors" [2nd]) — not done here: γ is left to train as usual;
 whether the first conv is included (``skip_first``). The loop itself belongs to the caller: this module
-only gives the pieces (nothing here depends on a particular trainer).
+only gives the pieces (nothing here depends on a particular trainer). The post-training estimate,
+which needs no training, is ``passes/analysis/connection_strength.py``.
 """
 
 from __future__ import annotations
