@@ -28,7 +28,7 @@ __all__ = ["default_pipeline"]
 
 
 def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
-    """Passes in the order the methods compose (seeds.md): fold, shrink channels, sparsify, clean up.
+    """Passes in the order the methods compose (docs/methods.md): fold, shrink channels, sparsify, clean up.
 
     Criteria that read the batch norms' γ run before folding removes them: channel pruning by
     ``bn_scale`` and connection pruning by Synaptic Strength (|γ_in| · ‖kernel‖). Every other
