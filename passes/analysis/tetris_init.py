@@ -1,28 +1,102 @@
-"""Initial orders for TETRIS (extensions; the authors start from the identity).
+"""Starting orders for the TETRIS EM (extensions; the authors start from the identity).
 
-- :func:`norm_order`: slices sorted by decreasing L1 norm. For magnitudes close to ``r_i · c_j``
-  (outlier rows/columns) this gathers the large weights in one corner.
-- :func:`profile_order`: spectral seriation: slices sorted by the leading left singular vector of
-  their centred, normalised magnitude profile over the other axes' blocks, so slices whose large
-  weights sit in the same blocks end up next to each other.
-- :func:`grow_orders`: a greedy constructive co-clustering for one 2-d problem with ``keep`` kept
-  blocks: each step adds the most valuable kept block among (a) the best ``br×bc`` submatrix of
-  still-unplaced rows and columns (alternating top-k row/column selection, as in the LAS
-  bicluster search of Shabalin et al. 2009), (b) an existing row-block with the best ``bc``
-  unplaced columns, (c) an existing column-block with the best ``br`` unplaced rows, or (d) a
-  not-yet-kept cell between existing row- and column-blocks. Unplaced rows/columns fill the
-  remaining blocks in their original order. Pure numpy, deterministic.
+:func:`initial_orders` gives every variable of a :class:`~.tetris_problem.Problem` its start:
+
+- ``"identity"``: the authors' start;
+- ``"norm"``: :func:`norm_order`, slices sorted by decreasing L1 norm (summed over the variable's
+  uses). For magnitudes close to ``r_i · c_j`` (outlier rows/columns) this gathers the large weights
+  in one corner;
+- ``"profile"``: :func:`profile_order`, spectral seriation: slices sorted by the leading left
+  singular vector of their centred, normalised block-magnitude profile, so slices whose large
+  weights sit in the same blocks end up next to each other;
+- ``"cluster"``: :func:`cluster_order`, balanced k-means of those profiles, one cluster per block
+  (helps thin blocks such as (16, 1), where only the row grouping matters);
+- ``"grow"``: :func:`grow_orders`, a greedy constructive co-clustering of one 2-d problem with
+  ``keep`` kept blocks (helps square blocks): each step adds the most valuable kept block among
+  (a) the best ``br×bc`` submatrix of still-unplaced rows and columns (alternating top-k row/column
+  selection, as in the LAS bicluster search of Shabalin et al. 2009), (b) an existing row-block with
+  the best ``bc`` unplaced columns, (c) an existing column-block with the best ``br`` unplaced rows,
+  or (d) a not-yet-kept cell between existing row- and column-blocks; unplaced rows/columns fill the
+  remaining blocks in their original order. It applies where :meth:`Problem.plane` does (one
+  operand, a variable on each block axis, at most :data:`GROW_LIMIT` kept blocks) and falls back
+  to "profile" elsewhere;
+- ``"auto"``: "grow" where it applies, else "cluster".
+
+Deterministic for a seed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
+import torch
 
+from ..infra.errors import RecipeError
 from .block_selection import block_sums
+from .tetris_problem import Problem
 
-__all__ = ["cluster_order", "grow_orders", "norm_order", "profile_order"]
+__all__ = [
+    "GROW_LIMIT",
+    "Start",
+    "cluster_order",
+    "grow_orders",
+    "grown_orders",
+    "initial_orders",
+    "norm_order",
+    "profile_order",
+    "warm_started",
+]
+
+Start = Literal["identity", "norm", "profile", "cluster", "grow", "auto"]
+GROW_LIMIT = 2048  # most kept blocks the greedy growth is tried for (its cost grows with them)
+
+
+def initial_orders(problem: Problem, start: Start, seed: int) -> dict[Hashable, np.ndarray]:
+    """Every variable's starting order (see the module docstring for each ``start``)."""
+    grown = grown_orders(problem) if start in ("grow", "auto") else None
+    if grown is not None:
+        return grown
+    return {var: _variable_order(problem, var, start, seed) for var in problem.uses}
+
+
+def grown_orders(problem: Problem) -> dict[Hashable, np.ndarray] | None:
+    """:func:`grow_orders` for a 2-d problem with a variable on both axes; None where it does not apply."""
+    plane = problem.plane()
+    if plane is None or None in plane.variables or not 0 < plane.keep <= GROW_LIMIT:
+        return None
+    row_var, col_var = plane.variables
+    rows, cols = grow_orders(plane.a, *plane.block, plane.keep)
+    return {
+        row_var: rows[rows < problem.lengths[row_var]],
+        col_var: cols[cols < problem.lengths[col_var]],
+    }
+
+
+def warm_started(
+    problem: Problem, orders: dict[Hashable, np.ndarray], given: Mapping[Hashable, torch.Tensor]
+) -> dict[Hashable, np.ndarray]:
+    """``orders`` with the caller's ``given`` orders in place of theirs (each must be a bijection)."""
+    for var, order in given.items():
+        array = np.asarray(torch.as_tensor(order).cpu(), dtype=np.int64)
+        if var not in orders or sorted(array.tolist()) != list(range(problem.lengths[var])):
+            raise RecipeError(f"initial order for {var!r} is not a bijection of a known variable")
+        orders[var] = array
+    return orders
+
+
+def _variable_order(problem: Problem, var: Hashable, start: Start, seed: int) -> np.ndarray:
+    n = problem.lengths[var]
+    uses = problem.uses[var]
+    if start == "identity":
+        return np.arange(n)
+    if start == "norm":
+        return norm_order([(problem.segment(u, n), u.axis) for u in uses], n)
+    profiles = [(problem.segment(u, n), u.axis, problem.sizes[u.operand]) for u in uses]
+    if start in ("cluster", "auto"):
+        return cluster_order(profiles, n, problem.sizes[uses[0].operand][uses[0].axis], seed)
+    return profile_order(profiles, n)  # "profile", and "grow" where it does not apply
 
 
 def norm_order(magnitudes: Sequence[tuple[np.ndarray, int]], n: int) -> np.ndarray:
