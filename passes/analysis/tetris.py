@@ -36,7 +36,8 @@ import torch
 from ..infra.errors import RecipeError
 from .block_selection import expand_blocks
 from .tetris_em import MStep, State, em, greedy_swaps
-from .tetris_init import Start, grown_orders, initial_orders, warm_started
+from .tetris_grow import grown_orders
+from .tetris_init import Start, initial_orders, warm_started
 from .tetris_problem import Concat, Operand, Problem
 
 __all__ = [
