@@ -25,13 +25,22 @@ from typing import Literal
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from ..infra.errors import RecipeError
 from .block_selection import block_sums
 from .tetris_grow import grown_orders
 from .tetris_problem import Problem
 
-__all__ = ["Start", "cluster_order", "initial_orders", "norm_order", "profile_order", "warm_started"]
+__all__ = [
+    "Start",
+    "cluster_order",
+    "initial_orders",
+    "kmeans_centres",
+    "norm_order",
+    "profile_order",
+    "warm_started",
+]
 
 Start = Literal["identity", "norm", "profile", "cluster", "grow", "auto"]
 
@@ -91,23 +100,86 @@ def cluster_order(
 ) -> np.ndarray:
     """Balanced k-means of the slices' block-magnitude profiles into ``n // block`` groups of ``block``.
 
-    k-means (scikit-learn, ``n_init=2``, seeded) gives centroids; an exact balanced assignment
+    k-means (:func:`kmeans_centres`, two seeded runs) gives centroids; an exact balanced assignment
     (``linear_sum_assignment`` on squared distances, each centroid offered ``block`` times) makes
-    every group exactly one block; groups are then laid out in order of decreasing profile mass.
+    every group exactly one block; groups are laid out in centroid order, each group's slices in
+    their original order.
     """
-    from scipy.optimize import linear_sum_assignment
-    from sklearn.cluster import KMeans
-
     groups = n // block
     if groups < 2 or n % block:
         return profile_order(magnitudes, n)
     profiles = np.concatenate([_profile(m, axis, sizes)[:n] for m, axis, sizes in magnitudes], axis=1)
-    centres = KMeans(n_clusters=groups, n_init=2, random_state=seed).fit(profiles).cluster_centers_
-    cost = ((profiles[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+    cost = _squared_distances(profiles, _norms(profiles), kmeans_centres(profiles, groups, seed))
     rows, slots = linear_sum_assignment(np.repeat(cost, block, axis=1))
     group = np.empty(n, dtype=np.int64)
     group[rows] = slots // block
     return np.lexsort((np.arange(n), group)).astype(np.int64)
+
+
+def kmeans_centres(
+    points: np.ndarray, k: int, seed: int, *, runs: int = 2, max_iters: int = 300, tol: float = 1e-4
+) -> np.ndarray:
+    """``k`` centroids of ``points`` (rows): the lowest-inertia of ``runs`` seeded k-means runs.
+
+    Each run seeds by greedy k-means++ and iterates Lloyd's algorithm until the centroids move less
+    than ``tol`` × the points' mean variance (squared, summed), as scikit-learn's ``KMeans`` does;
+    an emptied cluster restarts at the point farthest from its centroid. Deterministic for a seed.
+    """
+    rng = np.random.default_rng(seed)
+    threshold = tol * float(points.var(axis=0).mean())
+    norms = _norms(points)
+    fits = [
+        _lloyd(points, norms, _plus_plus(points, norms, k, rng), max_iters, threshold) for _ in range(runs)
+    ]
+    return min(fits, key=lambda fit: fit[1])[0]
+
+
+def _plus_plus(points: np.ndarray, norms: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++: each new centre is the best of a few distance²-weighted candidates."""
+    trials = 2 + int(np.log(k))
+    centres = np.empty((k, points.shape[1]))
+    centres[0] = points[rng.integers(len(points))]
+    closest = _squared_distances(points, norms, centres[:1])[:, 0]
+    for c in range(1, k):
+        drawn = np.searchsorted(np.cumsum(closest), rng.random(trials) * closest.sum())
+        candidates = np.minimum(drawn, len(points) - 1)
+        reach = np.minimum(closest, _squared_distances(points, norms, points[candidates]).T)
+        pick = int(reach.sum(axis=1).argmin())
+        centres[c], closest = points[candidates[pick]], reach[pick]
+    return centres
+
+
+def _lloyd(
+    points: np.ndarray, norms: np.ndarray, centres: np.ndarray, max_iters: int, threshold: float
+) -> tuple[np.ndarray, float]:
+    """Lloyd iterations from ``centres``: the final centroids and their inertia."""
+    k = len(centres)
+    for _ in range(max_iters):
+        distances = _squared_distances(points, norms, centres)
+        labels = distances.argmin(axis=1)
+        members = np.zeros((k, len(points)))
+        members[labels, np.arange(len(points))] = 1.0
+        counts = members.sum(axis=1)
+        moved = members @ points / np.maximum(counts, 1.0)[:, None]
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            far = np.argsort(-distances[np.arange(len(points)), labels], kind="stable")[: len(empty)]
+            moved[empty] = points[far]
+        shift = float(((moved - centres) ** 2).sum())
+        centres = moved
+        if shift <= threshold:
+            break
+    return centres, float(_squared_distances(points, norms, centres).min(axis=1).sum())
+
+
+def _squared_distances(points: np.ndarray, norms: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """``‖points[i] − centres[j]‖²`` for every pair, from ``norms = ‖points[i]‖²`` (no n×k×d temporary)."""
+    squared = norms[:, None] - 2 * (points @ centres.T) + _norms(centres)[None, :]
+    return np.maximum(squared, 0.0)
+
+
+def _norms(points: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", points, points)
 
 
 def _profile(magnitude: np.ndarray, axis: int, sizes: Sequence[int]) -> np.ndarray:
