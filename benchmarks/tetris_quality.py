@@ -6,14 +6,15 @@ block sparsity, it reports the kept-L1 fraction of
   - element-wise magnitude pruning at the same sparsity (the ceiling),
   - naive block pruning (lowest-L1 blocks, no reordering),
   - TETRIS, the authors' algorithm (``FAITHFUL``: identity start, greedy max-gain swaps),
-  - with ``--assignment``: plain EM with the exact assignment M-step (the anchor's method) at
-    (32,32)/80% only, as scipy's assignment is slow on the 1536-wide axes,
+  - with ``--assignment``: plain EM with the exact assignment M-step (the anchor's method; an
+    experiment, tetris_experiments.py) at (32,32)/80% only, as scipy's assignment is slow on the
+    1536-wide axes,
   - TETRIS ``FAST`` (extension: one EM from a greedy-growth start for 2-d blocks, a balanced
     k-means start for (b, 1) blocks, a final E-step),
   - TETRIS ``BEST`` (extensions: best of identity / k-means-cluster / greedy-growth starts,
     2 perturbation restarts, a final E-step; at (32,32)/80% only unless --best-everywhere),
-  - ``REFINE`` (defined here; extension: ``FAST``, then 10 000 steps of simulated annealing over
-    single row/column swaps scored by the true objective, ``tetris_refine``; at (32,32)/80% only
+  - ``refine`` (an experiment, tetris_experiments.py: ``FAST``, then 10 000 steps of simulated
+    annealing over single row/column swaps scored by the true objective; at (32,32)/80% only
     unless --refine-everywhere; --refine-steps sets the steps; slow for thin blocks such as (16,1),
     where every move changes 2 × 1536 block sums),
 the fraction of the element-vs-block gap each closes, ``(tetris − naive) / (element − naive)``
@@ -42,30 +43,36 @@ import json
 import multiprocessing
 import os
 import statistics
+import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tilefx.passes.analysis.block_selection import block_sums, lowest_blocks
-from tilefx.passes.analysis.tetris import BEST, FAITHFUL, FAST, TetrisOptions, tetris_weight
+from tilefx.passes.analysis.tetris import BEST, FAITHFUL, FAST, TetrisResult, tetris_weight
 from tilefx.passes.infra.errors import RecipeError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tetris_experiments import assignment_weight, refined_weight  # noqa: E402
 
 BLOCKS = ((16, 1), (32, 1), (8, 8), (32, 32))
 SPARSITIES = (0.5, 0.7, 0.8, 0.9)
-ASSIGNMENT = TetrisOptions(method="assignment")  # plain EM, exact M-step: the anchor's method
-REFINE = replace(FAST, refine=10_000)  # FAST, then true-objective annealing (tetris_refine)
-METHODS: dict[str, TetrisOptions] = {
-    "faithful": FAITHFUL,
-    "assignment": ASSIGNMENT,
-    "fast": FAST,
-    "best": BEST,
-    "refine": REFINE,
+REFINE_STEPS = 10_000
+# (weight, block, sparsity) -> result: the presets, and the experiments no preset uses.
+Method = Callable[[torch.Tensor, tuple[int, int], float], TetrisResult]
+METHODS: dict[str, Method] = {
+    "faithful": partial(tetris_weight, options=FAITHFUL),
+    "assignment": assignment_weight,  # plain EM, exact M-step: the anchor's method
+    "fast": partial(tetris_weight, options=FAST),
+    "best": partial(tetris_weight, options=BEST),
+    "refine": partial(refined_weight, steps=REFINE_STEPS),  # FAST, then true-objective annealing
 }
 # What 2 shared cores allow: the exact M-step (slow on 1536-wide axes) only where the anchor is
 # quoted, BEST (5 EM runs) at 80% only; faithful and FAST everywhere.
@@ -153,10 +160,10 @@ def measure(task: tuple[str, np.ndarray, bool]) -> tuple[list[Row], dict[tuple, 
             if want_masks:
                 masks[(name, block, sparsity, "element")] = np.packbits(keep_e)
                 masks[(name, block, sparsity, "naive")] = np.packbits(keep_n)
-            for method, options in METHODS.items():
+            for method, run in METHODS.items():
                 if method in ONLY_AT and (block, sparsity) not in ONLY_AT[method]:
                     continue
-                result = tetris_weight(torch.from_numpy(weight), block, sparsity, options)
+                result = run(torch.from_numpy(weight), block, sparsity)
                 row.kept[method] = result.kept_fraction
                 row.seconds[method] = result.seconds
                 if want_masks:
@@ -360,7 +367,7 @@ def main() -> None:
     if args.sparsities:
         SPARSITIES = tuple(float(s) for s in args.sparsities.split(","))
     if args.refine_steps:
-        METHODS["refine"] = replace(REFINE, refine=args.refine_steps)
+        METHODS["refine"] = partial(refined_weight, steps=args.refine_steps)
     if args.refine_everywhere:
         ONLY_AT["refine"].update((b, 0.8) for b in BLOCKS)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -149,7 +149,7 @@ def random_planner(seed: int = 0) -> OrderPlanner:
 
     def plan(
         gm: torch.fx.GraphModule, groups: ChannelGroups, movable: Sequence[ChannelGroup]
-    ) -> dict[int, Any]:
+    ) -> dict[int, np.ndarray]:
         rng = np.random.default_rng(seed)
         return {g.id: rng.permutation(g.units) for g in movable}
 

@@ -1,28 +1,81 @@
-"""Initial orders for TETRIS (extensions; the authors start from the identity).
+"""Starting orders for the TETRIS EM (extensions; the authors start from the identity).
 
-- :func:`norm_order`: slices sorted by decreasing L1 norm. For magnitudes close to ``r_i · c_j``
-  (outlier rows/columns) this gathers the large weights in one corner.
-- :func:`profile_order`: spectral seriation: slices sorted by the leading left singular vector of
-  their centred, normalised magnitude profile over the other axes' blocks, so slices whose large
-  weights sit in the same blocks end up next to each other.
-- :func:`grow_orders`: a greedy constructive co-clustering for one 2-d problem with ``keep`` kept
-  blocks: each step adds the most valuable kept block among (a) the best ``br×bc`` submatrix of
-  still-unplaced rows and columns (alternating top-k row/column selection, as in the LAS
-  bicluster search of Shabalin et al. 2009), (b) an existing row-block with the best ``bc``
-  unplaced columns, (c) an existing column-block with the best ``br`` unplaced rows, or (d) a
-  not-yet-kept cell between existing row- and column-blocks. Unplaced rows/columns fill the
-  remaining blocks in their original order. Pure numpy, deterministic.
+:func:`initial_orders` gives every variable of a :class:`~.tetris_problem.Problem` its start:
+
+- ``"identity"``: the authors' start;
+- ``"norm"``: :func:`norm_order`, slices sorted by decreasing L1 norm (summed over the variable's
+  uses). For magnitudes close to ``r_i · c_j`` (outlier rows/columns) this gathers the large weights
+  in one corner;
+- ``"profile"``: :func:`profile_order`, spectral seriation: slices sorted by the leading left
+  singular vector of their centred, normalised block-magnitude profile, so slices whose large
+  weights sit in the same blocks end up next to each other;
+- ``"cluster"``: :func:`cluster_order`, balanced k-means of those profiles, one cluster per block
+  (helps thin blocks such as (16, 1), where only the row grouping matters);
+- ``"grow"``: greedy constructive co-clustering of both axes of a 2-d problem
+  (:mod:`.tetris_grow`; helps square blocks); where it does not apply it falls back to "profile";
+- ``"auto"``: "grow" where it applies, else "cluster".
+
+Deterministic for a seed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
 
+from ..infra.errors import RecipeError
 from .block_selection import block_sums
+from .tetris_grow import grown_orders
+from .tetris_problem import Problem
 
-__all__ = ["cluster_order", "grow_orders", "norm_order", "profile_order"]
+__all__ = [
+    "Start",
+    "cluster_order",
+    "initial_orders",
+    "kmeans_centres",
+    "norm_order",
+    "profile_order",
+    "warm_started",
+]
+
+Start = Literal["identity", "norm", "profile", "cluster", "grow", "auto"]
+
+
+def initial_orders(problem: Problem, start: Start, seed: int) -> dict[Hashable, np.ndarray]:
+    """Every variable's starting order (see the module docstring for each ``start``)."""
+    grown = grown_orders(problem) if start in ("grow", "auto") else None
+    if grown is not None:
+        return grown
+    return {var: _variable_order(problem, var, start, seed) for var in problem.uses}
+
+
+def warm_started(
+    problem: Problem, orders: dict[Hashable, np.ndarray], given: Mapping[Hashable, torch.Tensor]
+) -> dict[Hashable, np.ndarray]:
+    """``orders`` with the caller's ``given`` orders in place of theirs (each must be a bijection)."""
+    for var, order in given.items():
+        array = np.asarray(torch.as_tensor(order).cpu(), dtype=np.int64)
+        if var not in orders or sorted(array.tolist()) != list(range(problem.lengths[var])):
+            raise RecipeError(f"initial order for {var!r} is not a bijection of a known variable")
+        orders[var] = array
+    return orders
+
+
+def _variable_order(problem: Problem, var: Hashable, start: Start, seed: int) -> np.ndarray:
+    n = problem.lengths[var]
+    uses = problem.uses[var]
+    if start == "identity":
+        return np.arange(n)
+    if start == "norm":
+        return norm_order([(problem.segment(u, n), u.axis) for u in uses], n)
+    profiles = [(problem.segment(u, n), u.axis, problem.sizes[u.operand]) for u in uses]
+    if start in ("cluster", "auto"):
+        return cluster_order(profiles, n, problem.sizes[uses[0].operand][uses[0].axis], seed)
+    return profile_order(profiles, n)  # "profile", and "grow" where it does not apply
 
 
 def norm_order(magnitudes: Sequence[tuple[np.ndarray, int]], n: int) -> np.ndarray:
@@ -47,23 +100,86 @@ def cluster_order(
 ) -> np.ndarray:
     """Balanced k-means of the slices' block-magnitude profiles into ``n // block`` groups of ``block``.
 
-    k-means (scikit-learn, ``n_init=2``, seeded) gives centroids; an exact balanced assignment
+    k-means (:func:`kmeans_centres`, two seeded runs) gives centroids; an exact balanced assignment
     (``linear_sum_assignment`` on squared distances, each centroid offered ``block`` times) makes
-    every group exactly one block; groups are then laid out in order of decreasing profile mass.
+    every group exactly one block; groups are laid out in centroid order, each group's slices in
+    their original order.
     """
-    from scipy.optimize import linear_sum_assignment
-    from sklearn.cluster import KMeans
-
     groups = n // block
     if groups < 2 or n % block:
         return profile_order(magnitudes, n)
     profiles = np.concatenate([_profile(m, axis, sizes)[:n] for m, axis, sizes in magnitudes], axis=1)
-    centres = KMeans(n_clusters=groups, n_init=2, random_state=seed).fit(profiles).cluster_centers_
-    cost = ((profiles[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+    cost = _squared_distances(profiles, _norms(profiles), kmeans_centres(profiles, groups, seed))
     rows, slots = linear_sum_assignment(np.repeat(cost, block, axis=1))
     group = np.empty(n, dtype=np.int64)
     group[rows] = slots // block
     return np.lexsort((np.arange(n), group)).astype(np.int64)
+
+
+def kmeans_centres(
+    points: np.ndarray, k: int, seed: int, *, runs: int = 2, max_iters: int = 300, tol: float = 1e-4
+) -> np.ndarray:
+    """``k`` centroids of ``points`` (rows): the lowest-inertia of ``runs`` seeded k-means runs.
+
+    Each run seeds by greedy k-means++ and iterates Lloyd's algorithm until the centroids move less
+    than ``tol`` × the points' mean variance (squared, summed), as scikit-learn's ``KMeans`` does;
+    an emptied cluster restarts at the point farthest from its centroid. Deterministic for a seed.
+    """
+    rng = np.random.default_rng(seed)
+    threshold = tol * float(points.var(axis=0).mean())
+    norms = _norms(points)
+    fits = [
+        _lloyd(points, norms, _plus_plus(points, norms, k, rng), max_iters, threshold) for _ in range(runs)
+    ]
+    return min(fits, key=lambda fit: fit[1])[0]
+
+
+def _plus_plus(points: np.ndarray, norms: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++: each new centre is the best of a few distance²-weighted candidates."""
+    trials = 2 + int(np.log(k))
+    centres = np.empty((k, points.shape[1]))
+    centres[0] = points[rng.integers(len(points))]
+    closest = _squared_distances(points, norms, centres[:1])[:, 0]
+    for c in range(1, k):
+        drawn = np.searchsorted(np.cumsum(closest), rng.random(trials) * closest.sum())
+        candidates = np.minimum(drawn, len(points) - 1)
+        reach = np.minimum(closest, _squared_distances(points, norms, points[candidates]).T)
+        pick = int(reach.sum(axis=1).argmin())
+        centres[c], closest = points[candidates[pick]], reach[pick]
+    return centres
+
+
+def _lloyd(
+    points: np.ndarray, norms: np.ndarray, centres: np.ndarray, max_iters: int, threshold: float
+) -> tuple[np.ndarray, float]:
+    """Lloyd iterations from ``centres``: the final centroids and their inertia."""
+    k = len(centres)
+    for _ in range(max_iters):
+        distances = _squared_distances(points, norms, centres)
+        labels = distances.argmin(axis=1)
+        members = np.zeros((k, len(points)))
+        members[labels, np.arange(len(points))] = 1.0
+        counts = members.sum(axis=1)
+        moved = members @ points / np.maximum(counts, 1.0)[:, None]
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            far = np.argsort(-distances[np.arange(len(points)), labels], kind="stable")[: len(empty)]
+            moved[empty] = points[far]
+        shift = float(((moved - centres) ** 2).sum())
+        centres = moved
+        if shift <= threshold:
+            break
+    return centres, float(_squared_distances(points, norms, centres).min(axis=1).sum())
+
+
+def _squared_distances(points: np.ndarray, norms: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """``‖points[i] − centres[j]‖²`` for every pair, from ``norms = ‖points[i]‖²`` (no n×k×d temporary)."""
+    squared = norms[:, None] - 2 * (points @ centres.T) + _norms(centres)[None, :]
+    return np.maximum(squared, 0.0)
+
+
+def _norms(points: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", points, points)
 
 
 def _profile(magnitude: np.ndarray, axis: int, sizes: Sequence[int]) -> np.ndarray:
@@ -71,120 +187,3 @@ def _profile(magnitude: np.ndarray, axis: int, sizes: Sequence[int]) -> np.ndarr
     reduced = block_sums(magnitude, others)
     rows = np.moveaxis(reduced, axis, 0).reshape(reduced.shape[axis], -1)
     return rows / np.maximum(rows.sum(axis=1, keepdims=True), 1e-300)
-
-
-def grow_orders(a: np.ndarray, br: int, bc: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column orders of the 2-d magnitude ``a`` from greedy kept-block growth (see module doc)."""
-    grower = _Grower(a, br, bc)
-    for _ in range(keep):
-        if not grower.step():
-            break
-    return grower.orders()
-
-
-_Move = tuple[float, Callable[[], None]]  # (value of the kept block it adds, apply it)
-
-
-class _Grower:
-    def __init__(self, a: np.ndarray, br: int, bc: int) -> None:
-        self.a, self.br, self.bc = a, br, bc
-        self.gr, self.gc = a.shape[0] // br, a.shape[1] // bc
-        self.free_r = np.ones(a.shape[0], dtype=bool)
-        self.free_c = np.ones(a.shape[1], dtype=bool)
-        self.rows: list[np.ndarray] = []  # row-blocks placed so far
-        self.cols: list[np.ndarray] = []
-        self.row_profile = np.zeros((0, a.shape[1]))  # per row-block: column sums over its rows
-        self.col_profile = np.zeros((0, a.shape[0]))  # per column-block: row sums over its columns
-        self.kept = np.zeros((self.gr, self.gc), dtype=bool)
-        self.cells = np.full((self.gr, self.gc), -np.inf)  # block sums between placed row/column-blocks
-
-    def step(self) -> bool:
-        moves = [
-            m for m in (self._new(), self._extend_rows(), self._extend_cols(), self._old()) if m is not None
-        ]
-        if not moves:
-            return False
-        max(moves, key=lambda m: m[0])[1]()
-        return True
-
-    def _new(self) -> _Move | None:
-        if len(self.rows) >= self.gr or len(self.cols) >= self.gc:
-            return None
-        rows, cols = np.flatnonzero(self.free_r), np.flatnonzero(self.free_c)
-        r = rows[_top(self.a[np.ix_(rows, cols)].sum(axis=1), self.br)]
-        for _ in range(20):
-            c = cols[_top(self.a[np.ix_(r, cols)].sum(axis=0), self.bc)]
-            r_next = rows[_top(self.a[np.ix_(rows, c)].sum(axis=1), self.br)]
-            if np.array_equal(np.sort(r_next), np.sort(r)):
-                break
-            r = r_next
-        value = float(self.a[np.ix_(r, c)].sum())
-        return value, lambda: self._place(r, c)
-
-    def _extend_rows(self) -> _Move | None:
-        """An existing row-block gets a new column-block of its best unplaced columns."""
-        if not self.rows or len(self.cols) >= self.gc:
-            return None
-        value, ri, cols = _best_extension(self.row_profile, self.free_c, self.bc)
-        return value, lambda: self._place_col(ri, cols)
-
-    def _extend_cols(self) -> _Move | None:
-        """An existing column-block gets a new row-block of its best unplaced rows."""
-        if not self.cols or len(self.rows) >= self.gr:
-            return None
-        value, ci, rows = _best_extension(self.col_profile, self.free_r, self.br)
-        return value, lambda: self._place_row(ci, rows)
-
-    def _old(self) -> _Move | None:
-        cells = np.where(self.kept, -np.inf, self.cells)
-        ri, ci = np.unravel_index(int(cells.argmax()), cells.shape)
-        if not np.isfinite(cells[ri, ci]):
-            return None
-        return float(cells[ri, ci]), lambda: self._keep(int(ri), int(ci))
-
-    def _add_rows(self, r: np.ndarray) -> int:
-        self.rows.append(r)
-        self.free_r[r] = False
-        self.row_profile = np.vstack([self.row_profile, self.a[r].sum(axis=0)])
-        for ci, c in enumerate(self.cols):
-            self.cells[len(self.rows) - 1, ci] = self.row_profile[-1, c].sum()
-        return len(self.rows) - 1
-
-    def _add_cols(self, c: np.ndarray) -> int:
-        self.cols.append(c)
-        self.free_c[c] = False
-        self.col_profile = np.vstack([self.col_profile, self.a[:, c].sum(axis=1)])
-        if self.rows:
-            self.cells[: len(self.rows), len(self.cols) - 1] = self.row_profile[:, c].sum(axis=1)
-        return len(self.cols) - 1
-
-    def _keep(self, ri: int, ci: int) -> None:
-        self.kept[ri, ci] = True
-
-    def _place(self, r: np.ndarray, c: np.ndarray) -> None:
-        self.kept[self._add_rows(r), self._add_cols(c)] = True
-
-    def _place_col(self, ri: int, c: np.ndarray) -> None:
-        self.kept[ri, self._add_cols(c)] = True
-
-    def _place_row(self, ci: int, r: np.ndarray) -> None:
-        self.kept[self._add_rows(r), ci] = True
-
-    def orders(self) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.concatenate([*self.rows, np.flatnonzero(self.free_r)]).astype(np.int64)
-        cols = np.concatenate([*self.cols, np.flatnonzero(self.free_c)]).astype(np.int64)
-        return rows, cols
-
-
-def _best_extension(profile: np.ndarray, free: np.ndarray, k: int) -> tuple[float, int, np.ndarray]:
-    """The placed block whose best ``k`` free indices (by its profile) sum highest: value, block, indices."""
-    candidates = np.flatnonzero(free)
-    sums = profile[:, candidates]
-    tops = np.argpartition(-sums, k - 1, axis=1)[:, :k]
-    values = np.take_along_axis(sums, tops, axis=1).sum(axis=1)
-    best = int(values.argmax())
-    return float(values[best]), best, candidates[tops[best]]
-
-
-def _top(values: np.ndarray, k: int) -> np.ndarray:
-    return np.argsort(-values, kind="stable")[:k]

@@ -4,8 +4,9 @@ Each block-pruned weight is a TETRIS operand; its output axis is labelled with t
 its filters belong to and its input axis with the group(s) it reads (a concatenation gives a
 block-diagonal :class:`Concat` axis, a grouped conv or a head split repeats one group per segment).
 Because the variables are the groups that :class:`ReorderDimsPass` folds, the orders TETRIS picks
-can be applied without any gather: this is the "optimised mode" of seeds.md §1 (α_l = β_(l−1),
-M-step cost summed over both tensors), a documented deviation from the authors' per-tensor orders.
+can be applied without any gather: this is the "optimised mode" of TETRIS in docs/methods.md
+(α_l = β_(l−1), M-step cost summed over both tensors), a documented deviation from the authors'
+per-tensor orders.
 An axis whose group positions are strided (a flatten spreads a channel over H·W) stays out of the
 objective; folding still moves it consistently.
 """
@@ -21,7 +22,8 @@ import torch.fx
 from ..graph_utils import attr_tensor
 from .block_selection import block_sums, num_pruned_blocks
 from .channel_groups import ChannelGroup, ChannelGroups
-from .tetris import FAST, Concat, Operand, TetrisOptions, tetris
+from .tetris import FAST, TetrisOptions, tetris
+from .tetris_problem import Concat, Operand
 from .weight_layers import LayerSelection, weight_layers
 
 __all__ = ["TetrisPlanner"]

@@ -1,13 +1,26 @@
-"""TETRIS EM: monotone objective, bijective orders, shared variables, exact counts, typed errors."""
+"""TETRIS EM: monotone objective, bijective orders, shared variables, exact counts, typed errors.
+
+The experiments in benchmarks/tetris_experiments.py (exact M-step, true-objective refinement) are
+held to the same contract here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.tetris_experiments import (
+    _after_swap,
+    assignment_tetris,
+    assignment_weight,
+    kept_sum,
+    refined_tetris,
+    refined_weight,
+)
 from tilefx.passes.analysis.block_selection import block_sums, lowest_blocks
 from tilefx.passes.analysis.tetris import (
     BEST,
@@ -16,13 +29,18 @@ from tilefx.passes.analysis.tetris import (
     Concat,
     Operand,
     TetrisOptions,
+    TetrisResult,
     tetris,
     tetris_weight,
 )
-from tilefx.passes.analysis.tetris_refine import _after_swap, kept_sum
 from tilefx.passes.infra.errors import RecipeError, WeightError
 
-METHODS = [FAITHFUL, TetrisOptions(method="assignment"), BEST]
+Method = Callable[[torch.Tensor, tuple[int, int], float], TetrisResult]
+METHODS: list[Method] = [
+    partial(tetris_weight, options=FAITHFUL),
+    assignment_weight,
+    partial(tetris_weight, options=BEST),
+]
 
 
 def _structured(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -46,11 +64,11 @@ def _is_bijection(order: torch.Tensor, n: int) -> bool:
     return sorted(order.tolist()) == list(range(n))
 
 
-@pytest.mark.parametrize("options", METHODS, ids=["faithful", "assignment", "best"])
+@pytest.mark.parametrize("method", METHODS, ids=["faithful", "assignment", "best"])
 @pytest.mark.parametrize("block", [(8, 8), (16, 1), (1, 16)])
-def test_objective_never_increases_and_beats_naive(options: TetrisOptions, block: tuple[int, int]) -> None:
+def test_objective_never_increases_and_beats_naive(method: Method, block: tuple[int, int]) -> None:
     w = _structured(64, 96)
-    result = tetris_weight(w, block, 0.7, options)
+    result = method(w, block, 0.7)
     history = np.asarray(result.history)
     assert (np.diff(history) <= 1e-9 * history[0]).all(), history
     assert result.kept_fraction >= _naive_kept(w, block, 0.7) - 1e-12
@@ -58,10 +76,10 @@ def test_objective_never_increases_and_beats_naive(options: TetrisOptions, block
         assert _is_bijection(order, w.shape[axis])
 
 
-@pytest.mark.parametrize("options", METHODS, ids=["faithful", "assignment", "best"])
-def test_masks_agree_and_hit_the_block_count(options: TetrisOptions) -> None:
+@pytest.mark.parametrize("method", METHODS, ids=["faithful", "assignment", "best"])
+def test_masks_agree_and_hit_the_block_count(method: Method) -> None:
     w = _structured(64, 96, seed=1)
-    result = tetris_weight(w, (8, 8), 0.8, options)
+    result = method(w, (8, 8), 0.8)
     rows, cols = result.orders[0], result.orders[1]
     grid = result.block_keep[0]
     assert grid.shape == (8, 12)
@@ -92,7 +110,7 @@ def test_conv_blocks_span_the_kernel_and_kernel_axes_are_fixed() -> None:
 def test_shared_variable_gets_one_order_and_couples_both_operands() -> None:
     w1, w2 = _structured(64, 32, seed=3), _structured(48, 64, seed=4)  # W2 consumes W1's outputs
     ops = [Operand(w1, ("h", None), (8, 0)), Operand(w2, (None, "h"), (0, 8))]
-    result = tetris(ops, 0.5, TetrisOptions(method="assignment"))
+    result = assignment_tetris(ops, 0.5)
     assert set(result.orders) == {"h"} and _is_bijection(result.orders["h"], 64)
     order = result.orders["h"]
     assert torch.equal(result.keep[0][order], result.block_keep[0].repeat_interleave(8, 0).expand(64, 32))
@@ -194,13 +212,13 @@ def test_concat_axis_is_permuted_block_diagonally() -> None:
         tetris([Operand(consumer, (None, Concat((("a", 32), ("b", 40)))), (0, 8))], 0.5)
 
 
-REFINED = replace(FAST, refine=300)
+REFINE_STEPS = 300
 
 
 @pytest.mark.parametrize("block", [(8, 8), (16, 1), (4, 16)])
 def test_refine_never_loses_to_its_warm_start_and_keeps_bijections(block: tuple[int, int]) -> None:
     w = _structured(64, 96, seed=10)
-    warm, refined = tetris_weight(w, block, 0.8, FAST), tetris_weight(w, block, 0.8, REFINED)
+    warm, refined = tetris_weight(w, block, 0.8, FAST), refined_weight(w, block, 0.8, steps=REFINE_STEPS)
     assert refined.kept_fraction >= warm.kept_fraction - 1e-12
     history = np.asarray(refined.history)
     assert (np.diff(history) <= 1e-9 * history[0]).all()
@@ -212,7 +230,7 @@ def test_refine_never_loses_to_its_warm_start_and_keeps_bijections(block: tuple[
 
 def test_refine_beats_naive_and_repeats_for_a_seed() -> None:
     w = _structured(64, 96, seed=11)
-    a, b = tetris_weight(w, (8, 8), 0.75, REFINED), tetris_weight(w, (8, 8), 0.75, REFINED)
+    a, b = (refined_weight(w, (8, 8), 0.75, steps=REFINE_STEPS) for _ in range(2))
     assert a.kept_fraction >= _naive_kept(w, (8, 8), 0.75) - 1e-12
     assert all(torch.equal(a.orders[k], b.orders[k]) for k in a.orders)
     assert torch.equal(a.keep[0], b.keep[0])
@@ -222,7 +240,7 @@ def test_refine_gains_where_em_has_converged() -> None:
     # FAST ends at an EM fixed point (no swap helps its own mask); moves scored on the re-selected
     # top blocks, with some downhill steps, still find more kept L1 here.
     w = _structured(64, 96, seed=3)
-    warm, refined = tetris_weight(w, (8, 8), 0.8, FAST), tetris_weight(w, (8, 8), 0.8, REFINED)
+    warm, refined = tetris_weight(w, (8, 8), 0.8, FAST), refined_weight(w, (8, 8), 0.8, steps=REFINE_STEPS)
     assert refined.kept_fraction > warm.kept_fraction + 1e-3
 
 
@@ -245,6 +263,6 @@ def test_refine_scores_every_swap_exactly() -> None:
 def test_refine_leaves_shared_variable_problems_to_em() -> None:
     w1, w2 = _structured(64, 32, seed=12), _structured(48, 64, seed=13)
     ops = [Operand(w1, ("h", None), (8, 0)), Operand(w2, (None, "h"), (0, 8))]
-    plain, refined = tetris(ops, 0.5), tetris(ops, 0.5, TetrisOptions(refine=300))
+    plain, refined = tetris(ops, 0.5), refined_tetris(ops, 0.5, FAITHFUL, steps=REFINE_STEPS)
     assert torch.equal(plain.orders["h"], refined.orders["h"])
     assert plain.history == refined.history
