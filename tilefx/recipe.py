@@ -50,7 +50,7 @@ def _strict(cls: type[T]) -> type[T]:
 
     @functools.wraps(post_init)
     def __post_init__(self: Any) -> None:
-        _check_types(cls.__name__, cls, {f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+        _check_types(cls.__name__, cls, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         post_init(self)
 
     cls.__init__ = __init__  # type: ignore[method-assign]
@@ -87,7 +87,7 @@ def _conforms(value: object, hint: Any) -> bool:
         if len(args) == 2 and args[1] is Ellipsis:
             return all(_conforms(item, args[0]) for item in value)
         return len(value) == len(args) and all(map(_conforms, value, args))
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return isinstance(value, (hint, Mapping))
     return not isinstance(hint, type) or isinstance(value, hint)
 
@@ -114,7 +114,7 @@ def _describe(hint: Any) -> str:
         return f"a tuple of {len(args)} {_PLURALS.get(args[0], str(args[0]))}"
     if hint in _NAMES:
         return _NAMES[hint]
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return f"a {hint.__name__} (or a dict of its fields)"
     return f"a {getattr(hint, '__name__', str(hint))}"
 
