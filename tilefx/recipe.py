@@ -150,7 +150,8 @@ class ChannelPruning:
     """Remove whole channels (physically shrinking layers), coupled channels kept consistent.
 
     ratio: fraction of channels removed in each prunable group (or globally with ``scope="global"``).
-    protect: node or parameter-name prefixes never pruned (e.g. the stem or the classifier).
+    protect: parameter names or their prefixes never pruned (e.g. the stem or the classifier); an
+    entry that matches no parameter of the model is a RecipeError (a typo would protect nothing).
     round_to: keep channel counts multiples of this (kernels like 8 or 16). With ``blocks`` in the
     same recipe the counts are also kept multiples of both block sides, so the block pruning that
     follows can tile every pruned layer (``tilefx.pipeline``).
