@@ -61,6 +61,7 @@ def optimize(
     inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
     if recipe.channels is not None:
         _check_protect(gm, recipe.channels.protect)
+    if recipe.channels is not None and recipe.channels.criterion in ("taylor", "dcp"):
         _check_calibration(calibration, inputs)
     pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)
     manager = PassManager(pipeline, instruments, verify=recipe.verify, tolerance=recipe.tolerance)
@@ -183,8 +184,9 @@ def _check_compile_options(options: dict[str, Any], signature: inspect.Signature
 def _warn_nothing_lowered(choices: Sequence[Any]) -> None:
     if not choices:
         warnings.warn(
-            "tilefx.compile lowered nothing: no layer of the graph is block-sparse, so it runs as torch "
-            "(block-prune with Recipe(blocks=...); optimize warns about layers it left dense)",
+            "tilefx.compile lowered nothing: no layer of the graph is block-sparse (or none has a kernel "
+            "for this target), so it runs as torch (block-prune with Recipe(blocks=...); optimize "
+            "warns about layers it left dense)",
             CoverageWarning,
             stacklevel=3,
         )
