@@ -38,7 +38,7 @@ from ..passes.graph_utils import unique_attr_name
 from ..passes.infra.errors import LoweringError
 from ..runtime.packing import BsrWeight, pack_bsr, pattern_hash
 from ..runtime.sparse_modules import BsrConv2d, BsrLinear, Kernel
-from . import compat, openmp_launch
+from . import compat, native_cache, openmp_launch
 from .fallback import Fallback, LayerChoice, Timer, check_fallback, choose, interleaved_best_ms
 from .hand_over import decide_hand_overs
 from .kernels.spec import Conv2dGeometry, KernelSpec
@@ -100,24 +100,36 @@ class KernelCache:
         directory = self.cache_dir
         if directory is None and openmp_launch.launcher_address() is not None:
             directory = openmp_launch.cache_dir() / "kernels"
-        return directory / f"bsr_{key}.so" if directory is not None else None
+        if directory is None:
+            return None
+        return native_cache.private_dir(directory) / f"bsr_{key}.so"  # never a shared directory
 
     def _load(self, key: str, target: tvm.target.Target) -> Kernel | None:
         path = self._path(key, target)
-        if path is None or not path.exists():
+        if path is None or not path.exists() or not native_cache.safe_to_load(path):
+            return None
+        try:
+            kernel = self._open(path)
+        except Exception as exc:  # a corrupted or truncated library: TVM raises its own types
+            native_cache.warn_once(f"tilefx: cached kernel {path} cannot be loaded ({exc}); rebuilding it")
             return None
         log.debug("kernel %s loaded from %s", key, path)
-        return self._open(path)
+        return kernel
 
     def _store(self, key: str, executable: Any, target: tvm.target.Target) -> Kernel | None:
-        """Export ``executable`` (when it has a path) and return the kernel loaded from it."""
+        """Export ``executable`` (when it has a path) and return the kernel loaded from it.
+
+        None (the caller keeps the in-memory kernel) when the library cannot be written."""
         path = self._path(key, target)
         if path is None:
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp.so")
-        executable.export_library(str(partial))
-        partial.replace(path)  # atomic: a concurrent reader never sees half a library
+        try:
+            executable.export_library(str(partial))  # links with the system C compiler
+            native_cache.publish(partial, path)
+        except Exception as exc:  # no C compiler, a full or unwritable disk: TVM raises its own types
+            native_cache.warn_once(f"tilefx: cannot write kernels to {path.parent} ({exc}); kept in memory")
+            return None
         return self._open(path)
 
     @staticmethod

@@ -27,10 +27,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from . import compat
+from . import compat, native_cache
 
 __all__ = [
     "available",
@@ -87,9 +86,8 @@ def _torch_libgomp() -> str | None:
 
 
 def cache_dir() -> Path:
-    """Where tilefx keeps what it builds for this user: ``$TILEFX_CACHE_DIR`` or a temp directory."""
-    root = os.environ.get("TILEFX_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"tilefx-{os.getuid()}")
-    return Path(root)
+    """Where tilefx keeps what it builds for this user, checked private (``native_cache``)."""
+    return native_cache.cache_dir()
 
 
 def _compile_launcher() -> Path:
@@ -98,9 +96,8 @@ def _compile_launcher() -> Path:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     digest = hashlib.sha1(_SOURCE.encode()).hexdigest()[:12]
     target = cache_dir() / f"libtilefx_parallel_{digest}.so"
-    if target.exists():
+    if target.exists() and native_cache.safe_to_load(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     source = target.with_suffix(f".{os.getpid()}.c")  # per process: concurrent first uses race
     source.write_text(_SOURCE)
     partial = target.with_suffix(f".{os.getpid()}.tmp")
@@ -109,10 +106,20 @@ def _compile_launcher() -> Path:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[:500]}")
-        partial.replace(target)  # atomic: a concurrent process never loads half a library
+        native_cache.publish(partial, target)
     finally:
         source.unlink(missing_ok=True)
     return target
+
+
+def _load_launcher() -> ctypes.CDLL:
+    """The launcher library, built again once if the cached copy cannot be loaded (corrupted)."""
+    path = _compile_launcher()
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return ctypes.CDLL(str(_compile_launcher()))
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,9 +131,11 @@ def _launcher() -> tuple[int | None, str]:
     if gomp is None:
         return None, "no libgomp.so.1 is loaded (torch does not run on libgomp here)"
     try:
-        library = ctypes.CDLL(str(_compile_launcher()))
-    except (OSError, RuntimeError) as exc:
-        return None, f"could not build the OpenMP launcher: {exc}"
+        library = _load_launcher()
+    except (OSError, RuntimeError) as exc:  # no C compiler, an unwritable cache, a failed build
+        why = f"could not build the OpenMP launcher: {exc}"
+        native_cache.warn_once(f"tilefx: {why}; compiled kernels keep TVM's thread pool")
+        return None, why
     address = ctypes.cast(library.tilefx_parallel_launch, ctypes.c_void_p).value
     log.debug("TVM kernels run their parallel loops on torch's OpenMP threads (%s)", gomp)
     return address, ""

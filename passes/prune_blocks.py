@@ -9,9 +9,11 @@ reordering's work shows up as kept magnitude. Without reordering this is naive b
 for a grouped conv ``b_in`` counts input channels within a group. Exactly ``floor(sparsity · #blocks)``
 blocks are zeroed per layer (ties: lowest block index).
 
-A weight whose dims the block does not divide is skipped and reported (``indivisible="skip"``, the
-default; see :meth:`PruneBlocksPass.plan`) or rejected (``"raise"``: :class:`RecipeError`). Padding is
-not offered here: :class:`BlockSparsity` must tile the matrix view exactly for lowering.
+A weight whose dims the block does not divide is skipped (``indivisible="skip"``, the default; see
+:meth:`PruneBlocksPass.plan`) with one :class:`CoverageWarning` per run that groups the skipped
+layers by reason, or rejected (``"raise"``: :class:`RecipeError`). Layers the ``selection`` leaves
+out are the user's choice and only logged. Padding is not offered here: :class:`BlockSparsity`
+must tile the matrix view exactly for lowering.
 NaN/inf weights raise :class:`WeightError`.
 
 numerics = "masked": the output equals the input model with the recorded blocks zeroed.
@@ -22,6 +24,7 @@ record is kept and the pass reports ``modified=False``.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -31,6 +34,7 @@ import torch.fx
 
 from .analysis.block_selection import block_sums, check_finite, check_sparsity, lowest_blocks
 from .analysis.weight_layers import LayerPlan, LayerSelection, WeightLayer, weight_layers
+from .coverage import CoverageWarning, warn_coverage
 from .infra.analysis_manager import AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
@@ -82,11 +86,27 @@ class PruneBlocksPass(PassBase):
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         modified = False
         layers = {layer.param: layer for layer in weight_layers(gm)}
+        if not layers:
+            warnings.warn(
+                f"{self.name}: the graph has no linear or conv weight", CoverageWarning, stacklevel=2
+            )
+        indivisible = []
         for plan in self.plan(gm):
-            if plan.sparsity is None:
-                log.info("PruneBlocksPass: %s left dense: %s", plan.param, plan.reason)
+            layer = layers[plan.param]
+            if plan.sparsity is not None:
+                modified |= self._prune(gm, layer, plan.sparsity)
                 continue
-            modified |= self._prune(gm, layers[plan.param], plan.sparsity)
+            log.info("PruneBlocksPass: %s left dense: %s", plan.param, plan.reason)
+            if plan.reason == self._indivisible(layer):
+                indivisible.append(self._why_indivisible(layer))
+        warn_coverage(
+            f"PruneBlocksPass(block={self.block})",
+            len(layers),
+            "weight layers left dense",
+            indivisible,
+            "Pick a block that divides them, prune channels in the same Recipe (pruned channel counts "
+            "then round to the block), or leave them out with a LayerSelection",
+        )
         return PassResult(gm, modified)
 
     def matrix_block(self, layer: WeightLayer) -> tuple[int, int]:
@@ -97,6 +117,16 @@ class PruneBlocksPass(PassBase):
         if out % self.block[0] or cin % self.block[1]:
             return f"block {self.block} does not divide {layer.param} (out={out}, in per group={cin})"
         return ""
+
+    def _why_indivisible(self, layer: WeightLayer) -> tuple[str, str]:
+        """(the reason like layers share, the layer with its sizes) for the coverage warning."""
+        out, cin = layer.shape[0], layer.shape[1]
+        sides = []
+        if out % self.block[0]:
+            sides.append("output channels")
+        if cin % self.block[1]:
+            sides.append("input channels per group")
+        return f"block {self.block} does not divide their {' or '.join(sides)}", f"{layer.param} {out}x{cin}"
 
     def _prune(self, gm: torch.fx.GraphModule, layer: WeightLayer, sparsity: float) -> bool:
         weight = gm.get_parameter(layer.param)

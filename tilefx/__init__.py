@@ -4,6 +4,7 @@
 reorder it; ``compile`` lowers the result to TVM block-sparse kernels called from torch.
 """
 
+from tilefx.passes.coverage import CoverageWarning
 from tilefx.passes.infra.errors import (
     CaptureError,
     LoweringError,
@@ -27,6 +28,7 @@ __all__ = [
     "CaptureError",
     "ChannelPruning",
     "ConnectionPruning",
+    "CoverageWarning",
     "DCPOptions",
     "LoweringError",
     "OptimizeError",

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import itertools
 import logging
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.fx
 
-from tilefx.passes.infra.errors import RecipeError
+from tilefx.passes.coverage import CoverageWarning, warn_coverage
+from tilefx.passes.infra.errors import LoweringError, RecipeError
 from tilefx.passes.infra.instruments import Instrument
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.infra.pass_base import PassBase
 from tilefx.passes.metadata import get_metadata, set_metadata
+from tilefx.passes.training.calibration import Calibration
 
-from .capture import capture, check_finite
+from .capture import capture, check_capturable, check_finite
 from .pipeline import default_pipeline
 from .recipe import Recipe
 
@@ -39,14 +45,24 @@ def optimize(
 
     The caller's model is never mutated (its parameters and buffers stay byte-identical).
     ``passes`` replaces the default pipeline (see :func:`tilefx.pipeline.default_pipeline`);
-    ``instruments`` observe it (timing, graph dumps). Raises a subclass of ``OptimizeError``.
+    ``instruments`` observe it (timing, graph dumps). Raises a subclass of ``OptimizeError``:
+    ``CaptureError`` for a model that is not an ``nn.Module``, has no data (meta device) or
+    non-finite weights; ``RecipeError`` for a bad recipe, including ``protect`` names that match
+    no parameter. A block recipe that leaves layers dense warns (``tilefx.CoverageWarning``).
     """
     recipe = Recipe() if recipe is None else recipe
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"recipe must be a tilefx.Recipe, got {type(recipe).__name__}")
+    _check_sequence("passes", passes or (), PassBase)
+    _check_sequence("instruments", instruments, Instrument)
+    check_capturable(model)
     check_finite(model)
     gm = capture(model, example_inputs)
     inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
+    if recipe.channels is not None:
+        _check_protect(gm, recipe.channels.protect)
+    if recipe.channels is not None and recipe.channels.criterion in ("taylor", "dcp"):
+        _check_calibration(calibration, inputs)
     pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)
     manager = PassManager(pipeline, instruments, verify=recipe.verify, tolerance=recipe.tolerance)
     result = manager.run(gm, inputs)
@@ -64,10 +80,125 @@ def compile(
     A sparse layer whose kernel is not faster than dense torch for its shape stays torch
     (``fallback="measure"``, the default; ``fallback="never"`` always lowers): see
     ``tilefx.lowering.fallback``. Other options go to ``tilefx.lowering.build.compile_graph``.
+    Raises ``LoweringError`` before compiling for anything but a GraphModule, an unknown option,
+    an unknown target, or ``target="cuda"`` where torch sees no GPU (the model could not run).
+    Warns (``tilefx.CoverageWarning``) when it lowers nothing: no block-sparse layer in the graph,
+    or none whose kernel was faster; some layers kept dense by measurement is the design and is
+    only logged (``lowering_choices`` has each decision).
     """
-    from tilefx.lowering.build import compile_graph  # tvm is imported only here
+    from tilefx.lowering import compat  # tvm is imported only here
+    from tilefx.lowering.build import compile_graph, lowering_choices
 
+    if not isinstance(gm, torch.fx.GraphModule):
+        kind = "a torch.nn.Module" if isinstance(gm, torch.nn.Module) else "not a model"
+        raise LoweringError(
+            f"tilefx.compile lowers the fx.GraphModule that tilefx.optimize returns, got "
+            f"{type(gm).__name__} ({kind}); run tilefx.optimize(model, example_inputs, recipe=...) first"
+        )
     if "fuse_relu" in options:  # renamed when GELU joined ReLU in the epilogue
         warnings.warn("fuse_relu is now fuse_activations", DeprecationWarning, stacklevel=2)
         options["fuse_activations"] = options.pop("fuse_relu")
-    return compile_graph(gm, target, **options)
+    _check_compile_options(options, inspect.signature(compile_graph))
+    try:
+        cuda = compat.is_cuda(compat.make_target(target))
+    except (TypeError, ValueError) as exc:  # make_target types the errors it expects, not these
+        raise LoweringError(
+            f"target must be a name like 'llvm', a dict or a tvm Target, got {target!r}"
+        ) from exc
+    if cuda and not torch.cuda.is_available():
+        raise LoweringError(
+            f"target {target!r}: torch sees no CUDA device here (torch.cuda.is_available() is False), "
+            "so the compiled model could not run; compile for 'llvm', or on a machine with a GPU"
+        )
+    out = compile_graph(gm, target, **options)
+    _warn_nothing_lowered(lowering_choices(out))
+    return out
+
+
+def _check_sequence(name: str, items: Sequence[object], kind: type) -> None:
+    for index, item in enumerate(items):
+        if not isinstance(item, kind):
+            raise RecipeError(
+                f"optimize: {name}[{index}] must be of type {kind.__name__}, got {type(item).__name__}"
+            )
+
+
+def _check_calibration(calibration: object, example_inputs: tuple[Any, ...]) -> None:
+    """Batch 0 must hold as many inputs as ``example_inputs``, of the same rank and kind, finite.
+
+    Checked up front so a mismatch names the calibration data, not a torch error deep inside a
+    criterion. Only re-iterable data is looked at: peeking would consume a one-shot iterator.
+    """
+    batches = calibration.batches if isinstance(calibration, Calibration) else calibration
+    if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor) or iter(batches) is batches:
+        return  # the criterion names a missing or non-iterable one; a one-shot iterator is left alone
+    first = next(iter(batches), None)
+    if not isinstance(first, (tuple, list)) or len(first) != 2:
+        return  # Calibration names a batch that is not an (inputs, labels) pair
+    given = (first[0],) if isinstance(first[0], torch.Tensor) else tuple(first[0])
+    if len(given) != len(example_inputs):
+        raise RecipeError(
+            f"calibration batch 0 has {len(given)} model input(s), example_inputs has {len(example_inputs)}"
+        )
+    for index, (tensor, example) in enumerate(zip(given, example_inputs, strict=True)):
+        if not isinstance(tensor, torch.Tensor) or not isinstance(example, torch.Tensor):
+            continue
+        if tensor.dim() != example.dim() or tensor.is_floating_point() != example.is_floating_point():
+            raise RecipeError(
+                f"calibration batch 0, input {index}: {tensor.dtype} of shape {tuple(tensor.shape)} does "
+                f"not match example_inputs[{index}] ({example.dtype} of shape {tuple(example.shape)})"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RecipeError(f"calibration batch 0, input {index} has non-finite values (NaN or inf)")
+
+
+def _check_protect(gm: torch.fx.GraphModule, protect: tuple[str, ...]) -> None:
+    """A ``protect`` entry that names no parameter is a typo that would protect nothing."""
+    names = [name for name, _ in itertools.chain(gm.named_parameters(), gm.named_buffers())]
+    for entry in protect:
+        prefix = entry.rstrip(".") + "."
+        if any(name == entry or name.startswith(prefix) for name in names):
+            continue
+        prefixes = {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
+        close = difflib.get_close_matches(entry, sorted(prefixes), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; it takes parameter names or their prefixes"
+        raise RecipeError(f"ChannelPruning.protect: {entry!r} matches no parameter of the model{hint}")
+
+
+def _check_compile_options(options: dict[str, Any], signature: inspect.Signature) -> None:
+    known = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"options: {', '.join(known)}"
+            raise LoweringError(f"tilefx.compile: unknown option {key!r}; {hint}")
+    if not isinstance(options.get("fuse_activations", True), bool):
+        raise LoweringError(
+            f"tilefx.compile: fuse_activations must be True or False, got {options['fuse_activations']!r}"
+        )
+    cache_dir = options.get("cache_dir")
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise LoweringError(f"tilefx.compile: cache_dir must be a path, got {type(cache_dir).__name__}")
+
+
+def _warn_nothing_lowered(choices: Sequence[Any]) -> None:
+    if not choices:
+        warnings.warn(
+            "tilefx.compile lowered nothing: no layer of the graph is block-sparse (or none has a kernel "
+            "for this target), so it runs as torch (block-prune with Recipe(blocks=...); optimize "
+            "warns about layers it left dense)",
+            CoverageWarning,
+            stacklevel=3,
+        )
+        return
+    if any(choice.lowered for choice in choices):
+        return
+    left = [("the kernel was not faster than dense torch on its input shape", c.node) for c in choices]
+    warn_coverage(
+        "tilefx.compile",
+        len(choices),
+        "block-sparse layers kept dense torch",
+        left,
+        "The compiled model runs as torch; try larger blocks or a higher sparsity, or "
+        "fallback='never' to lower them anyway",
+    )

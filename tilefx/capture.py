@@ -8,6 +8,7 @@ The captured graph never shares a tensor with the caller's model, so no pass can
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import traceback
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from torch.export._unlift import _StatefulGraphModule
 
 from tilefx.passes.infra.errors import CaptureError
 
-__all__ = ["capture", "check_finite"]
+__all__ = ["capture", "check_capturable", "check_finite"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any]) -> torch.fx.G
     Accepts an ``nn.Module``, a ``torch.export(...).module()`` graph, or a ``symbolic_trace``
     GraphModule (re-exported). Raises :class:`CaptureError` naming the model and the construct.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise CaptureError(f"expected a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
+    check_capturable(model)
     inputs = _as_tuple(example_inputs)
     gm: torch.fx.GraphModule
     if isinstance(model, _StatefulGraphModule):
@@ -69,6 +69,21 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any]) -> torch.fx.G
         gm = copy.deepcopy(_export(model, inputs))
     _drop_input_guards(gm)
     return gm
+
+
+def check_capturable(model: object) -> None:
+    """Refuse what is not a model with data: a function or None, or weights on the meta device."""
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(
+            f"expected a torch.nn.Module or fx.GraphModule, got {type(model).__name__}: "
+            "pass the model object, not a function or a factory"
+        )
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_meta:
+            raise CaptureError(
+                f"parameter {name!r} is on the meta device (it has a shape but no values); load real "
+                "weights first, e.g. model.to_empty(device='cpu') then model.load_state_dict(...)"
+            )
 
 
 def check_finite(model: torch.nn.Module) -> None:
@@ -82,13 +97,24 @@ def check_finite(model: torch.nn.Module) -> None:
 
 
 def _as_tuple(example_inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """The inputs as a tuple; verification runs the model on them, so they must hold real numbers."""
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
         raise CaptureError(
             f"example_inputs must be a tuple of model inputs, got {type(example_inputs).__name__}; "
             "write example_inputs=(x,)"
         )
+    for index, tensor in enumerate(example_inputs):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if tensor.is_meta:
+            raise CaptureError(f"example_inputs[{index}] is on the meta device; give a tensor with values")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CaptureError(
+                f"example_inputs[{index}] has non-finite values (NaN or inf); verification compares "
+                "outputs on these inputs, so give finite ones"
+            )
     return tuple(example_inputs)
 
 

@@ -4,7 +4,8 @@
 
 The factory is called with no arguments and must return an ``nn.Module``. The recipe file holds
 ``Recipe`` fields, with ``[channels]``, ``[connections]`` and ``[blocks]`` tables. Writes ``out/optimized.pt2``
-(a ``torch.export`` archive of the optimized model) and prints a report.
+(a ``torch.export`` archive of the optimized model) and prints a report. A bad factory, recipe
+file or model is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -20,20 +21,49 @@ from pathlib import Path
 import torch
 
 import tilefx
-from tilefx.passes.infra import OptimizeError, TimingInstrument
+from tilefx.passes.infra import CaptureError, OptimizeError, RecipeError, TimingInstrument
 from tilefx.report import count_parameters, max_relative_error, pass_table
 
 __all__ = ["main"]
 
 
 def _factory(spec: str) -> torch.nn.Module:
+    """The model ``MODULE:FACTORY`` builds; every way that can fail is a CaptureError naming ``spec``."""
     module_name, _, attr = spec.partition(":")
-    if not attr:
-        raise SystemExit(f"tilefx: expected MODULE:FACTORY, got {spec!r}")
-    model = getattr(importlib.import_module(module_name), attr)()
+    if not module_name or not attr:
+        raise CaptureError(f"expected MODULE:FACTORY (e.g. torchvision.models:resnet18), got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may raise anything while it imports
+        raise CaptureError(
+            f"cannot import module {module_name!r} of {spec!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CaptureError(f"module {module_name!r} has no callable {attr!r} (from {spec!r})")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise CaptureError(f"{spec}() raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, torch.nn.Module):
-        raise SystemExit(f"tilefx: {spec} returned {type(model).__name__}, not an nn.Module")
+        raise CaptureError(f"{spec}() returned {type(model).__name__}, not an nn.Module")
     return model.eval()
+
+
+def _recipe(path: str | None) -> tilefx.Recipe:
+    """The recipe in a TOML file; a missing, unreadable or invalid file is a RecipeError naming it."""
+    if path is None:
+        return tilefx.Recipe()
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise RecipeError(f"recipe file {path}: cannot read it ({exc.strerror or exc})") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe file {path} is not valid TOML: {exc}") from exc
+    try:
+        return tilefx.Recipe.from_dict(data)
+    except RecipeError as exc:
+        raise RecipeError(f"recipe file {path}: {exc}") from exc
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -46,11 +76,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    recipe = (
-        tilefx.Recipe.from_dict(tomllib.loads(Path(args.recipe).read_text()))
-        if args.recipe
-        else tilefx.Recipe()
-    )
+    recipe = _recipe(args.recipe)
     model = _factory(args.factory)
     x = torch.randn(*args.input_shape, generator=torch.Generator().manual_seed(0))
     timing = TimingInstrument()
@@ -63,8 +89,12 @@ def _optimize(args: argparse.Namespace) -> int:
         print(f"outputs vs the original: max relative error {max_relative_error(optimized(x), model(x)):.2e}")
     print(f"parameters: {count_parameters(model):,} -> {count_parameters(optimized):,}")
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.export.save(torch.export.export(optimized, (x,), strict=False), out / "optimized.pt2")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.export.save(torch.export.export(optimized, (x,), strict=False), out / "optimized.pt2")
+    except OSError as exc:
+        print(f"tilefx: cannot write {out / 'optimized.pt2'}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"wrote {out / 'optimized.pt2'} (load with torch.export.load(path).module())")
     return 0
 
@@ -84,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _optimize(args)
     except OptimizeError as exc:
-        print(f"tilefx: {type(exc).__name__}: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line: a shell user reads the first line only
+        print(f"tilefx: {type(exc).__name__}: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,7 +1,8 @@
 """Recipes: what the user asks ``optimize`` to do, as frozen, validated dataclasses.
 
-Every option is checked at construction; an unknown option or a value out of range raises
-:class:`RecipeError` (a ``ValueError``) naming the field, before any work starts.
+Every option is checked at construction; an unknown option, a value of the wrong type (a string
+where a number belongs) or a value out of range raises :class:`RecipeError` (a ``ValueError``)
+naming the field, before any work starts.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.training.dcp import DCPOptions
@@ -36,31 +39,102 @@ def _check_options(owner: str, cls: type, keys: Any) -> None:
 
 
 def _strict(cls: type[T]) -> type[T]:
-    """Check keyword options of ``cls`` by :func:`_check_options` before its own init runs."""
-    init = cls.__init__
+    """Check keyword options of ``cls`` by :func:`_check_options` before its own init runs, and
+    each field's type (:func:`_check_types`) before its ``__post_init__`` compares values."""
+    init, post_init = cls.__init__, cls.__post_init__  # type: ignore[attr-defined]
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         _check_options(cls.__name__, cls, kwargs)
         init(self, *args, **kwargs)
 
+    @functools.wraps(post_init)
+    def __post_init__(self: Any) -> None:
+        _check_types(cls.__name__, cls, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        post_init(self)
+
     cls.__init__ = __init__  # type: ignore[method-assign]
+    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
     return cls
+
+
+def _check_types(owner: str, cls: type, values: Mapping[str, Any]) -> None:
+    """A field of ``cls`` whose value is not of its annotated type is a RecipeError naming it.
+
+    Lists pass where tuples are declared and mappings where an options dataclass is (both are
+    converted by ``__post_init__``); Literal fields are left to :func:`_choice`, which lists the
+    choices.
+    """
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name in hints and not _conforms(value, hints[name]):
+            raise RecipeError(
+                f"{owner}.{name} must be {_describe(hints[name])}, got {type(value).__name__} {value!r}"
+            )
+
+
+def _conforms(value: object, hint: Any) -> bool:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal or hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in args)
+    if hint in (int, float) or hint is bool:
+        return _is_number(value, hint)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(item, args[0]) for item in value)
+        return len(value) == len(args) and all(map(_conforms, value, args))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, (hint, Mapping))
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _is_number(value: object, hint: type) -> bool:
+    """bool is its own kind here: ``ratio=True`` is a mistake, not the number 1."""
+    if hint is bool or isinstance(value, bool):
+        return hint is bool and isinstance(value, bool)
+    return isinstance(value, int) if hint is int else isinstance(value, (int, float))
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "True or False", str: "a string", type(None): "None"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings"}
+
+
+def _describe(hint: Any) -> str:
+    """What a user should write for ``hint``, in words (``tuple[str, ...]``: "a tuple of strings")."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a tuple of {_PLURALS.get(args[0], getattr(args[0], '__name__', str(args[0])))}"
+    if origin is tuple and len(set(args)) == 1:
+        return f"a tuple of {len(args)} {_PLURALS.get(args[0], str(args[0]))}"
+    if hint in _NAMES:
+        return _NAMES[hint]
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return f"a {hint.__name__} (or a dict of its fields)"
+    return f"a {getattr(hint, '__name__', str(hint))}"
 
 
 def _dcp_options(data: Mapping[str, Any]) -> DCPOptions:
     """DCPOptions from plain data (a TOML table), its ``solver`` table included."""
     _check_options("ChannelPruning.dcp", DCPOptions, data)
+    _check_types("ChannelPruning.dcp", DCPOptions, data)
     options = dict(data)
     if isinstance(options.get("solver"), Mapping):
         _check_options("ChannelPruning.dcp.solver", SGDOptions, options["solver"])
+        _check_types("ChannelPruning.dcp.solver", SGDOptions, options["solver"])
         options["solver"] = SGDOptions(**options["solver"])
     return DCPOptions(**options)
 
 
 def _fraction(owner: str, name: str, value: float, *, allow_zero: bool = True) -> None:
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low_ok and value < 1):
+    number = _is_number(value, float)
+    low_ok = number and (value >= 0 if allow_zero else value > 0)
+    if not (low_ok and value < 1):
         interval = "[0, 1)" if allow_zero else "(0, 1)"
         raise RecipeError(f"{owner}.{name} must be a number in {interval}, got {value!r}")
 
@@ -76,8 +150,11 @@ class ChannelPruning:
     """Remove whole channels (physically shrinking layers), coupled channels kept consistent.
 
     ratio: fraction of channels removed in each prunable group (or globally with ``scope="global"``).
-    protect: node or parameter-name prefixes never pruned (e.g. the stem or the classifier).
-    round_to: keep channel counts multiples of this (kernels like 8 or 16).
+    protect: parameter names or their prefixes never pruned (e.g. the stem or the classifier); an
+    entry that matches no parameter of the model is a RecipeError (a typo would protect nothing).
+    round_to: keep channel counts multiples of this (kernels like 8 or 16). With ``blocks`` in the
+    same recipe the counts are also kept multiples of both block sides, so the block pruning that
+    follows can tile every pruned layer (``tilefx.pipeline``).
     attention: in multi-head attention, remove the same head dims from every head ("head_dims")
     or whole heads ("heads").
     dcp: DCP's options for ``criterion="dcp"`` (a ``DCPOptions`` or a dict of its fields): paper or
@@ -96,6 +173,7 @@ class ChannelPruning:
 
     def __post_init__(self) -> None:
         _fraction("ChannelPruning", "ratio", self.ratio)
+        object.__setattr__(self, "protect", tuple(self.protect))
         if isinstance(self.dcp, Mapping):
             object.__setattr__(self, "dcp", _dcp_options(self.dcp))
         if self.dcp is not None and not isinstance(self.dcp, DCPOptions):
@@ -107,7 +185,7 @@ class ChannelPruning:
         _choice("ChannelPruning", "attention", self.attention, ("head_dims", "heads"))
         _choice("ChannelPruning", "criterion", self.criterion, ("l1", "l2", "bn_scale", "taylor", "dcp"))
         _choice("ChannelPruning", "scope", self.scope, ("layer", "global"))
-        if not isinstance(self.round_to, int) or self.round_to < 1:
+        if self.round_to < 1:
             raise RecipeError(f"ChannelPruning.round_to must be a positive integer, got {self.round_to!r}")
 
 
@@ -140,9 +218,7 @@ class BlockPruning:
 
     def __post_init__(self) -> None:
         block = tuple(self.block)
-        if len(block) != 2 or not all(
-            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block
-        ):
+        if min(block) < 1:
             raise RecipeError(
                 f"BlockPruning.block must be two positive integers (rows, cols), got {self.block!r}"
             )
@@ -179,25 +255,22 @@ class Recipe:
                 raise RecipeError(
                     f"Recipe.{name} must be a tilefx.{kind.__name__} or None, got {type(value).__name__}"
                 )
-        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
-            raise RecipeError(f"Recipe.skip must be a tuple of op or node names, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
-        if not isinstance(self.tolerance, (int, float)) or not 0 < self.tolerance < 1:
+        if not 0 < self.tolerance < 1:
             raise RecipeError(f"Recipe.tolerance must be in (0, 1), got {self.tolerance!r}")
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> Recipe:
         """Build from plain data (a parsed TOML file); sections become the option dataclasses."""
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"a recipe must be a table of Recipe fields, got {type(data).__name__}")
         sections = {"channels": ChannelPruning, "connections": ConnectionPruning, "blocks": BlockPruning}
         fields: dict[str, Any] = {}
         for key, value in data.items():
-            if key in sections:
-                if not isinstance(value, Mapping):
-                    raise RecipeError(f"Recipe.{key} must be a table of options, got {value!r}")
-                options = dict(value)
-                if "block" in options:
-                    options["block"] = tuple(options["block"])
-                fields[key] = sections[key](**options)
-            else:
-                fields[key] = tuple(value) if key == "skip" else value
+            if key not in sections:
+                fields[key] = value  # TOML arrays are lists: the field checks accept them as tuples
+                continue
+            if not isinstance(value, Mapping):
+                raise RecipeError(f"Recipe.{key} must be a table of options, got {value!r}")
+            fields[key] = sections[key](**value)
         return Recipe(**fields)
