@@ -34,6 +34,7 @@ from .analysis.weight_layers import LayerPlan, LayerSelection, WeightLayer, weig
 from .infra.analysis_manager import AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
+from .infra.preconditions import require_aten_graph
 from .metadata import BlockSparsity, get_metadata, matrix_view, set_metadata
 
 __all__ = ["PruneBlocksPass"]
@@ -43,7 +44,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PruneBlocksPass(PassBase):
-    """Block-prune linear/conv weights in their current coordinates. Requires: an ATen-level graph."""
+    """Block-prune linear/conv weights in their current coordinates.
+
+    Requires: an ATen-level graph (checked: :class:`PreconditionError`).
+    """
 
     block: tuple[int, int]
     sparsity: float
@@ -78,6 +82,9 @@ class PruneBlocksPass(PassBase):
                     sparsity, reason = None, problem
             plans.append(LayerPlan(layer.param, sparsity, reason))
         return plans
+
+    def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
+        require_aten_graph(self.name, gm)
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         modified = False
