@@ -10,6 +10,7 @@ import torch.fx
 
 from .infra.analysis_manager import AnalysisManager
 from .infra.pass_base import Numerics, PassBase, PassResult
+from .infra.preconditions import require_aten_graph
 
 __all__ = ["EliminateDeadCodePass"]
 
@@ -19,9 +20,14 @@ class EliminateDeadCodePass(PassBase):
     """Dead-code elimination over nodes *and* state, so a pruned model also saves memory.
 
     Impure nodes (in-place ops, RNG) are kept, as fx's own DCE decides. Exact by construction.
+    Requires: an ATen-level graph, whose state is read by ``get_attr`` only (a submodule call
+    reads parameters this pass cannot see and would delete).
     """
 
     numerics: ClassVar[Numerics] = "exact"
+
+    def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
+        require_aten_graph(self.name, gm)
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         changed = gm.graph.eliminate_dead_code()

@@ -17,7 +17,9 @@ from .graph_utils import (
     unique_attr_name,
 )
 from .infra.analysis_manager import AnalysisManager
+from .infra.errors import PreconditionError
 from .infra.pass_base import Numerics, PassBase, PassResult
+from .infra.preconditions import require_aten_graph
 
 __all__ = ["FoldBatchNormPass"]
 
@@ -29,13 +31,26 @@ _FOLDABLE = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten
 class FoldBatchNormPass(PassBase):
     """``bn(conv(x, W, b))`` → ``conv(x, W·s, (b − μ)·s + β)`` with ``s = γ / √(σ² + ε)``.
 
-    Handles conv1d/2d/3d and linear producers, with or without bias. A BN is left alone when it
-    is in training mode, when its producer has other users, or when the producer's weight is
-    shared with another layer (folding would change that layer too).
-    Requires: an eval-mode ATen graph (``aten.batch_norm`` with ``training=False``).
+    Handles conv1d/2d/3d and linear producers, with or without bias. A BN is left alone when its
+    producer has other users, or when the producer's weight is shared with another layer (folding
+    would change that layer too).
+    Requires: an eval-mode ATen graph (``aten.batch_norm`` with ``training=False``); a training-mode
+    BN normalises with batch statistics, which no weight can hold: :class:`PreconditionError`.
     """
 
     numerics: ClassVar[Numerics] = "exact"
+
+    def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
+        require_aten_graph(self.name, gm)
+        for node in gm.graph.nodes:
+            if node.target == aten.batch_norm.default and node.args[5]:
+                raise PreconditionError(
+                    self.name,
+                    node.name,
+                    "is a batch norm in training mode (it normalises with batch statistics)",
+                    "export the model after model.eval() (or hand optimize the nn.Module, it "
+                    "captures in eval mode), or keep the batch norms with Recipe(fold_batchnorm=False)",
+                )
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         folded = 0

@@ -38,6 +38,7 @@ from .coverage import CoverageWarning, warn_coverage
 from .infra.analysis_manager import AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
+from .infra.preconditions import require_aten_graph
 from .metadata import BlockSparsity, get_metadata, matrix_view, set_metadata
 
 __all__ = ["PruneBlocksPass"]
@@ -47,7 +48,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PruneBlocksPass(PassBase):
-    """Block-prune linear/conv weights in their current coordinates. Requires: an ATen-level graph."""
+    """Block-prune linear/conv weights in their current coordinates.
+
+    Requires: an ATen-level graph (checked: :class:`PreconditionError`).
+    """
 
     block: tuple[int, int]
     sparsity: float
@@ -82,6 +86,9 @@ class PruneBlocksPass(PassBase):
                     sparsity, reason = None, problem
             plans.append(LayerPlan(layer.param, sparsity, reason))
         return plans
+
+    def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
+        require_aten_graph(self.name, gm)
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         modified = False

@@ -19,6 +19,7 @@ from .handlers.api import Channels
 from .infra.analysis_manager import Analysis, AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
+from .infra.preconditions import require_aten_graph
 from .metadata import ChannelSelection, Metadata, get_metadata, set_metadata
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class PruneChannelsPass(PassBase):
 
     Verified as "masked": the result equals the input model with the removed channels zeroed
     wherever they appear (after every op that carries them).
+    Requires: an ATen-level graph (checked: :class:`PreconditionError`).
     """
 
     ratio: float = 0.3
@@ -61,6 +63,9 @@ class PruneChannelsPass(PassBase):
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
             raise RecipeError(f"PruneChannelsPass.ratio must be in [0, 1), got {self.ratio!r}")
+
+    def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
+        require_aten_graph(self.name, gm)
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         groups = am.get(ChannelGroupsAnalysis(self.skip, self.protect, self.attention))

@@ -31,6 +31,7 @@ from .analysis.weight_layers import LayerPlan, LayerSelection, WeightLayer, weig
 from .infra.analysis_manager import AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
+from .infra.preconditions import require_aten_graph
 from .metadata import BlockSparsity, get_metadata, set_metadata
 
 __all__ = ["PruneConnectionsPass"]
@@ -40,7 +41,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PruneConnectionsPass(PassBase):
-    """Connection (kernel-level) pruning to an exact sparsity. Requires: an ATen-level graph."""
+    """Connection (kernel-level) pruning to an exact sparsity.
+
+    Requires: an ATen-level graph (checked: :class:`PreconditionError`).
+    """
 
     sparsity: float
     criterion: Literal["synaptic_strength", "l1"] = "synaptic_strength"
@@ -73,6 +77,9 @@ class PruneConnectionsPass(PassBase):
         check_finite(weight.to("cpu", torch.float64).numpy(), layer.param)
         options = self.strength if self.criterion == "synaptic_strength" else StrengthOptions("none", "l1")
         return connection_strength(gm, layer, options).numpy()
+
+    def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
+        require_aten_graph(self.name, gm)
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         chosen = [

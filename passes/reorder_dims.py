@@ -22,6 +22,7 @@ from .graph_utils import attr_tensor, set_attr_tensor
 from .infra.analysis_manager import AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
+from .infra.preconditions import require_aten_graph
 from .metadata import Permutation, get_metadata, set_metadata
 
 __all__ = ["OrderPlanner", "ReorderDimsPass", "group_key", "permutable_groups"]
@@ -43,6 +44,7 @@ class ReorderDimsPass(PassBase):
     may not be reordered (model inputs/outputs, selected or gathered channels) are left alone; an
     explicit order for one of them is an error naming the reason.
     Records a :class:`Permutation` per parameter dim. Exact.
+    Requires: an ATen-level graph (checked: :class:`PreconditionError`).
 
     Deviation from TETRIS as published (runtime gathers): orders are only ever chosen for groups
     that can be folded, so no gather is needed; groups that cannot be folded keep their order
@@ -54,6 +56,9 @@ class ReorderDimsPass(PassBase):
     skip: tuple[str, ...] = ()
 
     numerics: ClassVar[Numerics] = "exact"
+
+    def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
+        require_aten_graph(self.name, gm)
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         groups = am.get(ChannelGroupsAnalysis(self.skip))

@@ -6,6 +6,7 @@ from .errors import (
     LoweringError,
     OptimizeError,
     PassError,
+    PreconditionError,
     RecipeError,
     UnsupportedOpError,
     VerificationError,
@@ -19,6 +20,7 @@ from .instruments import (
 )
 from .manager import PassManager, PipelineResult
 from .pass_base import Numerics, PassBase, PassResult
+from .preconditions import require_aten_graph
 from .verify import VerifyInstrument, assert_outputs_close, lint, run_checked
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "PassTiming",
     "PassResult",
     "PipelineResult",
+    "PreconditionError",
     "PrintAfterChangeInstrument",
     "RecipeError",
     "TimingInstrument",
@@ -44,5 +47,6 @@ __all__ = [
     "VerifyInstrument",
     "assert_outputs_close",
     "lint",
+    "require_aten_graph",
     "run_checked",
 ]

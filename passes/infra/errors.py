@@ -11,6 +11,7 @@ __all__ = [
     "LoweringError",
     "OptimizeError",
     "PassError",
+    "PreconditionError",
     "RecipeError",
     "UnsupportedOpError",
     "VerificationError",
@@ -39,12 +40,21 @@ class VerificationError(OptimizeError):
     """A pass produced a graph that is malformed or numerically different from what it claims."""
 
 
+class PreconditionError(OptimizeError):
+    """A pass was handed a graph its ``Requires:`` rules out; names the pass, the node and the fix."""
+
+    def __init__(self, pass_name: str, node: str, problem: str, fix: str) -> None:
+        super().__init__(f"{pass_name}: {node!r} {problem}; {fix}")
+        self.node = node
+
+
 class PassError(OptimizeError):
     """A pass raised; names the pass and the passes that ran before it. The cause is chained."""
 
     def __init__(self, pass_name: str, previous: list[str], cause: BaseException) -> None:
         ran = ", ".join(previous) if previous else "none"
-        super().__init__(f"pass {pass_name!r} failed (passes run before it: {ran}): {cause}")
+        # Not super(): in a wrapped type (see wrap) the next class is the cause's, with its own signature.
+        OptimizeError.__init__(self, f"pass {pass_name!r} failed (passes run before it: {ran}): {cause}")
         self.pass_name = pass_name
         self.previous = list(previous)
         self.cause = cause

@@ -36,6 +36,14 @@ class Instrument:
         """Whether :meth:`after_pass` needs an untouched copy of the graph from before the pass."""
         return False
 
+    def before_pipeline(self, original: torch.fx.GraphModule, am: AnalysisManager) -> None:
+        """Called once per :meth:`PassManager.run`: start per-run state here.
+
+        ``original`` is the caller's graph module, which the run never edits; the passes work on
+        ``am.gm``, a copy.
+        """
+        return None
+
     def before_pass(self, pass_: PassBase, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
         return None
 

@@ -28,11 +28,12 @@ class PipelineResult:
 
 
 class PassManager:
-    """Runs ``passes`` in order on a graph module it may edit (callers hand it a private copy).
+    """Runs ``passes`` in order on one deep copy of the graph module it is given, never on the original.
 
-    With ``verify`` (the default) a :class:`VerifyInstrument` checks every modifying pass. Every
-    pass's ``modified`` flag is checked against what actually changed. Any failure is re-raised
-    as a :class:`PassError` naming the pass and those before it.
+    With ``verify`` (the default) a :class:`VerifyInstrument` checks the input and every modifying
+    pass. Every pass's ``requires`` is checked before it runs and its ``modified`` flag against
+    what actually changed. A failing pass is re-raised as a :class:`PassError` naming the pass and
+    those before it. ``run`` keeps no state between calls: one manager can run any number of graphs.
     """
 
     def __init__(
@@ -46,7 +47,11 @@ class PassManager:
         self.instruments = ([VerifyInstrument(tolerance)] if verify else []) + list(instruments)
 
     def run(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any] = ()) -> PipelineResult:
+        """The passes' result on a copy of ``gm``; ``gm`` itself (graph, weights, metadata) is untouched."""
+        original, gm = gm, copy.deepcopy(gm)
         am = AnalysisManager(gm, example_inputs)
+        for instrument in self.instruments:
+            instrument.before_pipeline(original, am)
         ran: list[tuple[str, bool]] = []
         for pass_ in self.passes:
             try:
@@ -62,7 +67,7 @@ class PassManager:
         fingerprint = _Fingerprint.of(gm)
         for instrument in self.instruments:
             instrument.before_pass(pass_, gm, am)
-        result = pass_.run(gm, am)
+        result = pass_.apply(gm, am)
         changed = fingerprint.differs(result.graph_module)
         if changed != result.modified:
             raise VerificationError(

@@ -5,12 +5,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch.fx
 
-if TYPE_CHECKING:
-    from .analysis_manager import AnalysisManager
+from .analysis_manager import AnalysisManager
 
 __all__ = ["Numerics", "PassBase", "PassResult"]
 
@@ -29,11 +28,13 @@ class PassBase(abc.ABC):
     """Base of every rewrite pass.
 
     Subclasses are frozen dataclasses (options are fields, no state between calls) and declare:
-      - ``numerics``: "exact" (outputs must equal the input model's), "masked" (outputs must equal
-        :meth:`masked_reference`), or "unchecked" (the pass says nothing about values; avoid).
+      - ``numerics``: "exact" (outputs must equal the pipeline input's, or what the last masked
+        pass claimed), "masked" (outputs must equal :meth:`masked_reference`), or "unchecked"
+        (the pass says nothing about values; avoid).
       - ``preserves``: analysis classes whose cached results stay valid after a modifying run.
-    A pass may edit the graph module it is given in place; the PassManager hands it a working
-    copy, never the user's model.
+    A pass edits the graph module it is given in place, as torch.fx passes do: ``pass_(gm)``
+    changes ``gm``. :meth:`PassManager.run` is the one owner of a working copy: it copies its
+    input once, so the caller's graph module is never touched.
     """
 
     numerics: ClassVar[Numerics] = "exact"
@@ -42,6 +43,23 @@ class PassBase(abc.ABC):
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def __call__(self, gm: torch.fx.GraphModule, *, example_inputs: Sequence[Any] = ()) -> PassResult:
+        """Run this pass alone on ``gm`` (in place, unverified), e.g. ``FoldBatchNormPass()(gm)``.
+
+        ``example_inputs`` are for passes whose analyses need shapes; the PassManager calls
+        :meth:`apply` with the pipeline's analysis manager instead.
+        """
+        return self.apply(gm, AnalysisManager(gm, example_inputs))
+
+    def apply(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
+        """Check :meth:`requires`, then :meth:`run`."""
+        self.requires(gm, am)
+        return self.run(gm, am)
+
+    def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
+        """The docstring's ``Requires:``, checked: raise :class:`PreconditionError` if ``gm`` breaks it."""
+        return None
 
     @abc.abstractmethod
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:

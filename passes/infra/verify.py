@@ -1,13 +1,22 @@
 """Verification between passes: graph lint, shapes re-propagated on example inputs, numerics.
 
-On by default in every pipeline and always on in tests. A pass declared exact must reproduce the
-outputs of the model it was given; a masked pass must reproduce its own ``masked_reference``.
+On by default in every pipeline and always on in tests. A masked pass must reproduce its own
+``masked_reference`` (in float32). An exact pass must reproduce the *reference*: the pipeline's
+input, or what the last pass that may change values claimed (a masked pass's masked reference, an
+unchecked pass's output). Exact passes never move the reference, so small errors cannot add up
+pass by pass. They are compared in float32; only where that fails are the reference and the result
+run in float64 (weights, floating inputs and dtype arguments widened), where folding and
+reordering are invisible and a real mistake is not. (Always running float64 costs 4x the test
+sweep's time: CPU float64 convolutions have no fast kernels.) If a graph cannot run in float64,
+the float32 failure stands and the message says why.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +30,9 @@ from .pass_base import PassBase, PassResult
 if TYPE_CHECKING:
     from .analysis_manager import AnalysisManager
 
-__all__ = ["VerifyInstrument", "assert_outputs_close", "lint", "run_checked"]
+__all__ = ["VerifyInstrument", "assert_outputs_close", "lint", "run_checked", "run_float64"]
+
+log = logging.getLogger(__name__)
 
 
 def lint(gm: torch.fx.GraphModule, where: str = "graph") -> None:
@@ -105,20 +116,63 @@ def assert_outputs_close(actual: list[Any], expected: list[Any], tolerance: floa
             )
 
 
+class _Float64Interpreter(torch.fx.Interpreter):
+    """Runs a graph with every floating weight, activation and dtype argument widened to float64."""
+
+    def fetch_attr(self, target: str) -> Any:
+        value = super().fetch_attr(target)
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            return value.clone()  # a training-mode graph counts batches in place: not in our run
+        return _widen(value)
+
+    def call_function(self, target: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        return super().call_function(target, *pytree.tree_map(_widen, (args, kwargs)))
+
+
+def _widen(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(torch.float64)
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return torch.float64
+    return value
+
+
+def run_float64(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
+    """Run ``gm`` in float64 without changing it (integer inputs stay integers); flat outputs."""
+    flat_inputs = [_widen(x) for x in pytree.tree_leaves(tuple(inputs))]
+    with torch.no_grad():
+        out = _Float64Interpreter(gm).run(*flat_inputs)
+    return list(pytree.tree_leaves(out))
+
+
+@dataclass
+class _Reference:
+    """What exact passes must reproduce: a graph nobody edits, its float32 outputs, and its name."""
+
+    source: str
+    graph: torch.fx.GraphModule
+    outputs: list[Any]
+    wide: list[Any] | None = None  # its float64 outputs, computed the first time they are needed
+
+
 @dataclass
 class VerifyInstrument(Instrument):
-    """After every modifying pass: lint, shapes, and the numerics the pass declared."""
+    """Lints and runs the input, then after every modifying pass: lint, shapes, declared numerics.
+
+    Its only state is the current run's reference, made afresh by :meth:`before_pipeline`, so one
+    instrument (and one PassManager) can verify any number of runs.
+    """
 
     tolerance: float = 1e-5
-    _reference: list[Any] | None = None
+    _reference: _Reference | None = field(default=None, init=False, repr=False)
 
     def wants_snapshot(self, pass_: PassBase) -> bool:
         return pass_.numerics == "masked"
 
-    def before_pass(self, pass_: PassBase, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
-        if self._reference is None:
-            lint(gm, "input graph")
-            self._reference = run_checked(gm, am.example_inputs, "input graph")
+    def before_pipeline(self, original: torch.fx.GraphModule, am: AnalysisManager) -> None:
+        lint(am.gm, "input graph")
+        outputs = run_checked(am.gm, am.example_inputs, "input graph")
+        self._reference = _Reference("the pipeline input", original, outputs)
 
     def after_pass(
         self, pass_: PassBase, before: torch.fx.GraphModule | None, result: PassResult, am: AnalysisManager
@@ -129,11 +183,41 @@ class VerifyInstrument(Instrument):
         lint(gm, where)
         outputs = run_checked(gm, am.example_inputs, where)
         if pass_.numerics == "exact":
-            assert self._reference is not None
-            assert_outputs_close(outputs, self._reference, self.tolerance, f"{where} (declared exact)")
+            self._check_exact(gm, outputs, am, where)
         elif pass_.numerics == "masked":
             assert before is not None
             reference = pass_.masked_reference(before, gm, am.example_inputs)
             expected = run_checked(reference, am.example_inputs, f"{where} masked reference")
             assert_outputs_close(outputs, expected, self.tolerance, f"{where} (vs its masked reference)")
-        self._reference = outputs
+            self._reference = _Reference(f"the masked reference of {pass_.name}", reference, expected)
+        else:
+            self._reference = _Reference(f"the output of {pass_.name}", copy.deepcopy(gm), outputs)
+
+    def _check_exact(
+        self, gm: torch.fx.GraphModule, outputs: list[Any], am: AnalysisManager, where: str
+    ) -> None:
+        """In float32 first; a failure is decided in float64, where only a real mistake remains."""
+        reference = self._current()
+        what = f"{where} (declared exact, vs {reference.source}"
+        try:
+            assert_outputs_close(outputs, reference.outputs, self.tolerance, f"{what}, in float32)")
+            return
+        except VerificationError as narrow:
+            try:
+                if reference.wide is None:
+                    reference.wide = run_float64(reference.graph, am.example_inputs)
+                wide = run_float64(gm, am.example_inputs)
+            except Exception as exc:  # an op without a float64 kernel, or a float32-only module
+                raise VerificationError(f"{narrow}; float64 cannot decide: {_summary(exc)}") from exc
+        assert_outputs_close(wide, reference.wide, self.tolerance, f"{what}, in float64)")
+        log.info("%s: float32 rounding exceeded the tolerance, float64 agrees", where)
+
+    def _current(self) -> _Reference:
+        if self._reference is None:
+            raise VerificationError("VerifyInstrument used outside PassManager.run (no before_pipeline)")
+        return self._reference
+
+
+def _summary(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"

@@ -10,7 +10,7 @@ from tests.models import ConvBN, LinearBN, SharedProducer, randomize_bn
 from tilefx.capture import capture
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
-from tilefx.passes.infra import PassManager
+from tilefx.passes.infra import PassManager, PreconditionError
 
 aten = torch.ops.aten
 
@@ -61,12 +61,13 @@ def test_shared_weight_is_not_folded() -> None:
     assert not PassManager([FoldBatchNormPass()]).run(capture(model, (x,)), (x,)).modified
 
 
-def test_bn_in_training_mode_graph_is_not_folded() -> None:
+def test_bn_in_training_mode_graph_is_a_precondition_error() -> None:
     model = randomize_bn(ConvBN()).train()
     x = torch.randn(2, 3, 8, 8)
     gm = torch.export.export(model, (x,), strict=False).module()  # a training-mode graph, not captured
     bn = next(n for n in gm.graph.nodes if n.target == aten.batch_norm.default)
     assert bn.args[5] is True
-    from tilefx.passes.infra import AnalysisManager
-
-    assert not FoldBatchNormPass().run(gm, AnalysisManager(gm, (x,))).modified
+    code = gm.code
+    with pytest.raises(PreconditionError, match="'batch_norm' is a batch norm in training mode"):
+        FoldBatchNormPass()(gm)
+    assert gm.code == code  # checked before anything is touched

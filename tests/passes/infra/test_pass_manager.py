@@ -1,4 +1,5 @@
-"""Contract of the pass infrastructure: honest modified flags, analysis caching, error wrapping."""
+"""Contract of the pass infrastructure: honest modified flags, analysis caching, error wrapping,
+a stateless manager that never touches its input, passes callable on their own."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.fx
 
-from tests.models import ConvBN
+from tests.models import ConvBN, LinearBN, randomize_bn
 from tilefx.capture import capture
 from tilefx.passes.analysis.shapes import Shapes
 from tilefx.passes.cleanup import EliminateDeadCodePass
@@ -23,10 +24,12 @@ from tilefx.passes.infra import (
     PassError,
     PassManager,
     PassResult,
+    PipelineResult,
     TimingInstrument,
     UnsupportedOpError,
     VerificationError,
 )
+from tilefx.passes.metadata import get_metadata
 
 
 def _captured() -> tuple[torch.fx.GraphModule, tuple[torch.Tensor]]:
@@ -54,6 +57,16 @@ class ScaleWeightClaimsExact(PassBase):
         with torch.no_grad():
             gm.get_parameter("fc.weight").mul_(1.01)
         return PassResult(gm, modified=True)
+
+
+@dataclass(frozen=True)
+class ScaleFcIfPresentClaimsExact(PassBase):
+    """Wrong on models with an ``fc`` layer, a no-op on the others."""
+
+    def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
+        if not any(name == "fc.weight" for name, _ in gm.named_parameters()):
+            return PassResult(gm, modified=False)
+        return ScaleWeightClaimsExact().run(gm, am)
 
 
 @dataclass(frozen=True)
@@ -208,3 +221,44 @@ def test_unverified_pipeline_still_checks_honesty_but_not_numerics() -> None:
     manager = PassManager.__new__(PassManager)
     manager.passes, manager.instruments = [ScaleWeightClaimsExact()], []
     assert manager.run(gm, inputs).modified
+
+
+def test_a_reused_manager_verifies_each_run_against_its_own_input() -> None:
+    manager = PassManager([FoldBatchNormPass(), EliminateDeadCodePass(), ScaleFcIfPresentClaimsExact()])
+    linear = randomize_bn(LinearBN()).eval()
+    x = torch.randn(4, 6)
+    first = manager.run(capture(linear, (x,)), (x,))
+    torch.testing.assert_close(first.graph_module(x), linear(x), rtol=1e-5, atol=1e-5)
+    gm, inputs = _captured()  # another model, other input shapes: the first run's reference is gone
+    with pytest.raises(VerificationError, match="ScaleFcIfPresentClaimsExact.*vs the pipeline input"):
+        manager.run(gm, inputs)
+    again = manager.run(capture(linear, (x,)), (x,))
+    assert again.ran == first.ran
+
+
+def _state(gm: torch.fx.GraphModule) -> dict[str, bytes]:
+    return {k: v.detach().numpy().tobytes() for k, v in gm.state_dict().items()}
+
+
+def test_run_never_mutates_its_input() -> None:
+    gm, inputs = _captured()
+    code, state, metadata = gm.code, _state(gm), get_metadata(gm)
+    result: PipelineResult = PassManager([FoldBatchNormPass(), EliminateDeadCodePass()]).run(gm, inputs)
+    assert result.modified and result.graph_module is not gm
+    assert "batch_norm" in gm.code and "batch_norm" not in result.graph_module.code
+    assert gm.code == code and _state(gm) == state and get_metadata(gm) == metadata
+    assert PassManager([FoldBatchNormPass()]).run(gm, inputs).modified  # the same input, again
+
+
+def test_a_pass_is_callable_alone_like_torch_fx_passes() -> None:
+    model = randomize_bn(ConvBN()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = capture(model, (x,))
+    result = FoldBatchNormPass()(gm)  # no manager: an analysis manager is made for it, gm edited in place
+    assert isinstance(result, PassResult) and result.modified and result.graph_module is gm
+    assert "batch_norm" not in gm.code
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not FoldBatchNormPass()(gm).modified
+    assert not UsesShapes()(gm, example_inputs=(x,)).modified  # example inputs for shape analyses
+    with pytest.raises(VerificationError, match="needs example inputs"):
+        UsesShapes()(gm)
