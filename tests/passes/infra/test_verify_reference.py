@@ -3,6 +3,7 @@ in float32, and in float64 where float32 rounding alone exceeds the tolerance.""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -88,9 +89,9 @@ class IllConditioned(nn.Module):
         return self.head(self.body(x))
 
 
-def _ill_conditioned() -> tuple[torch.fx.GraphModule, tuple[torch.Tensor]]:
+def _ill_conditioned(depth: int = 6) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor]]:
     x = 1 + 1e-3 * torch.randn(8, 16)
-    return capture(IllConditioned(x).eval(), (x,)), (x,)
+    return capture(IllConditioned(x, depth).eval(), (x,)), (x,)
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -146,3 +147,49 @@ def test_float64_run_widens_weights_and_dtype_arguments_but_not_integer_inputs()
     assert hidden.dtype == torch.float64
     torch.testing.assert_close(hidden.float(), model(ids).last_hidden_state, rtol=1e-4, atol=1e-5)
     assert gm.get_parameter("embeddings.word_embeddings.weight").dtype == torch.float32  # untouched
+
+
+@dataclass(frozen=True)
+class PruneThenReorder(PassBase):
+    """Masked: zeroes the weakest half of one hidden layer's rows, then reorders every hidden dim.
+
+    Exact in real arithmetic against :meth:`masked_reference` (the input with those rows zeroed),
+    but the reordering changes float32 summation order. ``forget`` zeroes one more row than the
+    pass claims: a real mistake.
+    """
+
+    forget: bool = False
+    numerics = "masked"
+
+    def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
+        _zero_weak_rows(gm, extra=self.forget)
+        ReorderDimsPass(planner=random_planner(3)).run(gm, am)
+        return PassResult(gm, modified=True)
+
+    def masked_reference(
+        self, before: torch.fx.GraphModule, after: torch.fx.GraphModule, example_inputs: object
+    ) -> torch.fx.GraphModule:
+        _zero_weak_rows(before, extra=False)
+        return before
+
+
+def _zero_weak_rows(gm: torch.fx.GraphModule, *, extra: bool) -> None:
+    weight, bias = gm.get_parameter("body.2.weight"), gm.get_parameter("body.2.bias")
+    rows = weight.abs().sum(1).argsort()[: weight.shape[0] // 2 + (1 if extra else 0)]
+    with torch.no_grad():
+        weight[rows] = 0
+        bias[rows] = 0
+
+
+def test_a_correct_masked_pass_with_float32_rounding_over_the_tolerance_is_accepted() -> None:
+    gm, inputs = _ill_conditioned(depth=10)
+    result = PassManager([PruneThenReorder()]).run(gm, inputs)
+    reference = PruneThenReorder().masked_reference(copy.deepcopy(gm), result.graph_module, inputs)
+    actual, expected = run_checked(result.graph_module, inputs)[0], run_checked(reference, inputs)[0]
+    assert _relative_error(actual, expected) > 10 * TOLERANCE  # a constant fp32 tolerance would fail
+
+
+def test_a_masked_pass_that_removes_more_than_it_claims_is_caught_in_float64() -> None:
+    gm, inputs = _ill_conditioned(depth=10)
+    with pytest.raises(VerificationError, match="vs the masked reference of PruneThenReorder, in float64"):
+        PassManager([PruneThenReorder(forget=True)]).run(gm, inputs)
