@@ -77,7 +77,9 @@ class PruneBlocksPass(PassBase):
     def plan(self, gm: torch.fx.GraphModule) -> list[LayerPlan]:
         """Per weight layer: the sparsity it will get, or None and the reason it is skipped."""
         plans = []
-        for layer, sparsity, reason in self.selection.choose(weight_layers(gm, matmul_weights=True), self.sparsity):
+        for layer, sparsity, reason in self.selection.choose(
+            weight_layers(gm, matmul_weights=True), self.sparsity
+        ):
             if sparsity is not None:
                 check_sparsity(sparsity, f"sparsity of {layer.param}")
                 problem = self._indivisible(layer)

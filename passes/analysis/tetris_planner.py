@@ -62,7 +62,9 @@ class TetrisPlanner:
         self, gm: torch.fx.GraphModule, parts: dict[tuple[str, int], list[tuple[int | None, np.ndarray]]]
     ) -> list[Operand | None]:
         operands: list[Operand | None] = []
-        for layer, sparsity, _ in self.selection.choose(weight_layers(gm, matmul_weights=True), self.sparsity):
+        for layer, sparsity, _ in self.selection.choose(
+            weight_layers(gm, matmul_weights=True), self.sparsity
+        ):
             weight = attr_tensor(gm, layer.param).detach()
             block = self.block[::-1] if layer.transposed else self.block  # per stored axis
             if sparsity is None or weight.shape[0] % block[0] or weight.shape[1] % block[1]:

@@ -93,7 +93,9 @@ def weight_layers(gm: torch.fx.GraphModule, *, matmul_weights: bool = False) -> 
     return layers
 
 
-def layer_of(gm: torch.fx.GraphModule, node: torch.fx.Node, *, matmul_weights: bool = True) -> WeightLayer | None:
+def layer_of(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, *, matmul_weights: bool = True
+) -> WeightLayer | None:
     """The weight layer ``node`` is, or None (not a linear / conv / matmul with a parameter)."""
     if node.op != "call_function" or len(node.args) < 2:
         return None
@@ -127,8 +129,10 @@ def _matmul_layer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> WeightLayer 
 
 def _plain_addmm(node: torch.fx.Node) -> bool:
     """``addmm`` computing ``bias + x @ W`` (beta = alpha = 1)."""
-    return node.target == _ADDMM and len(node.args) == 3 and all(
-        node.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")
+    return (
+        node.target == _ADDMM
+        and len(node.args) == 3
+        and all(node.kwargs.get(k, 1) == 1 for k in ("beta", "alpha"))
     )
 
 
