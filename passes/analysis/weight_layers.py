@@ -141,9 +141,10 @@ def _is_transpose(arg: object) -> bool:
     if not isinstance(arg, torch.fx.Node) or arg.op != "call_function" or arg.target not in _TRANSPOSES:
         return False
     if arg.target == aten.transpose.int:
-        return sorted(int(d) % 2 for d in arg.args[1:3]) == [0, 1]  # type: ignore[call-overload]
+        return sorted(d % 2 for d in arg.args[1:3] if isinstance(d, int)) == [0, 1]
     if arg.target == aten.permute.default:
-        return [int(d) % 2 for d in arg.args[1]] == [1, 0]  # type: ignore[union-attr, call-overload]
+        dims = arg.args[1]
+        return isinstance(dims, (list, tuple)) and [d % 2 for d in dims if isinstance(d, int)] == [1, 0]
     return True
 
 
