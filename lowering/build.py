@@ -34,6 +34,7 @@ import torch.fx
 import torch.nn.functional as F
 import tvm
 
+from ..passes.analysis.weight_layers import layer_of
 from ..passes.graph_utils import unique_attr_name
 from ..passes.infra.errors import LoweringError
 from ..runtime.packing import BsrWeight, pack_bsr, pattern_hash
@@ -249,7 +250,7 @@ def _dense_call(
     gm: torch.fx.GraphModule, layer: SparseLayer, device: torch.device
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The layer as the torch code it replaces (with its fused activation), for the fallback timing."""
-    weight = _tensor(gm, layer.weight).detach().to(device)
+    weight = _layer_weight(gm, layer).detach().to(device)
     bias = _tensor(gm, layer.bias).detach().to(device) if layer.bias is not None else None
 
     def call(x: torch.Tensor) -> torch.Tensor:
@@ -268,6 +269,12 @@ def _tensor(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
     return gm.get_parameter(name) if _is_param(gm, name) else gm.get_buffer(name)
 
 
+def _layer_weight(gm: torch.fx.GraphModule, layer: SparseLayer) -> torch.Tensor:
+    """The layer's weight as the kernel reads it: ``[out, in...]`` (a stored ``[in, out]`` turned)."""
+    weight = _tensor(gm, layer.weight)
+    return weight.t().contiguous() if layer.weight_transposed else weight
+
+
 def _device_for(target: tvm.target.Target) -> torch.device:
     """CUDA kernels read their weights from the GPU; without one they are built but cannot run."""
     if compat.is_cuda(target) and torch.cuda.is_available():
@@ -283,7 +290,7 @@ def _runs_on(layer: SparseLayer, target: tvm.target.Target) -> bool:
 
 
 def _pack(gm: torch.fx.GraphModule, layer: SparseLayer) -> BsrWeight:
-    weight = _tensor(gm, layer.weight)
+    weight = _layer_weight(gm, layer)
     try:
         packed = pack_bsr(weight, layer.block, layer.sparsity.mask)
     except LoweringError as exc:
@@ -345,12 +352,20 @@ def _swap_node(out: torch.fx.GraphModule, layer: SparseLayer, module: torch.nn.M
     node = nodes[layer.node]
     name = unique_attr_name(out, f"bsr_{layer.node}")
     out.add_submodule(name, module)
+    source = layer_of(out, node)
+    assert source is not None  # the plan was made from this graph
+    x = source.input
     with out.graph.inserting_before(node):
-        call = out.graph.call_module(name, (node.args[0],))
+        call = out.graph.call_module(name, (x,))
     call.meta.update(node.meta)
     replaced = nodes[layer.fused_node] if layer.fused_node is not None else node
     call.meta["val"] = replaced.meta.get("val")
     replaced.replace_all_uses_with(call)
-    for dead in dict.fromkeys((replaced, node, *node.args[1:])):
-        if isinstance(dead, torch.fx.Node) and dead.op in ("call_function", "get_attr") and not dead.users:
-            out.graph.erase_node(dead)
+    pending, erased = [replaced, node], set()
+    while pending:  # the replaced ops, then what only they read (the weight, its transpose, the bias)
+        dead = pending.pop(0)
+        if dead in erased or dead.op not in ("call_function", "get_attr") or dead.users:
+            continue
+        pending += [arg for arg in dead.all_input_nodes if arg is not x]
+        out.graph.erase_node(dead)
+        erased.add(dead)

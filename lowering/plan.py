@@ -2,7 +2,11 @@
 
 Reads only the ATen-level fx graph (``torch.export(...).module()``) and the ``BlockSparsity``
 records of ``tilefx.passes.metadata``: an ``aten.linear`` or ``aten.conv2d`` whose weight is a
-``get_attr`` with a block-sparsity record becomes a kernel; everything else stays dense torch.
+``get_attr`` with a block-sparsity record becomes a kernel; so does a linear written as
+``aten.addmm`` / ``aten.mm`` / ``aten.matmul`` with a parameter operand (the forms
+``passes.analysis.weight_layers`` recognises). One stored ``[in, out]`` is planned as a linear on
+``weight.T`` with its record transposed (``SparseLayer.weight_transposed``; the contract is in
+``passes.metadata``). Everything else stays dense torch.
 Every check that can fail (dtype, block tiling, shapes, groups) runs here, so ``build`` raises a
 ``LoweringError`` naming the node before it compiles anything. Kept free of TVM so the plan can
 be printed, tested and reported on machines without it.
@@ -23,6 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.fx
 
+from ..passes.analysis.weight_layers import WeightLayer, layer_of
 from ..passes.infra.errors import LoweringError
 from ..passes.metadata import BlockSparsity, get_metadata
 from .kernels.spec import Activation
@@ -31,7 +36,6 @@ __all__ = ["Plan", "SparseLayer", "plan_graph"]
 
 log = logging.getLogger(__name__)
 
-_LINEAR = torch.ops.aten.linear.default
 _CONV2D = torch.ops.aten.conv2d.default
 _RELU = torch.ops.aten.relu.default
 _GELU = torch.ops.aten.gelu.default
@@ -61,6 +65,9 @@ class SparseLayer:
     # Decided by ``lowering.hand_over`` once the kernels are chosen (False in ``plan_graph``'s
     # plan): the layer writes Yᵀ for its consumers. Its runtime module is built with it.
     transposed_output: bool = False
+    # The parameter is stored [in, out] (addmm / mm / matmul): the kernel's weight is its transpose,
+    # and ``sparsity`` is already stated on that [out, in] view.
+    weight_transposed: bool = False
 
     @property
     def block(self) -> tuple[int, int]:
@@ -80,15 +87,14 @@ def plan_graph(gm: torch.fx.GraphModule, *, fuse_activations: bool = True) -> Pl
     metadata = get_metadata(gm)
     layers = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in (_LINEAR, _CONV2D):
+        layer = layer_of(gm, node)
+        if layer is None or layer.kind == "conv" and node.target != _CONV2D:
             continue
-        weight_node = node.args[1]
-        if not isinstance(weight_node, torch.fx.Node) or weight_node.op != "get_attr":
-            continue
-        records = metadata.of(str(weight_node.target), BlockSparsity)
+        records = metadata.of(layer.param, BlockSparsity)
         if not records:
             continue
-        layers.append(_plan_node(gm, node, records[-1], fuse_activations))
+        record = records[-1].transposed() if layer.transposed else records[-1]
+        layers.append(_plan_node(gm, layer, record, fuse_activations))
     layers = _with_consumers(gm, layers)
     log.debug("planned %d sparse layers", len(layers))
     return Plan(tuple(layers))
@@ -140,10 +146,12 @@ def _sparse_consumers(output: torch.fx.Node, linears: set[str]) -> tuple[str, ..
 
 
 def _plan_node(
-    gm: torch.fx.GraphModule, node: torch.fx.Node, record: BlockSparsity, fuse_activations: bool
+    gm: torch.fx.GraphModule, layer: WeightLayer, record: BlockSparsity, fuse_activations: bool
 ) -> SparseLayer:
-    weight_name = str(node.args[1].target)  # type: ignore[union-attr]
+    node, weight_name = layer.node, layer.param
     weight = _attr(gm, weight_name)
+    if layer.transposed:
+        weight = weight.t()
     where = f"node {node.name!r} (weight {weight_name!r})"
     if weight.dtype not in _SUPPORTED_DTYPES:
         raise LoweringError(
@@ -159,11 +167,10 @@ def _plan_node(
         raise LoweringError(
             f"{where}: block mask {tuple(record.mask.shape)} does not match the grid {(out // rows, rest // cols)}"
         )
-    bias_node = node.args[2] if len(node.args) > 2 else None
-    bias = _bias_name(gm, bias_node, out, where)
-    input_shape = _input_shape(node, where)
+    bias = _bias_name(gm, layer.bias, out, where)
+    input_shape = _input_shape(layer.input, where)
     fused = _fusable_activation(node) if fuse_activations else None
-    if node.target == _LINEAR:
+    if layer.kind == "linear":
         if input_shape[-1] != rest:
             raise LoweringError(f"{where}: input has {input_shape[-1]} features, the weight expects {rest}")
         fused_node, kind = fused if fused else (None, None)
@@ -177,6 +184,7 @@ def _plan_node(
             out,
             fused_node=fused_node,
             activation=kind,
+            weight_transposed=layer.transposed,
         )
     return _plan_conv(node, record, weight, bias, input_shape, fused, where)
 
@@ -244,9 +252,8 @@ def _bias_name(gm: torch.fx.GraphModule, bias_node: Any, out: int, where: str) -
     return str(bias_node.target)
 
 
-def _input_shape(node: torch.fx.Node, where: str) -> tuple[int, ...]:
-    source = node.args[0]
-    value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+def _input_shape(source: torch.fx.Node, where: str) -> tuple[int, ...]:
+    value = source.meta.get("val")
     if not isinstance(value, torch.Tensor):
         raise LoweringError(
             f"{where}: input shape unknown; capture the model with torch.export so nodes carry meta['val']"

@@ -7,6 +7,16 @@ They are attached per parameter (by its fully qualified name) to ``gm.meta[METAD
 Every 2-D statement is about a weight's *matrix view* ``weight.reshape(out, -1)``: ``[out, in]``
 for a linear and ``[out, in/groups · kh · kw]`` for a conv (im2col order), so a conv block that
 spans a whole kernel is ``(b_out, b_in · kh · kw)``.
+
+Records are always about the parameter *as stored*, never about how an op reads it. A linear
+written as ``addmm`` / ``mm`` / ``matmul`` with a weight stored ``[in, out]`` (transformers'
+``Conv1D`` in GPT-2: ``addmm(bias, x, W)``) therefore has its blocks stated on ``[in, out]``
+with the block turned: 16-output-row blocks are ``BlockSparsity((1, 16), mask)``. Masking,
+reindexing and verification then need no notion of orientation. Lowering reads the orientation
+from the graph (``lowering.plan``): it plans such a layer as a linear on ``weight.T`` with the
+record transposed, ``BlockSparsity((16, 1), mask.T)`` (:meth:`BlockSparsity.transposed`), so the
+packer and kernel see the ``[out, in]`` view they always see. A weight read through a transpose
+(``x @ W.T``) is stored ``[out, in]`` and needs nothing of this.
 """
 
 from __future__ import annotations
@@ -109,6 +119,10 @@ class BlockSparsity:
     @property
     def sparsity(self) -> float:
         return 1.0 - float(self.mask.float().mean())
+
+    def transposed(self) -> BlockSparsity:
+        """The same blocks stated on the transposed 2-D view (``[in, out]`` ↔ ``[out, in]``)."""
+        return BlockSparsity((self.block[1], self.block[0]), self.mask.t())
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""PruneBlocksPass: zero the lowest-L1 blocks of every selected linear / conv weight.
+"""PruneBlocksPass: zero the lowest-L1 blocks of every selected linear / conv / matmul weight.
 
 The blocks are chosen in the weight's *current* coordinates: run after the TETRIS reordering has
 been folded into the weights (``ReorderDimsPass``), they are the permuted coordinates, so the
@@ -6,7 +6,10 @@ reordering's work shows up as kept magnitude. Without reordering this is naive b
 
 ``block = (b_out, b_in)`` counts channels. A conv block spans the whole kernel, so on the matrix view
 ``weight.reshape(out, -1)`` (where :class:`BlockSparsity` lives) it is ``(b_out, b_in · kh · kw)``;
-for a grouped conv ``b_in`` counts input channels within a group. Exactly ``floor(sparsity · #blocks)``
+for a grouped conv ``b_in`` counts input channels within a group. A linear written as
+``addmm`` / ``mm`` / ``matmul`` with a parameter stored ``[in, out]`` (GPT-2's ``Conv1D``) is
+pruned on that stored view with the block turned, ``(b_in, b_out)`` (see ``passes.metadata``);
+one read through a transpose (``x @ W.T``) is stored ``[out, in]`` like a linear's. Exactly ``floor(sparsity · #blocks)``
 blocks are zeroed per layer (ties: lowest block index).
 
 A weight whose dims the block does not divide is skipped (``indivisible="skip"``, the default; see
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PruneBlocksPass(PassBase):
-    """Block-prune linear/conv weights in their current coordinates.
+    """Block-prune linear/conv/matmul weights in their current coordinates.
 
     Requires: an ATen-level graph (checked: :class:`PreconditionError`).
     """
@@ -74,7 +77,9 @@ class PruneBlocksPass(PassBase):
     def plan(self, gm: torch.fx.GraphModule) -> list[LayerPlan]:
         """Per weight layer: the sparsity it will get, or None and the reason it is skipped."""
         plans = []
-        for layer, sparsity, reason in self.selection.choose(weight_layers(gm), self.sparsity):
+        for layer, sparsity, reason in self.selection.choose(
+            weight_layers(gm, matmul_weights=True), self.sparsity
+        ):
             if sparsity is not None:
                 check_sparsity(sparsity, f"sparsity of {layer.param}")
                 problem = self._indivisible(layer)
@@ -92,7 +97,7 @@ class PruneBlocksPass(PassBase):
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         modified = False
-        layers = {layer.param: layer for layer in weight_layers(gm)}
+        layers = {layer.param: layer for layer in weight_layers(gm, matmul_weights=True)}
         if not layers:
             warnings.warn(
                 f"{self.name}: the graph has no linear or conv weight", CoverageWarning, stacklevel=2
@@ -117,17 +122,18 @@ class PruneBlocksPass(PassBase):
         return PassResult(gm, modified)
 
     def matrix_block(self, layer: WeightLayer) -> tuple[int, int]:
-        return self.block[0], self.block[1] * layer.kernel
+        """The block on the stored parameter's matrix view, where the record lives."""
+        return layer.stored_block(self.block)
 
     def _indivisible(self, layer: WeightLayer) -> str:
-        out, cin = layer.shape[0], layer.shape[1]
+        out, cin = layer.out_channels, layer.in_channels
         if out % self.block[0] or cin % self.block[1]:
             return f"block {self.block} does not divide {layer.param} (out={out}, in per group={cin})"
         return ""
 
     def _why_indivisible(self, layer: WeightLayer) -> tuple[str, str]:
         """(the reason like layers share, the layer with its sizes) for the coverage warning."""
-        out, cin = layer.shape[0], layer.shape[1]
+        out, cin = layer.out_channels, layer.in_channels
         sides = []
         if out % self.block[0]:
             sides.append("output channels")

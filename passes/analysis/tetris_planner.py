@@ -62,9 +62,12 @@ class TetrisPlanner:
         self, gm: torch.fx.GraphModule, parts: dict[tuple[str, int], list[tuple[int | None, np.ndarray]]]
     ) -> list[Operand | None]:
         operands: list[Operand | None] = []
-        for layer, sparsity, _ in self.selection.choose(weight_layers(gm), self.sparsity):
+        for layer, sparsity, _ in self.selection.choose(
+            weight_layers(gm, matmul_weights=True), self.sparsity
+        ):
             weight = attr_tensor(gm, layer.param).detach()
-            if sparsity is None or weight.shape[0] % self.block[0] or weight.shape[1] % self.block[1]:
+            block = self.block[::-1] if layer.transposed else self.block  # per stored axis
+            if sparsity is None or weight.shape[0] % block[0] or weight.shape[1] % block[1]:
                 continue
             axes = [_axis(parts.get((layer.param, d), []), weight.shape[d]) for d in (0, 1)]
             if axes == [None, None]:
@@ -74,7 +77,7 @@ class TetrisPlanner:
                 Operand(
                     weight,
                     (*axes, *[None] * rest),
-                    (*self.block, *[0] * rest),
+                    (*block, *[0] * rest),
                     sparsity=sparsity,
                     name=layer.param,
                 )

@@ -82,3 +82,12 @@ def _merge(
         return out
     ctx.union(out.ids, value.ids)
     return out
+
+
+# Element-wise too: T5's relative-position buckets (``torch.min``, ``torch.where`` with a scalar),
+# BART's in-place causal mask fill. Scalar operands carry no channels.
+_BROADCAST_MORE = (
+    aten.min.other, aten.max.other, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar,
+    aten.masked_fill_.Scalar, aten.masked_fill_.Tensor,
+)  # fmt: skip
+handles(*_BROADCAST_MORE)(broadcast)

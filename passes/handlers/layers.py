@@ -11,7 +11,7 @@ import torch
 import torch.fx
 from torch.fx.node import Argument
 
-from .api import Channels, Context, ParamRef, int_arg, op_arg
+from .api import Channels, Context, ParamRef, Role, int_arg, op_arg
 from .registry import handles
 
 aten = torch.ops.aten
@@ -89,12 +89,27 @@ def addmm(node: torch.fx.Node, ctx: Context) -> Channels | None:
 def linear_like(
     node: torch.fx.Node, ctx: Context, x: Argument, weight: Argument, in_dim: int, out_dim: int
 ) -> Channels:
-    """``x @ W`` (W a parameter, ``in_dim``/``out_dim`` its dims): fresh output channels on x's last dim."""
+    """``x @ W`` (W a parameter, ``in_dim``/``out_dim`` its dims): fresh output channels on x's last dim.
+
+    W may be the parameter seen through a transpose (``x @ W.T``): each dim is then traced back to
+    the parameter dim it reads.
+    """
     rank, w_rank = len(ctx.shape(x)), len(ctx.shape(weight))
-    ctx.use(weight, in_dim % w_rank, ctx.ids_on(x, rank - 1), "in")
+    _use_weight(ctx, weight, in_dim % w_rank, ctx.ids_on(x, rank - 1), "in")
     out_ids = ctx.fresh(ctx.shape(weight)[out_dim])
-    ctx.use(weight, out_dim % w_rank, out_ids, "out")
+    _use_weight(ctx, weight, out_dim % w_rank, out_ids, "out")
     return Channels(len(ctx.shape(node)) - 1, out_ids)
+
+
+def _use_weight(ctx: Context, weight: Argument, dim: int, ids: np.ndarray, role: Role) -> None:
+    """:meth:`Context.use` for a get_attr weight, or one seen through a plain transpose of it."""
+    ref = ctx.value(weight)
+    is_attr = isinstance(weight, torch.fx.Node) and weight.op == "get_attr"
+    origin = ref.origin[dim] if isinstance(ref, ParamRef) and not is_attr else None
+    if origin is None or not np.array_equal(origin[1], np.arange(len(origin[1]))):
+        ctx.use(weight, dim, ids, role)  # a get_attr, or frozen as computed
+        return
+    ctx.use_target(ref.target, origin[0], ids, role)  # type: ignore[union-attr]
 
 
 @handles(aten.embedding.default)

@@ -85,3 +85,13 @@ def unmodeled(node: torch.fx.Node, ctx: Context) -> None:
     """Known ops whose channel flow is not modelled: every channel touching them is frozen."""
     ctx.freeze_inputs(node, f"node {ctx.where()} ({node.target}) is not modelled for channel pruning")
     return None
+
+
+@handles(aten.full_like.default, aten.empty_like.default)
+def like(node: torch.fx.Node, ctx: Context) -> Channels | None:
+    """A new tensor shaped like its input (T5 fills its position buckets with ``full_like``).
+
+    It follows the input's shape when channels are removed, so its positions are the input's
+    channels; each holds the same fill (empty_like: none), so any subset of them is exact.
+    """
+    return ctx.channels(node.args[0])

@@ -287,3 +287,7 @@ def _set_many(node: torch.fx.Node, values: dict[int, Argument]) -> None:
     for i, v in values.items():
         args[i] = v
     node.args = tuple(args)
+
+
+# ``W.T`` of a 2-D tensor (a hand-written ``x @ W.T``) moves data exactly as ``t`` does.
+handles(aten.numpy_T.default)(relabel)
