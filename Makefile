@@ -36,7 +36,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy tilefx passes lowering runtime
 
 bench: $(STAMP)
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernel_speed.py
 	$(PY) benchmarks/ffn_block.py
 
 clean:

@@ -30,12 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-_HERE = str(Path(__file__).resolve().parent)
-sys.path.insert(0, _HERE)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import channel_coverage  # noqa: E402
-
-# benchmarks/kernels.py would shadow the ``kernels`` package transformers imports lazily.
-sys.path[:] = [p for p in sys.path if p != _HERE]
 
 import tilefx  # noqa: E402
 from tilefx.lowering.plan import plan_graph  # noqa: E402

@@ -1,6 +1,6 @@
 """Block-sparse kernel benchmark: tilefx vs torch dense vs torch CSR vs scipy BSR, one process.
 
-    TVM_NUM_THREADS=2 OMP_NUM_THREADS=2 python benchmarks/kernels.py [--quick] [--runs 20]
+    TVM_NUM_THREADS=2 OMP_NUM_THREADS=2 python benchmarks/kernel_speed.py [--quick] [--runs 20]
 
 Shapes: BERT-base FFN (128×768→3072 and 128×3072→768) and a ResNet-50 3×3 conv (layer2:
 128→128 channels on 28×28, batch 1). For each (shape, sparsity, block), tilefx, torch dense and
