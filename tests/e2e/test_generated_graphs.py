@@ -1,0 +1,154 @@
+"""Generated-graph equivalence: random small models through the exact, pruning and lowering paths.
+
+The fast suite runs a fixed-seed sample; ``make test-slow`` runs over a thousand graphs. Every
+failure hypothesis found is kept below as a regression test with its shrunk example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tilefx
+from tests.graph_properties import check_exact, check_lowering, check_pruning
+from tests.random_models import (
+    Act,
+    Attention,
+    BatchNorm,
+    Conv,
+    LayerNorm,
+    Linear,
+    ModelSpec,
+    Pool,
+    Residual,
+    Split,
+    model_specs,
+)
+
+_SAMPLE = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+BLOCKS = ((1, 1), (2, 1), (4, 1), (1, 4), (2, 2), (4, 4), (8, 1))
+
+
+def recipes() -> st.SearchStrategy[tilefx.Recipe]:
+    channels = st.builds(
+        tilefx.ChannelPruning,
+        ratio=st.sampled_from((0.25, 0.5, 0.75, 0.1)),
+        criterion=st.sampled_from(("l1", "l2")),  # bn_scale refuses groups without a BN (RecipeError)
+        scope=st.sampled_from(("layer", "global")),
+        round_to=st.sampled_from((1, 2, 4)),
+        attention=st.sampled_from(("head_dims", "heads")),
+    )
+    connections = st.builds(
+        tilefx.ConnectionPruning,
+        sparsity=st.sampled_from((0.5, 0.25, 0.9)),
+        criterion=st.sampled_from(("l1", "synaptic_strength")),
+    )
+    blocks = st.builds(
+        tilefx.BlockPruning,
+        block=st.sampled_from(BLOCKS),
+        sparsity=st.sampled_from((0.5, 0.0, 0.75, 0.9)),
+        reorder=st.sampled_from(("none", "tetris")),
+    )
+    return st.builds(
+        tilefx.Recipe,
+        fold_batchnorm=st.booleans(),
+        channels=st.none() | channels,
+        connections=st.none() | connections,
+        blocks=st.none() | blocks,
+    )
+
+
+@settings(_SAMPLE, max_examples=30)
+@given(model_specs(), st.sampled_from((torch.float32, torch.float64)), st.integers(0, 2**16))
+def test_exact_passes_on_generated_graphs(spec, dtype, order_seed) -> None:  # type: ignore[no-untyped-def]
+    check_exact(spec, dtype, order_seed)
+
+
+@settings(_SAMPLE, max_examples=20)
+@given(model_specs(), recipes())
+def test_pruning_passes_on_generated_graphs(spec, recipe) -> None:  # type: ignore[no-untyped-def]
+    check_pruning(spec, recipe)
+
+
+# Lowering compiles a TVM kernel per distinct layer shape and block count (seconds each), so its
+# models come from a fixed catalogue with widths the blocks divide; weights vary with the seed.
+LOWERED = {
+    "ffn": ModelSpec(
+        image=False,
+        channels=16,
+        size=4,
+        first=(Linear(32), Act("gelu"), Linear(16)),
+        reshape="tokens",
+        outputs=8,
+    ),
+    "encoder": ModelSpec(
+        image=False,
+        channels=16,
+        size=4,
+        first=(
+            Residual((LayerNorm(), Attention(heads=2, head_dim=8))),
+            Residual((LayerNorm(), Linear(32), Act("relu"), Linear(16))),
+        ),
+        reshape="mean",
+        outputs=8,
+    ),
+    "convnet": ModelSpec(
+        image=True,
+        channels=8,
+        size=8,
+        first=(
+            Conv(16, kernel=3, stride=2),
+            BatchNorm(),
+            Act("relu"),
+            Residual((Conv(16, kernel=3, dilation=2), BatchNorm(), Act("relu"))),
+            Conv(8, kernel=1, bias=False),
+            Pool("max"),
+        ),
+        reshape="flatten",
+        outputs=8,
+    ),
+    "separable": ModelSpec(
+        image=True,
+        channels=8,
+        size=8,
+        first=(
+            Conv(1, kernel=3, groups=0),
+            Conv(16, kernel=1),
+            Act("relu"),
+            Split(((Conv(8, kernel=3),), ())),
+        ),
+        reshape="pool",
+        outputs=8,
+    ),
+}
+LOWERED_BLOCKS = ((8, 1), (4, 1), (4, 4))
+LOWERED_SPARSITIES = (0.0, 0.5, 0.8)
+
+
+def lowered_cases() -> st.SearchStrategy[tuple[ModelSpec, tilefx.BlockPruning]]:
+    spec = st.builds(replace, st.sampled_from(list(LOWERED.values())), seed=st.integers(0, 2**16))
+    blocks = st.builds(
+        tilefx.BlockPruning,
+        block=st.sampled_from(LOWERED_BLOCKS),
+        sparsity=st.sampled_from(LOWERED_SPARSITIES),
+        reorder=st.sampled_from(("none", "tetris")),
+    )
+    return st.tuples(spec, blocks)
+
+
+@pytest.mark.parametrize(
+    ("name", "block", "sparsity"),
+    [("ffn", (8, 1), 0.0), ("encoder", (4, 1), 0.5), ("convnet", (4, 4), 0.8), ("separable", (8, 1), 0.5)],
+)
+def test_lowering_matches_the_pruned_model(name: str, block: tuple[int, int], sparsity: float) -> None:
+    check_lowering(LOWERED[name], tilefx.BlockPruning(block=block, sparsity=sparsity))
