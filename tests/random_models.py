@@ -135,11 +135,12 @@ class Concat:
 
 @dataclass(frozen=True)
 class Split:
-    """The channels split into ``len(bodies)`` parts (``chunk``, or ``split`` with uneven sizes),
-    each through its body, concatenated again."""
+    """The channels split into parts, each through its body, concatenated again. ``how``:
+    ``"chunk"`` into ``len(bodies)`` parts, ``"sizes"`` (``split`` with the first part one channel
+    wide), ``"slices"`` (``x[:, :k]`` and ``x[:, k:]``, the first part one channel wide)."""
 
     bodies: tuple[tuple[Layer, ...], ...] = ((), ())
-    chunk: bool = True
+    how: Literal["chunk", "sizes", "slices"] = "chunk"
 
 
 Layer = (
@@ -294,16 +295,27 @@ class ConcatOp(nn.Module):
 
 
 class SplitOp(nn.Module):
-    """``x.chunk(chunks)`` when ``sizes`` is None, else ``x.split(sizes)``; a body per part."""
+    """Parts of ``x`` along ``dim`` (see :class:`Split`), each through its body, concatenated."""
 
     def __init__(
-        self, bodies: Sequence[nn.Module], sizes: Sequence[int] | None, chunks: int, dim: int
+        self, bodies: Sequence[nn.Module], how: str, sizes: Sequence[int], chunks: int, dim: int
     ) -> None:
         super().__init__()
-        self.bodies, self.sizes, self.chunks, self.dim = nn.ModuleList(bodies), sizes, chunks, dim
+        self.bodies, self.how, self.sizes, self.chunks, self.dim = (
+            nn.ModuleList(bodies),
+            how,
+            list(sizes),
+            chunks,
+            dim,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = x.split(list(self.sizes), self.dim) if self.sizes else x.chunk(self.chunks, self.dim)
+        if self.how == "chunk":
+            parts = x.chunk(self.chunks, self.dim)
+        elif self.how == "sizes":
+            parts = x.split(self.sizes, self.dim)
+        else:
+            parts = tuple(x.narrow(self.dim, sum(self.sizes[:i]), n) for i, n in enumerate(self.sizes))
         return torch.cat([body(part) for body, part in zip(self.bodies, parts, strict=True)], dim=self.dim)
 
 
@@ -473,19 +485,19 @@ def _concat(spec: Concat, shape: Shape, keep: Keep) -> tuple[nn.Module, Shape]:
 
 def _split(spec: Split, shape: Shape, keep: Keep) -> tuple[nn.Module, Shape]:
     parts = max(1, min(len(spec.bodies), shape.channels))
-    if spec.chunk:
+    if spec.how == "chunk":  # torch's rule: parts of ceil(C / parts), fewer parts if they run out
         step = math.ceil(shape.channels / parts)
         sizes = [min(step, shape.channels - i * step) for i in range(math.ceil(shape.channels / step))]
     else:  # uneven on purpose: the first part takes one channel
         sizes = [1, shape.channels - 1] if shape.channels > 1 and parts > 1 else [shape.channels]
-    bodies = list(spec.bodies) + [()] * (len(sizes) - len(spec.bodies))
+    bodies = list(spec.bodies)[: len(sizes)]
     inner = Keep(channels=keep.channels, size=True)
     built = [
-        _sequence(body, replace(shape, channels=c), inner) for body, c in zip(bodies, sizes, strict=False)
+        _sequence(body, replace(shape, channels=c), inner) for body, c in zip(bodies, sizes, strict=True)
     ]
     out = replace(shape, channels=sum(s.channels for _, s in built))
     dim = 1 if shape.stage in ("image", "vector") else 2
-    return SplitOp([m for m, _ in built], None if spec.chunk else sizes, parts, dim), out
+    return SplitOp([m for m, _ in built], spec.how, sizes, parts, dim), out
 
 
 def _reshape(kind: str, shape: Shape) -> tuple[nn.Module, Shape]:
@@ -574,7 +586,7 @@ def layers(depth: int = 2, max_size: int = 4, image: bool = True) -> st.SearchSt
         _leaf(image),
         st.builds(Residual, inner, st.booleans()),
         st.builds(Concat, branches, st.booleans()),
-        st.builds(Split, branches, st.booleans()),
+        st.builds(Split, branches, st.sampled_from(("chunk", "sizes", "slices"))),
     )
     return st.lists(nested, max_size=max_size).map(tuple)
 

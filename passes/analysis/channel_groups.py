@@ -177,6 +177,7 @@ class Context:
         self.values: dict[str, Any] = {}
         self.uses: list[Use] = []
         self.hooks: list[PruneHook] = []
+        self.partitions: list[tuple[str, np.ndarray]] = []
         self.node: torch.fx.Node | None = None
 
     # reading -----------------------------------------------------------------------------
@@ -214,6 +215,12 @@ class Context:
 
     def freeze(self, ids: np.ndarray, reason: str, *, permutable: bool = False) -> None:
         self.uf.freeze(ids, reason, permutable=permutable)
+
+    def partition(self, parts: list[np.ndarray]) -> None:
+        """Channels in different ``parts`` (of a split or slice) never share a group, so a permutation
+        never moves a channel into a part that other ops read."""
+        for j, ids in enumerate(parts):
+            self.partitions.append((f"{self.where()}[{j}]", np.asarray(ids, dtype=np.int64)))
 
     def freeze_inputs(self, node: torch.fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:
@@ -415,6 +422,10 @@ def _build_groups(ctx: Context) -> ChannelGroups:
         first_use.setdefault((use.target, use.dim), (use, found))
         for root in np.unique(found).tolist():
             signature.setdefault(root, set()).add((use.target, use.dim))
+    for part, ids in ctx.partitions:
+        for root in np.unique(uf.find(ids)).tolist():
+            if root in signature:
+                signature[root].add((part, -1))
     by_signature: dict[tuple[frozenset[tuple[str, int]], bool], list[int]] = {}
     for root, sig in signature.items():
         by_signature.setdefault((frozenset(sig), root in frozen), []).append(root)

@@ -97,6 +97,7 @@ def _channel_dim_op_ok(node: Any, ctx: Context, value: Channels) -> bool:
         return True
     if node.target == aten.narrow.default:
         start, length = int(node.args[2]) % len(ids), int(node.args[3])
+        ctx.partition([ids[start : start + length]])
         ctx.on_prune(
             lambda kept: _set_many(
                 node, {2: int(kept(ids[:start]).sum()), 3: int(kept(ids[start : start + length]).sum())}
@@ -107,6 +108,7 @@ def _channel_dim_op_ok(node: Any, ctx: Context, value: Channels) -> bool:
     if step != 1:
         ctx.freeze(ids, f"node {ctx.where()}: strided slice over channels")
         return False
+    ctx.partition([ids[start:end]])
     ctx.on_prune(
         lambda kept: _set_many(node, {2: int(kept(ids[:start]).sum()), 3: int(kept(ids[:end]).sum())})
     )
@@ -159,6 +161,7 @@ def split(node: Any, ctx: Context) -> Any:
     if len(pieces) != len(outs):
         ctx.freeze(value.ids, f"node {ctx.where()}: a split part carries no channels")
         return outs
+    ctx.partition(pieces)
 
     def resize(kept: KeptCounter) -> None:
         node.target = aten.split_with_sizes.default

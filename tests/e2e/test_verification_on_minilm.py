@@ -94,11 +94,10 @@ def minilm() -> Iterator[MiniLM]:
 
 
 def _inputs(minilm: MiniLM, sentences: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sentences`` texts of real words, each long enough to fill ``tokens`` (no padding)."""
-    texts = [
-        " ".join(SENTENCES[i % len(SENTENCES) :] + SENTENCES[: i % len(SENTENCES)]) * 2
-        for i in range(sentences)
-    ]
+    """``sentences`` real sentences padded to ``tokens`` (as the issue's 16 × 32 batch), or, where
+    one sentence is far shorter than ``tokens``, texts of several sentences that fill every token."""
+    rotated = [SENTENCES[i % len(SENTENCES) :] + SENTENCES[: i % len(SENTENCES)] for i in range(sentences)]
+    texts = [r[0] if tokens <= 32 else " ".join(r * 2) for r in rotated]
     encoded = minilm.tokenizer(
         texts, padding="max_length", truncation=True, max_length=tokens, return_tensors="pt"
     )
