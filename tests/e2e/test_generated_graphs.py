@@ -18,8 +18,10 @@ import tilefx.passes.infra.verify as verify
 from tests.graph_properties import check_exact, check_lowering, check_pruning
 from tests.random_models import (
     Act,
+    Affine,
     Attention,
     BatchNorm,
+    Concat,
     Conv,
     LayerNorm,
     Linear,
@@ -213,6 +215,27 @@ def test_regression_split_parts_never_trade_channels(how: str) -> None:
     )
     check_exact(spec, torch.float32, 0)
     check_pruning(spec, tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5)))
+
+
+def test_regression_units_of_a_group_have_as_many_channels_in_every_split_part() -> None:
+    """Attention's output repeats each head-dim unit once per head; chunking it with one more
+    channel left units with 3 + 1 and 2 + 2 positions in the two parts, yet in one group, so a
+    permutation moved positions across the boundary (off by 1.5). Shrunk by hand from a
+    40-layer example; the group signature now counts each unit's positions per part."""
+    spec = ModelSpec(
+        image=True,
+        channels=3,
+        size=3,
+        first=(
+            Conv(1),
+            Concat(((Attention(heads=4, head_dim=8, project=False),), (Conv(3),)), True),
+            Split(((), (Affine(bias=False),)), "chunk"),
+        ),
+        reshape="tokens",
+        outputs=4,
+        seed=547,
+    )
+    check_exact(spec, torch.float64, 1473)
 
 
 def test_regression_a_block_pruned_grouped_conv_stays_dense_when_compiled() -> None:
