@@ -7,7 +7,7 @@ export TVM_NUM_THREADS ?= 2
 # Test workers: CI has 2 cores; each worker gets cores/workers threads (tests/conftest.py).
 TEST_JOBS ?= 2
 
-.PHONY: install demo test test-fast lint typecheck bench clean
+.PHONY: install demo test test-fast test-slow lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,14 @@ demo: $(STAMP)
 	$(PY) -m tilefx.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q --timeout=900 -n $(TEST_JOBS) --dist loadgroup --durations=15
+	$(PY) -m pytest -q -m "not exhaustive" --timeout=900 -n $(TEST_JOBS) --dist loadgroup --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadgroup
+
+# Over a thousand generated graphs through every pass and lowering (tests/e2e/test_generated_graphs.py).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m exhaustive -n $(TEST_JOBS) --dist loadgroup --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check tilefx passes lowering runtime tests benchmarks

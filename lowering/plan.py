@@ -6,8 +6,9 @@ records of ``tilefx.passes.metadata``: an ``aten.linear`` or ``aten.conv2d`` who
 ``aten.addmm`` / ``aten.mm`` / ``aten.matmul`` with a parameter operand (the forms
 ``passes.analysis.weight_layers`` recognises). One stored ``[in, out]`` is planned as a linear on
 ``weight.T`` with its record transposed (``SparseLayer.weight_transposed``; the contract is in
-``passes.metadata``). Everything else stays dense torch.
-Every check that can fail (dtype, block tiling, shapes, groups) runs here, so ``build`` raises a
+``passes.metadata``). Everything else stays dense torch, grouped convs included (no kernel yet:
+their pruned zeros stay in the dense weight, with a warning).
+Every check that can fail (dtype, block tiling, shapes) runs here, so ``build`` raises a
 ``LoweringError`` naming the node before it compiles anything. Kept free of TVM so the plan can
 be printed, tested and reported on machines without it.
 
@@ -92,6 +93,14 @@ def plan_graph(gm: torch.fx.GraphModule, *, fuse_activations: bool = True) -> Pl
             continue
         records = metadata.of(layer.param, BlockSparsity)
         if not records:
+            continue
+        groups = node.args[6] if node.target == _CONV2D and len(node.args) > 6 else 1
+        if groups != 1:
+            log.warning(
+                "node %s: grouped conv (groups=%s) has no block-sparse kernel, it stays dense torch",
+                node.name,
+                groups,
+            )
             continue
         record = records[-1].transposed() if layer.transposed else records[-1]
         layers.append(_plan_node(gm, layer, record, fuse_activations))
@@ -199,19 +208,10 @@ def _plan_conv(
     where: str,
 ) -> SparseLayer:
     args = [*node.args, *([None] * 7)][:7]
-    stride, padding, dilation, groups = (
-        _pair(args[3], 1),
-        _pair(args[4], 0),
-        _pair(args[5], 1),
-        args[6] or 1,
-    )
+    stride, padding, dilation = _pair(args[3], 1), _pair(args[4], 0), _pair(args[5], 1)
     if isinstance(args[4], str):
         raise LoweringError(
             f"{where}: string padding {args[4]!r} is not supported; export with explicit padding"
-        )
-    if groups != 1:
-        raise LoweringError(
-            f"{where}: grouped conv (groups={groups}) has no block-sparse kernel; drop its BlockSparsity record"
         )
     if len(input_shape) != 4 or input_shape[1] != weight.shape[1]:
         raise LoweringError(

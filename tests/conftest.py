@@ -40,6 +40,13 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here, not in pyproject.toml, whose every change re-runs `make install`.
+    config.addinivalue_line(
+        "markers", "exhaustive: the 1,000-graph property run (tens of minutes); only make test-slow runs it"
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

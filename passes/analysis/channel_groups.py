@@ -189,6 +189,11 @@ def _build_groups(ctx: Context) -> ChannelGroups:
         first_use.setdefault((use.target, use.dim), (use, found))
         for root in np.unique(found).tolist():
             signature.setdefault(root, set()).add((use.target, use.dim))
+    for part, ids in ctx.partitions:  # units of one group have as many positions in every part
+        roots, counts = np.unique(uf.find(ids), return_counts=True)
+        for root, count in zip(roots.tolist(), counts.tolist(), strict=True):
+            if root in signature:
+                signature[root].add((part, count))
     by_signature: dict[tuple[frozenset[tuple[str, int]], bool], list[int]] = {}
     for root, sig in signature.items():
         by_signature.setdefault((frozenset(sig), root in frozen), []).append(root)

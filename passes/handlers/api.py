@@ -137,6 +137,7 @@ class Context:
         self.values: dict[str, NodeValue] = {}
         self.uses: list[Use] = []
         self.hooks: list[PruneHook] = []
+        self.partitions: list[tuple[str, np.ndarray]] = []
         self.node: torch.fx.Node | None = None
 
     # reading -----------------------------------------------------------------------------
@@ -174,6 +175,12 @@ class Context:
 
     def freeze(self, ids: np.ndarray, reason: str, *, permutable: bool = False) -> None:
         self.uf.freeze(ids, reason, permutable=permutable)
+
+    def partition(self, parts: list[np.ndarray]) -> None:
+        """Channels in different ``parts`` (of a split or slice) never share a group, so a permutation
+        never moves a channel into a part that other ops read."""
+        for j, ids in enumerate(parts):
+            self.partitions.append((f"{self.where()}[{j}]", np.asarray(ids, dtype=np.int64)))
 
     def freeze_inputs(self, node: torch.fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:

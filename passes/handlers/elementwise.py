@@ -55,6 +55,11 @@ def broadcast(node: torch.fx.Node, ctx: Context) -> Channels | None:
             out = _merge(ctx, out, value, offset, shape, ctx.shape(node))
     if out is None:
         return None
+    for arg in node.all_input_nodes:  # e.g. a model input added to a layer's output: it cannot shrink
+        shape = ctx.shape(arg)
+        dim = out.dim - (out_rank - len(shape))
+        if ctx.value(arg) is None and dim >= 0 and shape[dim] > 1:
+            ctx.freeze(out.ids, f"node {ctx.where()}: combined with a tensor of unknown channels")
     for ref, offset, shape in refs:
         dim = out.dim - offset
         if dim >= 0 and shape[dim] > 1:

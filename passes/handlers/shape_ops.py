@@ -120,6 +120,7 @@ def _channel_dim_op_ok(node: torch.fx.Node, ctx: Context, value: Channels) -> bo
         return True
     if node.target == aten.narrow.default:
         start, length = int_arg(node, 2) % len(ids), int_arg(node, 3)
+        ctx.partition([ids[start : start + length]])
         ctx.on_prune(
             lambda kept: _set_many(
                 node, {2: int(kept(ids[:start]).sum()), 3: int(kept(ids[start : start + length]).sum())}
@@ -130,6 +131,7 @@ def _channel_dim_op_ok(node: torch.fx.Node, ctx: Context, value: Channels) -> bo
     if step != 1:
         ctx.freeze(ids, f"node {ctx.where()}: strided slice over channels")
         return False
+    ctx.partition([ids[start:end]])
     ctx.on_prune(
         lambda kept: _set_many(node, {2: int(kept(ids[:start]).sum()), 3: int(kept(ids[:end]).sum())})
     )
@@ -181,6 +183,7 @@ def split(node: torch.fx.Node, ctx: Context) -> list[Channels | None] | None:
     if len(pieces) != len(outs):
         ctx.freeze(value.ids, f"node {ctx.where()}: a split part carries no channels")
         return outs
+    ctx.partition(pieces)
 
     def resize(kept: KeptCounter) -> None:
         node.target = aten.split_with_sizes.default
