@@ -6,8 +6,9 @@ records of ``tilefx.passes.metadata``: an ``aten.linear`` or ``aten.conv2d`` who
 ``aten.addmm`` / ``aten.mm`` / ``aten.matmul`` with a parameter operand (the forms
 ``passes.analysis.weight_layers`` recognises). One stored ``[in, out]`` is planned as a linear on
 ``weight.T`` with its record transposed (``SparseLayer.weight_transposed``; the contract is in
-``passes.metadata``). Everything else stays dense torch, grouped convs included (no kernel yet:
-their pruned zeros stay in the dense weight, with a warning).
+``passes.metadata``). Everything else stays dense torch, with a warning for sparse layers the
+kernels cannot take yet (grouped convs; a bias computed in the graph, as Swin V2's attention
+builds its qkv bias): their pruned zeros stay in the dense weight.
 Every check that can fail (dtype, block tiling, shapes) runs here, so ``build`` raises a
 ``LoweringError`` naming the node before it compiles anything. Kept free of TVM so the plan can
 be printed, tested and reported on machines without it.
@@ -94,13 +95,9 @@ def plan_graph(gm: torch.fx.GraphModule, *, fuse_activations: bool = True) -> Pl
         records = metadata.of(layer.param, BlockSparsity)
         if not records:
             continue
-        groups = node.args[6] if node.target == _CONV2D and len(node.args) > 6 else 1
-        if groups != 1:
-            log.warning(
-                "node %s: grouped conv (groups=%s) has no block-sparse kernel, it stays dense torch",
-                node.name,
-                groups,
-            )
+        why_dense = _no_kernel_for(node, layer.bias)
+        if why_dense is not None:
+            log.warning("node %s: %s, it stays dense torch", node.name, why_dense)
             continue
         record = records[-1].transposed() if layer.transposed else records[-1]
         layers.append(_plan_node(gm, layer, record, fuse_activations))
@@ -120,6 +117,16 @@ _LAYOUT_KEEPING = frozenset(
         torch.ops.aten.tanh.default,
     }
 )
+
+
+def _no_kernel_for(node: torch.fx.Node, bias: torch.fx.Node | None) -> str | None:
+    """Why a block-sparse layer has no kernel (it then stays dense torch, its zeros in place)."""
+    groups = node.args[6] if node.target == _CONV2D and len(node.args) > 6 else 1
+    if groups != 1:
+        return f"grouped conv (groups={groups}) has no block-sparse kernel"
+    if bias is not None and bias.op != "get_attr":
+        return f"its bias is computed in the graph (by {bias.name!r}), the kernels take a stored one"
+    return None
 
 
 def _with_consumers(gm: torch.fx.GraphModule, layers: list[SparseLayer]) -> list[SparseLayer]:

@@ -150,6 +150,27 @@ def test_block_not_dividing_is_rejected_before_compiling(forbid_compile) -> None
         compile_graph(gm)
 
 
+class ComputedBias(torch.nn.Module):
+    """Swin V2's attention builds its qkv bias in forward: no stored bias for a kernel to take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.fc.weight, self.fc.bias * 2)
+
+
+def test_a_sparse_layer_with_a_computed_bias_stays_dense_with_a_warning(caplog) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(4, 16)
+    gm = torch.export.export(ComputedBias().eval(), (x,)).module()
+    mask = torch.rand(4, 16) < 0.5
+    set_metadata(gm, Metadata().with_annotation("fc.weight", BlockSparsity((8, 1), mask)))
+    with caplog.at_level(logging.WARNING, logger="tilefx.lowering.plan"):
+        assert plan_graph(gm).layers == ()
+    assert "bias is computed in the graph" in caplog.text and "stays dense torch" in caplog.text
+
+
 def test_non_float32_is_rejected_before_compiling(forbid_compile) -> None:  # type: ignore[no-untyped-def]
     gm, _ = _pruned()
     gm.fc1.weight.data = gm.fc1.weight.data.double()
