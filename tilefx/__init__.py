@@ -18,7 +18,7 @@ from tilefx.passes.training.dcp import DCPOptions
 from .api import compile, optimize
 from .capture import capture
 from .pipeline import default_pipeline
-from .recipe import BlockPruning, ChannelPruning, ConnectionPruning, Recipe
+from .recipe import BlockPruning, ChannelPruning, ConnectionPruning, Recipe, Recovery
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "PassError",
     "Recipe",
     "RecipeError",
+    "Recovery",
     "UnsupportedOpError",
     "VerificationError",
     "capture",

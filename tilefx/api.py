@@ -40,6 +40,8 @@ def optimize(
     The caller's model is never mutated (its parameters and buffers stay byte-identical).
     ``passes`` replaces the default pipeline (see :func:`tilefx.pipeline.default_pipeline`);
     ``instruments`` observe it (timing, graph dumps). Raises a subclass of ``OptimizeError``.
+    ``calibration``: batches ``(inputs, labels)`` for data-driven criteria and for
+    ``Recipe(recovery=...)``, where ``labels=None`` means unlabeled (learn from the dense model).
     """
     recipe = Recipe() if recipe is None else recipe
     if not isinstance(recipe, Recipe):
