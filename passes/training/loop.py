@@ -190,7 +190,12 @@ class _Run:
             hooks,
             params,
         )
-        self.wrapped: nn.Module = nn.parallel.DistributedDataParallel(model) if _distributed() else model
+        # Unused parameters (an output no loss term reads) are allowed: find_unused_parameters.
+        self.wrapped: nn.Module = (
+            nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            if _distributed()
+            else model
+        )
         self.optimizer = _optimizer(params, options)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(options))
         self.stream = _BatchStream(data, options.seed, options.shuffle)
