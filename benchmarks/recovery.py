@@ -2,7 +2,8 @@
 
 For each block shape, sparsity and reordering (TETRIS or none): ``tilefx.optimize`` with
 ``Recipe(blocks=..., recovery=Recovery(...))`` distils the pruned model from the dense one on
-real English text that ships offline (Python's own documentation, ``pydoc_data.topics``), then
+real English text that ships offline (Python's documentation topics and standard-library
+docstrings, :mod:`tilefx.corpus`), then
 ``tilefx.compile`` lowers it to TVM kernels. Reported per row, on held-out sentences of the same
 source that training never sees (a disjoint split):
 
@@ -24,23 +25,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pydoc_data.topics
-import random
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.fx
 
 import tilefx
+from tilefx.corpus import english_sentences
 from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.pipeline import default_pipeline
-from tilefx.report import median_ms
-from tilefx.zoo import MiniLM, load_minilm, mean_pooled
+from tilefx.report import embedding_quality, median_ms
+from tilefx.zoo import MiniLM, load_minilm
 
 BATCH, LENGTH, HELD_OUT = 16, 32, 160
 
@@ -48,54 +47,6 @@ BATCH, LENGTH, HELD_OUT = 16, 32, 160
 # `kernels` package transformers probes for when it imports BERT.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 Inputs = tuple[torch.Tensor, torch.Tensor]
-
-
-def corpus(seed: int = 1) -> tuple[list[str], list[str]]:
-    """(training, held-out) sentences from Python's documentation topics, disjoint."""
-    text = " ".join(pydoc_data.topics.topics.values())
-    sentences = sorted({s.strip().replace("\n", " ") for s in re.split(r"(?<=[.!?])\s+", text)})
-    sentences = [
-        s for s in sentences if 6 <= len(s.split()) <= 30 and re.match(r"^[A-Z][a-z]+ ", s) and "`" not in s
-    ]
-    random.Random(seed).shuffle(sentences)
-    return sentences[HELD_OUT:], sentences[:HELD_OUT]
-
-
-def batches(minilm: MiniLM, sentences: Sequence[str]) -> list[Inputs]:
-    """Fixed-shape [BATCH, LENGTH] batches (the captured graph is static); the last one is padded
-    with repeats, which callers drop."""
-    out = []
-    for start in range(0, len(sentences), BATCH):
-        chunk = list(sentences[start : start + BATCH])
-        chunk += chunk[: BATCH - len(chunk)] if len(chunk) < BATCH else []
-        encoded = minilm.tokenizer(
-            chunk, padding="max_length", max_length=LENGTH, truncation=True, return_tensors="pt"
-        )
-        out.append((encoded["input_ids"], encoded["attention_mask"]))
-    return out
-
-
-def embeddings(model: Callable[..., object], data: Sequence[Inputs], count: int) -> torch.Tensor:
-    rows = []
-    with torch.no_grad():
-        for ids, mask in data:
-            out = model(ids, mask)
-            hidden = out["last_hidden_state"] if isinstance(out, dict) else out.last_hidden_state  # type: ignore[attr-defined]
-            rows.append(mean_pooled(hidden, mask))
-    return torch.cat(rows)[:count]
-
-
-def quality(dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float, float]:
-    """(mean cosine, nearest-neighbour agreement) of pruned vs dense embeddings (L2-normalised)."""
-    cosine = float((dense * pruned).sum(-1).mean())
-
-    def neighbours(e: torch.Tensor) -> torch.Tensor:
-        similarity = e @ e.T
-        similarity.fill_diagonal_(-2.0)
-        return similarity.argmax(1)
-
-    agreement = float((neighbours(dense) == neighbours(pruned)).float().mean())
-    return cosine, agreement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,11 +119,11 @@ def run_row(
 ) -> Row:
     block, sparsity, reorder = key
     oneshot = optimize(minilm, recipe(args, block, sparsity, reorder, 0), train, args.taps)
-    oneshot_cosine, _ = quality(dense, embeddings(oneshot, held, HELD_OUT))
+    oneshot_cosine, _ = embedding_quality(dense, minilm.embed(oneshot, held, HELD_OUT))
     start = time.perf_counter()
     pruned = optimize(minilm, recipe(args, block, sparsity, reorder, steps), train, args.taps)
     recovery_s = time.perf_counter() - start
-    cosine, agreement = quality(dense, embeddings(pruned, held, HELD_OUT))
+    cosine, agreement = embedding_quality(dense, minilm.embed(pruned, held, HELD_OUT))
     dense_ms = compiled_ms = float("nan")
     lowered = "-"
     if not args.no_compile:
@@ -232,6 +183,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--warmup", type=float, default=0.05)
     parser.add_argument("--decay", default="linear", choices=["constant", "linear", "cosine"])
+    parser.add_argument("--topics-only", action="store_true", help="train on pydoc topics only")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -243,10 +195,10 @@ def main() -> int:
     args = parse()
     torch.manual_seed(0)
     minilm = load_minilm()
-    train_text, held_text = corpus()
-    train = [(x, None) for x in batches(minilm, train_text)[:-1]]  # drop the padded last batch
-    held = batches(minilm, held_text)
-    dense = embeddings(minilm.model, held, HELD_OUT)
+    train_text, held_text = english_sentences(HELD_OUT, docstrings=not args.topics_only)
+    train = [(x, None) for x in minilm.batches(train_text, BATCH, LENGTH)[:-1]]  # drop the padded last batch
+    held = minilm.batches(held_text, BATCH, LENGTH)
+    dense = minilm.embed(minilm.model, held, HELD_OUT)
     steps = args.steps if args.steps is not None else 300
     if args.minutes is not None:
         per_step = seconds_per_step(args, minilm, train)
