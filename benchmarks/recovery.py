@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.fx
+from _measure import save_result
 
 import tilefx
 from tilefx.corpus import english_sentences
@@ -218,14 +218,7 @@ def main() -> int:
     result = table(rows)
     print(result)
     if args.out is not None:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        command = "python " + " ".join(sys.argv)
-        args.out.write_text(
-            f"# Recovery on all-MiniLM-L6-v2\n\nCommand: `{command}` at commit `{commit}`, "
-            f"{torch.get_num_threads()} threads.\n\n{result}\n"
-        )
+        save_result(args.out, "Recovery on all-MiniLM-L6-v2", result)
     return 0
 
 

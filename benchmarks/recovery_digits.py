@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _measure import save_result
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -124,7 +124,10 @@ def main() -> int:
         seconds = time.perf_counter() - start
         compiled = tilefx.compile(pruned, "llvm")
         x = test[0][0]
-        dense_ms, compiled_ms = median_ms(functools.partial(dense, x)), median_ms(functools.partial(compiled, x))
+        dense_ms, compiled_ms = (
+            median_ms(functools.partial(dense, x)),
+            median_ms(functools.partial(compiled, x)),
+        )
         lines.append(
             f"| {block[0]}x{block[1]} | {args.sparsity:.0%} | {reorder} | {args.steps} | {seconds:.0f} | "
             f"{accuracy(dense, test, count):.3f} | {accuracy(oneshot, test, count):.3f} | "
@@ -134,13 +137,7 @@ def main() -> int:
     result = "\n".join(lines)
     print(result)
     if args.out is not None:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        args.out.write_text(
-            f"# Recovery on a digits CNN\n\nCommand: `python {' '.join(sys.argv)}` at commit `{commit}`, "
-            f"{torch.get_num_threads()} threads, batch {BATCH}.\n\n{result}\n"
-        )
+        save_result(args.out, "Recovery on a digits CNN", result)
     return 0
 
 
