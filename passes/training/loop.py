@@ -73,6 +73,7 @@ class LoopOptions:
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 0.0
     momentum: float = 0.9
+    nesterov: bool = False
     warmup: float = 0.0
     decay: Literal["constant", "linear", "cosine"] = "linear"
     accumulate: int = 1
@@ -163,14 +164,20 @@ def train(
 ) -> LoopResult:
     """Train ``params`` (default: those of ``model`` that require grad) for ``options.steps`` steps.
 
-    ``model`` is updated in place. The global RNG is left as it was (the loop runs in a fork).
+    ``model`` is updated in place and trained in train mode; its modules' modes and the global RNG
+    are left as they were (the loop runs in an RNG fork).
     """
     trainable = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not trainable:
         raise RecipeError("nothing to train: no parameter requires grad")
-    with torch.random.fork_rng(devices=_cuda_devices()):
-        torch.manual_seed(options.seed)
-        return _Run(model, objective, data, options, list(hooks), trainable).run()
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices()):
+            torch.manual_seed(options.seed)
+            return _Run(model, objective, data, options, list(hooks), trainable).run()
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 class _Run:
@@ -357,7 +364,11 @@ class _BatchStream:
 def _optimizer(params: list[torch.Tensor], options: LoopOptions) -> torch.optim.Optimizer:
     if options.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay
+            params,
+            lr=options.lr,
+            momentum=options.momentum,
+            weight_decay=options.weight_decay,
+            nesterov=options.nesterov and options.momentum > 0,
         )
     return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
 
