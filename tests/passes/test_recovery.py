@@ -223,3 +223,21 @@ def test_recovery_end_to_end_through_optimize_and_compile(labelled: bool) -> Non
         torch.testing.assert_close(compiled(x), gm(x), rtol=1e-4, atol=1e-4)
     for parameter in model.parameters():  # the caller's model is untouched
         assert parameter.requires_grad
+
+
+def test_connections_are_pruned_gradually_as_one_by_kernel_blocks() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)
+    ).eval()
+    x = torch.randn(2, 3, 6, 6)
+    data = [(torch.randn(2, 3, 6, 6), None) for _ in range(3)]
+    recipe = tilefx.Recipe(
+        connections=tilefx.ConnectionPruning(sparsity=0.5, criterion="l1"),
+        recovery=tilefx.Recovery(steps=6, lr=1e-3, every=2, progress=False),
+    )
+    gm = tilefx.optimize(model, (x,), recipe, calibration=data)
+    pruned = _pruned(gm)
+    assert len(pruned) == 2
+    for record in pruned.values():
+        assert record.block == (1, 9)
+        assert int((~record.mask).sum()) == record.mask.numel() // 2
