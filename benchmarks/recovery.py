@@ -73,6 +73,7 @@ def recipe(
         distill=args.distill,
         output_loss=args.output_loss,
         score=args.score,
+        trainable=args.trainable,
         ramp=args.ramp,
         every=args.every,
         warmup=args.warmup,
@@ -179,6 +180,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--output-loss", default="cosine", choices=["cosine", "mse", "kl"])
     parser.add_argument("--taps", default="inputs", choices=["inputs", "norms"])
     parser.add_argument("--score", default="magnitude", choices=["magnitude", "movement"])
+    parser.add_argument("--trainable", default="all", choices=["all", "layers"])
     parser.add_argument("--ramp", type=float, default=0.6)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--warmup", type=float, default=0.05)

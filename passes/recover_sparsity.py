@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .analysis.weight_layers import LayerSelection, weight_layers
+from .graph_utils import param_node
 from .infra.analysis_manager import AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 class RecoverSparsityPass(PassBase):
     """Gradual (or one-shot) block pruning with recovery training. Requires: calibration batches
     shaped like the example inputs (the captured graph is static). ``block=None`` only trains,
-    holding the sparsity already recorded."""
+    holding the sparsity already recorded. trainable: every parameter, or only the linear/conv
+    layers' weights and biases ("layers")."""
 
     loop: LoopOptions
     calibration: Calibration = field(compare=False, hash=False)
@@ -71,6 +73,7 @@ class RecoverSparsityPass(PassBase):
     distill: Literal["output", "hidden"] | None = "hidden"
     output_loss: OutputLoss = "cosine"
     taps: tuple[str, ...] = ()
+    trainable: Literal["all", "layers"] = "all"
     selection: LayerSelection = field(default_factory=LayerSelection)
 
     numerics: ClassVar[Numerics] = "masked"
@@ -128,10 +131,27 @@ class RecoverSparsityPass(PassBase):
         objective = _Objective(
             Tapped(teacher, taps), len(student.taps), self._distill_loss(), self.calibration
         )
-        for p in gm.parameters():
-            p.requires_grad_(p.is_floating_point())
-        log.info("RecoverSparsityPass: %d steps, %d hidden taps", self.loop.steps, len(taps))
+        trained = self._trained(gm)
+        for name, p in gm.named_parameters():
+            p.requires_grad_(name in trained)
+        log.info(
+            "RecoverSparsityPass: %d steps, %d hidden taps, %d parameters trained",
+            self.loop.steps,
+            len(taps),
+            len(trained),
+        )
         return train(student.module, objective, self.calibration, self.loop, hooks)
+
+    def _trained(self, gm: torch.fx.GraphModule) -> set[str]:
+        """Every floating parameter, or (``trainable="layers"``) the linear/conv weights and biases:
+        embeddings and norms then stay as the dense model has them, so a small corpus cannot drift
+        the embeddings of the words it happens to contain."""
+        floating = {name for name, p in gm.named_parameters() if p.is_floating_point()}
+        if self.trainable == "all":
+            return floating
+        layers = weight_layers(gm)
+        biases = {param_node(layer.node.args[2]) for layer in layers if len(layer.node.args) > 2}
+        return floating & ({layer.param for layer in layers} | {b for b in biases if b is not None})
 
     def _distill_loss(self) -> DistillLoss | None:
         if self.distill is None:

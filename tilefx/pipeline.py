@@ -120,6 +120,7 @@ def _recovery_pipeline(recipe: Recipe, recovery: Recovery, calibration: Any) -> 
             score=recovery.score,
             distill=recovery.distill,
             output_loss=recovery.output_loss,
+            trainable=recovery.trainable,
         )
     )
     return passes

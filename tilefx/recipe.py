@@ -176,6 +176,7 @@ class Recovery:
     distill: Literal["output", "hidden"] | None = "hidden"
     output_loss: Literal["cosine", "mse", "kl"] = "cosine"
     score: Literal["magnitude", "movement"] = "magnitude"
+    trainable: Literal["all", "layers"] = "all"
     ramp: float = 0.6
     every: int = 10
     warmup: float = 0.05
@@ -203,6 +204,7 @@ class Recovery:
         _choice("Recovery", "distill", self.distill, ("output", "hidden", None))
         _choice("Recovery", "output_loss", self.output_loss, ("cosine", "mse", "kl"))
         _choice("Recovery", "score", self.score, ("magnitude", "movement"))
+        _choice("Recovery", "trainable", self.trainable, ("all", "layers"))
         _choice("Recovery", "decay", self.decay, ("constant", "linear", "cosine"))
         _choice("Recovery", "optimizer", self.optimizer, ("adamw", "sgd"))
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:

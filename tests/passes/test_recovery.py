@@ -241,3 +241,13 @@ def test_connections_are_pruned_gradually_as_one_by_kernel_blocks() -> None:
     for record in pruned.values():
         assert record.block == (1, 9)
         assert int((~record.mask).sum()) == record.mask.numel() // 2
+
+
+def test_trainable_layers_leaves_norms_as_the_dense_model_has_them() -> None:
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    recipe = _recipe(trainable="layers")
+    gm = tilefx.optimize(model, (torch.randn(8, 16),), recipe, calibration=_batches(False))
+    assert torch.equal(gm.get_parameter("1.weight"), model[1].weight)
+    assert not torch.equal(gm.get_parameter("0.bias"), model[0].bias)
