@@ -99,7 +99,7 @@ def optimize(
 
 
 def seconds_per_step(args: argparse.Namespace, minilm: MiniLM, train: list[tuple[Inputs, None]]) -> float:
-    probe = dataclasses.replace(args, quiet=True)
+    probe = argparse.Namespace(**{**vars(args), "quiet": True})
     short, longer = 2, 6
     times = []
     for steps in (short, longer):

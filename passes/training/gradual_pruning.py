@@ -63,6 +63,7 @@ class GradualBlockPruning(LoopHook):
             else {}
         )
         self.current = {w.name: 0.0 for w in weights}
+        self.elements: dict[str, torch.Tensor] = {}  # element masks in the weight's dtype, per mask
 
     # ---- LoopHook -------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
@@ -87,6 +88,7 @@ class GradualBlockPruning(LoopHook):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.masks = {k: v.bool() for k, v in state["masks"].items()}
+        self.elements = {}
         self.movement = dict(state["movement"])
         self.current = dict(state["current"])
         self.apply()
@@ -98,6 +100,7 @@ class GradualBlockPruning(LoopHook):
             keep = self._select(w, sparsities[w.name])
             broadcast_from_rank0(keep)
             self.masks[w.name] = keep
+            self.elements.pop(w.name, None)
             self.current[w.name] = sparsities[w.name]
         self.apply()
 
@@ -109,7 +112,9 @@ class GradualBlockPruning(LoopHook):
     def apply(self) -> None:
         with torch.no_grad():
             for w in self.weights:
-                w.weight.mul_(self.record(w).element_mask(w.weight.shape).to(w.weight))
+                if w.name not in self.elements:
+                    self.elements[w.name] = self.record(w).element_mask(w.weight.shape).to(w.weight)
+                w.weight.mul_(self.elements[w.name])
 
     def record(self, w: MaskedWeight) -> BlockSparsity:
         return BlockSparsity(w.block, self.masks[w.name])

@@ -370,7 +370,12 @@ def _optimizer(params: list[torch.Tensor], options: LoopOptions) -> torch.optim.
             weight_decay=options.weight_decay,
             nesterov=options.nesterov and options.momentum > 0,
         )
-    return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    # The fused kernel is several times faster than the per-tensor loop on CPU (22M parameters:
+    # the step cost more than the forward pass), with the same arithmetic step for step.
+    fused = all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params
+    )
+    return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay, fused=fused)
 
 
 def _lr_factor(options: LoopOptions) -> Callable[[int], float]:
