@@ -175,7 +175,7 @@ def parse() -> argparse.Namespace:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="optimiser steps per row")
     budget.add_argument("--minutes", type=float, default=None, help="recovery wall time per row")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--distill", default="hidden", choices=["output", "hidden"])
     parser.add_argument("--output-loss", default="cosine", choices=["cosine", "mse", "kl"])
     parser.add_argument("--taps", default="inputs", choices=["inputs", "norms"])

@@ -1,6 +1,6 @@
 """Loss terms for recovery: the task loss, and distillation from the dense model (the teacher).
 
-Scale matters more than the formula (measured on MiniLM, see ``docs/methods.md``): transformer
+Scale matters more than the formula (measured on MiniLM by a prototype of this recovery): transformer
 hidden states have a few huge outlier dimensions, so an absolute MSE is dominated by them. Every
 matching term here is therefore *relative* — squared error divided by the teacher's energy — so
 each tap and the output count alike whatever their scale, and a term is 0 exactly when the
