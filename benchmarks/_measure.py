@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tilefx.report import median_ms  # one timing loop for every benchmark
 
-__all__ = ["count_macs", "count_params", "machine", "median_ms", "onednn_linear"]
+__all__ = ["count_macs", "count_params", "machine", "median_ms", "onednn_linear", "save_result"]
 
 
 def count_macs(model: torch.nn.Module, inputs: Sequence[Any]) -> int:
@@ -57,3 +60,12 @@ def onednn_linear(
     expected = torch.nn.functional.linear(probe, weight.detach(), bias)
     assert torch.allclose(run(probe), expected, rtol=1e-4, atol=1e-3), "oneDNN linear disagrees"
     return run
+
+
+def save_result(path: Path, title: str, body: str) -> None:
+    """Write a result as markdown, naming the command, the commit and the machine it ran on."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    command = "python " + " ".join(sys.argv)
+    path.write_text(f"# {title}\n\nCommand: `{command}` at commit `{commit}`; {machine()}.\n\n{body}\n")

@@ -20,7 +20,7 @@ from tilefx.passes.training.dcp import DCPOptions  # importing DCP registers the
 from .api import compile, optimize
 from .capture import capture
 from .pipeline import default_pipeline
-from .recipe import BlockPruning, ChannelPruning, ConnectionPruning, Recipe
+from .recipe import BlockPruning, ChannelPruning, ConnectionPruning, Recipe, Recovery
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "PreconditionError",
     "Recipe",
     "RecipeError",
+    "Recovery",
     "UnsupportedOpError",
     "VerificationError",
     "capture",

@@ -49,6 +49,8 @@ def optimize(
     ``CaptureError`` for a model that is not an ``nn.Module``, has no data (meta device) or
     non-finite weights; ``RecipeError`` for a bad recipe, including ``protect`` names that match
     no parameter. A block recipe that leaves layers dense warns (``tilefx.CoverageWarning``).
+    ``calibration``: batches ``(inputs, labels)`` for data-driven criteria and for
+    ``Recipe(recovery=...)``, where ``labels=None`` means unlabeled (learn from the dense model).
     """
     recipe = Recipe() if recipe is None else recipe
     if not isinstance(recipe, Recipe):

@@ -19,11 +19,12 @@ from tilefx.passes.infra.pass_base import PassBase
 from tilefx.passes.prune_blocks import PruneBlocksPass
 from tilefx.passes.prune_channels import PruneChannelsPass
 from tilefx.passes.prune_connections import PruneConnectionsPass
+from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.reorder_dims import ReorderDimsPass
 from tilefx.passes.training.calibration import as_calibration
 from tilefx.passes.training.dcp import DCPOptions
 
-from .recipe import BlockPruning, ChannelPruning, Recipe
+from .recipe import BlockPruning, ChannelPruning, Recipe, Recovery
 
 __all__ = ["default_pipeline"]
 
@@ -33,8 +34,12 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
 
     Criteria that read the batch norms' γ run before folding removes them: channel pruning by
     ``bn_scale`` and connection pruning by Synaptic Strength (|γ_in| · ‖kernel‖). Every other
-    criterion scores the folded graph, the one it prunes.
+    criterion scores the folded graph, the one it prunes. With ``recipe.recovery`` the block (or
+    connection) pruning pass becomes a :class:`RecoverSparsityPass`, which prunes while training;
+    TETRIS orders are still chosen once, on the dense weights, and folded before it.
     """
+    if recipe.recovery is not None:
+        return _recovery_pipeline(recipe, recipe.recovery, calibration)
     channels, connections = recipe.channels, recipe.connections
     channels_first = channels is not None and channels.criterion == "bn_scale"
     connections_first = connections is not None and connections.criterion == "synaptic_strength"
@@ -106,3 +111,32 @@ def _block_passes(options: BlockPruning, skip: tuple[str, ...]) -> list[PassBase
             ReorderDimsPass(planner=TetrisPlanner(options.block, options.sparsity, preset), skip=skip)
         )
     return [*passes, PruneBlocksPass(block=options.block, sparsity=options.sparsity)]
+
+
+def _recovery_pipeline(recipe: Recipe, recovery: Recovery, calibration: Any) -> list[PassBase]:
+    """Fold, clean up, reorder (TETRIS, on the dense weights), then prune while training."""
+    data = as_calibration(calibration, "Recipe.recovery")
+    passes: list[PassBase] = [FoldBatchNormPass()] if recipe.fold_batchnorm else []
+    passes.append(EliminateDeadCodePass())
+    block, sparsity = None, 0.0
+    if recipe.blocks is not None:
+        passes += _block_passes(recipe.blocks, recipe.skip)[:-1]  # all but the one-shot pruning
+        block, sparsity = recipe.blocks.block, recipe.blocks.sparsity
+    elif recipe.connections is not None:
+        block, sparsity = (1, 1), recipe.connections.sparsity  # a connection is a (1, 1) channel block
+    passes.append(
+        RecoverSparsityPass(
+            loop=recovery.loop_options(),
+            calibration=data,
+            block=block,
+            sparsity=sparsity,
+            schedule=recovery.schedule,
+            ramp=recovery.ramp,
+            every=recovery.every,
+            score=recovery.score,
+            distill=recovery.distill,
+            output_loss=recovery.output_loss,
+            trainable=recovery.trainable,
+        )
+    )
+    return passes

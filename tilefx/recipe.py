@@ -19,8 +19,9 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.training.dcp import DCPOptions
 from tilefx.passes.training.finetune import SGDOptions
+from tilefx.passes.training.loop import LoopOptions
 
-__all__ = ["BlockPruning", "ChannelPruning", "ConnectionPruning", "Recipe"]
+__all__ = ["BlockPruning", "ChannelPruning", "ConnectionPruning", "Recipe", "Recovery"]
 
 T = TypeVar("T")
 
@@ -230,10 +231,85 @@ class BlockPruning:
 
 @_strict
 @dataclass(frozen=True)
+class Recovery:
+    """Train while pruning, so the pruned model still works: needs ``optimize(..., calibration=...)``.
+
+    Batches are ``(inputs, labels)`` shaped like the example inputs; ``labels=None`` means unlabeled:
+    the model then learns from the dense model (distillation). steps: optimiser steps (each of
+    ``accumulate`` batches). schedule: "gradual" raises sparsity along Zhu & Gupta's cubic curve
+    over the first ``ramp`` of the steps, re-selecting masks from the current weights every
+    ``every`` steps by ``score`` ("magnitude" or "movement"); "oneshot" prunes at step 0 and trains
+    with the masks fixed. distill: "output", "hidden" (outputs plus the inputs of every pruned
+    layer) or None (labels only); output_loss: "cosine" (relative MSE + cosine, for embeddings),
+    "mse" or "kl" (for logits). lr warms up over ``warmup`` of the steps, then ``decay``s.
+    checkpoint_dir: save every ``checkpoint_every`` steps; a rerun resumes there. progress: a
+    tqdm bar with the live loss and sparsity, when stderr is a terminal.
+    """
+
+    steps: int = 500
+    lr: float = 1e-4
+    schedule: Literal["gradual", "oneshot"] = "gradual"
+    distill: Literal["output", "hidden"] | None = "hidden"
+    output_loss: Literal["cosine", "mse", "kl"] = "cosine"
+    score: Literal["magnitude", "movement"] = "magnitude"
+    trainable: Literal["all", "layers"] = "all"
+    ramp: float = 0.6
+    every: int = 10
+    warmup: float = 0.05
+    decay: Literal["constant", "linear", "cosine"] = "linear"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    accumulate: int = 1
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "every", "accumulate", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            low = 0 if name in ("steps", "seed") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise RecipeError(f"Recovery.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise RecipeError(f"Recovery.lr must be positive, got {self.lr!r}")
+        if not isinstance(self.ramp, (int, float)) or not 0 <= self.ramp <= 1:
+            raise RecipeError(f"Recovery.ramp must be a fraction of the steps in [0, 1], got {self.ramp!r}")
+        _fraction("Recovery", "warmup", self.warmup)
+        _choice("Recovery", "schedule", self.schedule, ("gradual", "oneshot"))
+        _choice("Recovery", "distill", self.distill, ("output", "hidden", None))
+        _choice("Recovery", "output_loss", self.output_loss, ("cosine", "mse", "kl"))
+        _choice("Recovery", "score", self.score, ("magnitude", "movement"))
+        _choice("Recovery", "trainable", self.trainable, ("all", "layers"))
+        _choice("Recovery", "decay", self.decay, ("constant", "linear", "cosine"))
+        _choice("Recovery", "optimizer", self.optimizer, ("adamw", "sgd"))
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise RecipeError(f"Recovery.weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    def loop_options(self) -> LoopOptions:
+        """The training loop's options for this recovery."""
+        return LoopOptions(
+            steps=self.steps,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            warmup=self.warmup,
+            decay=self.decay,
+            accumulate=self.accumulate,
+            seed=self.seed,
+            checkpoint_dir=self.checkpoint_dir,
+            checkpoint_every=self.checkpoint_every,
+            progress=self.progress,
+        )
+
+
+@_strict
+@dataclass(frozen=True)
 class Recipe:
     """The whole optimisation request. The default folds batch norms and cleans up (exact only).
 
     tolerance: allowed max abs error relative to the output scale in verification.
+    recovery: train while pruning (see :class:`Recovery`); needs calibration batches.
     """
 
     fold_batchnorm: bool = True
@@ -243,12 +319,14 @@ class Recipe:
     skip: tuple[str, ...] = ()
     verify: bool = True
     tolerance: float = 1e-5
+    recovery: Recovery | None = None
 
     def __post_init__(self) -> None:
         for name, kind in (
             ("channels", ChannelPruning),
             ("connections", ConnectionPruning),
             ("blocks", BlockPruning),
+            ("recovery", Recovery),
         ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
@@ -258,13 +336,35 @@ class Recipe:
         object.__setattr__(self, "skip", tuple(self.skip))
         if not 0 < self.tolerance < 1:
             raise RecipeError(f"Recipe.tolerance must be in (0, 1), got {self.tolerance!r}")
+        if self.recovery is not None:
+            self._check_recovery()
+
+    def _check_recovery(self) -> None:
+        """Recovery trains block (or connection) masks; the combinations it does not cover yet fail here."""
+        if self.channels is not None:
+            raise RecipeError(
+                "Recipe.recovery does not train channel pruning yet: drop recovery, or prune blocks instead"
+            )
+        if self.connections is not None and self.blocks is not None:
+            raise RecipeError(
+                "Recipe.recovery trains one sparsity at a time: blocks or connections, not both"
+            )
+        if self.connections is not None and self.connections.criterion != "l1":
+            raise RecipeError(
+                'Recipe.recovery prunes connections gradually by magnitude: use ConnectionPruning(criterion="l1")'
+            )
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> Recipe:
         """Build from plain data (a parsed TOML file); sections become the option dataclasses."""
         if not isinstance(data, Mapping):
             raise RecipeError(f"a recipe must be a table of Recipe fields, got {type(data).__name__}")
-        sections = {"channels": ChannelPruning, "connections": ConnectionPruning, "blocks": BlockPruning}
+        sections = {
+            "channels": ChannelPruning,
+            "connections": ConnectionPruning,
+            "blocks": BlockPruning,
+            "recovery": Recovery,
+        }
         fields: dict[str, Any] = {}
         for key, value in data.items():
             if key not in sections:

@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 from tilefx.passes.infra.instruments import PassTiming
 
-__all__ = ["count_parameters", "max_relative_error", "median_ms", "pass_table"]
+__all__ = ["count_parameters", "embedding_quality", "max_relative_error", "median_ms", "pass_table"]
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -27,6 +27,22 @@ def max_relative_error(actual: Any, expected: Any) -> float:
             scale = max(float(e.abs().max()), 1e-6)
             worst = max(worst, float((a.double() - e.double()).abs().max()) / scale)
     return worst
+
+
+def embedding_quality(dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float, float]:
+    """(mean cosine, nearest-neighbour agreement) of L2-normalised sentence embeddings [N, D].
+
+    Agreement: the fraction of sentences whose most similar *other* sentence is the same under
+    the pruned model as under the dense one (what a semantic search would return).
+    """
+    cosine = float((dense * pruned).sum(-1).mean())
+
+    def neighbours(embeddings: torch.Tensor) -> torch.Tensor:
+        similarity = embeddings @ embeddings.T
+        similarity.fill_diagonal_(-2.0)
+        return similarity.argmax(1)
+
+    return cosine, float((neighbours(dense) == neighbours(pruned)).float().mean())
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:

@@ -40,6 +40,34 @@ class MiniLM:
     def encode(self, sentences: Sequence[str] = SENTENCES) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(list(sentences), padding=True, return_tensors="pt"))
 
+    def batches(
+        self, sentences: Sequence[str], size: int = 16, length: int = 32
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(input_ids, attention_mask)`` batches all shaped ``[size, length]`` (a captured graph is
+        static); a short last batch is filled up with its own first sentences."""
+        out = []
+        for start in range(0, len(sentences), size):
+            chunk = list(sentences[start : start + size])
+            chunk += chunk[: size - len(chunk)]
+            encoded = self.tokenizer(
+                chunk, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+            )
+            out.append((encoded["input_ids"], encoded["attention_mask"]))
+        return out
+
+    @staticmethod
+    def embed(
+        model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], count: int
+    ) -> torch.Tensor:
+        """The first ``count`` sentence embeddings of ``model`` (a BertModel or its optimized graph)."""
+        rows = []
+        with torch.no_grad():
+            for ids, mask in batches:
+                out = model(ids, mask)
+                hidden = out["last_hidden_state"] if isinstance(out, dict) else out.last_hidden_state
+                rows.append(mean_pooled(hidden, mask))
+        return torch.cat(rows)[:count]
+
 
 def load_minilm() -> MiniLM:
     """Load all-MiniLM-L6-v2 from the installed package, straight from its zip (nothing extracted)."""

@@ -1,0 +1,228 @@
+"""Recovered quality and compiled speed of block-pruned all-MiniLM-L6-v2 (issue 12), in one run.
+
+For each block shape, sparsity and reordering (TETRIS or none): ``tilefx.optimize`` with
+``Recipe(blocks=..., recovery=Recovery(...))`` distils the pruned model from the dense one on
+real English text that ships offline (Python's documentation topics and standard-library
+docstrings, :mod:`tilefx.corpus`), then
+``tilefx.compile`` lowers it to TVM kernels. Reported per row, on held-out sentences of the same
+source that training never sees (a disjoint split):
+
+- cosine: mean cosine of mean-pooled sentence embeddings, pruned vs dense;
+- NN agreement: the fraction of held-out sentences whose most similar *other* held-out sentence
+  is the same under the pruned model as under the dense one;
+- one-shot cosine: the same pruning without recovery (steps=0), for reference;
+- latency: median ms of dense torch and of the compiled model on one [16, 32] batch, same run.
+
+The budget is ``--steps`` optimiser steps, or ``--minutes`` of recovery per row (converted to
+steps from a short timing of training steps before the first row, since the schedule needs the
+step count up front).
+
+    .venv/bin/python benchmarks/recovery.py --blocks 16x1 --sparsities 0.8 --minutes 12
+    .venv/bin/python benchmarks/recovery.py --minutes 3 --out benchmarks/results/recovery_curve.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.fx
+from _measure import save_result
+
+import tilefx
+from tilefx.corpus import english_sentences
+from tilefx.passes.recover_sparsity import RecoverSparsityPass
+from tilefx.pipeline import default_pipeline
+from tilefx.report import embedding_quality, median_ms
+from tilefx.zoo import MiniLM, load_minilm
+
+BATCH, LENGTH, HELD_OUT = 16, 32, 160
+
+# Python puts this script's folder first on sys.path, where benchmarks/kernels.py would shadow the
+# `kernels` package transformers probes for when it imports BERT.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+Inputs = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    block: tuple[int, int]
+    sparsity: float
+    reorder: str
+    steps: int
+    recovery_s: float
+    oneshot_cosine: float
+    cosine: float
+    agreement: float
+    dense_ms: float
+    compiled_ms: float
+    lowered: str
+
+
+def recipe(
+    args: argparse.Namespace, block: tuple[int, int], sparsity: float, reorder: str, steps: int
+) -> tilefx.Recipe:
+    recovery = tilefx.Recovery(
+        steps=steps,
+        lr=args.lr,
+        distill=args.distill,
+        output_loss=args.output_loss,
+        score=args.score,
+        trainable=args.trainable,
+        ramp=args.ramp,
+        every=args.every,
+        warmup=args.warmup,
+        decay=args.decay,
+        progress=not args.quiet,
+    )
+    blocks = tilefx.BlockPruning(block=block, sparsity=sparsity, reorder=reorder)  # type: ignore[arg-type]
+    return tilefx.Recipe(blocks=blocks, recovery=recovery)
+
+
+def optimize(
+    minilm: MiniLM, recipe_: tilefx.Recipe, train: list[tuple[Inputs, None]], taps: str
+) -> torch.fx.GraphModule:
+    """``tilefx.optimize``; with ``taps="norms"`` the hidden taps are the layer norms' outputs."""
+    example = train[0][0]
+    if taps == "inputs":
+        return tilefx.optimize(minilm.model, example, recipe_, calibration=train)
+    passes = default_pipeline(recipe_, train)
+    gm = tilefx.capture(minilm.model, example)
+    norms = tuple(n.name for n in gm.graph.nodes if n.target == torch.ops.aten.layer_norm.default)
+    passes = [dataclasses.replace(p, taps=norms) if isinstance(p, RecoverSparsityPass) else p for p in passes]
+    return tilefx.optimize(minilm.model, example, recipe_, calibration=train, passes=passes)
+
+
+def seconds_per_step(args: argparse.Namespace, minilm: MiniLM, train: list[tuple[Inputs, None]]) -> float:
+    probe = argparse.Namespace(**{**vars(args), "quiet": True})
+    short, longer = 2, 6
+    times = []
+    for steps in (short, longer):
+        start = time.perf_counter()
+        optimize(minilm, recipe(probe, (16, 1), 0.5, "none", steps), train[:8], args.taps)
+        times.append(time.perf_counter() - start)
+    return (times[1] - times[0]) / (longer - short)
+
+
+def run_row(
+    args: argparse.Namespace,
+    minilm: MiniLM,
+    train: list[tuple[Inputs, None]],
+    held: list[Inputs],
+    dense: torch.Tensor,
+    key: tuple[tuple[int, int], float, str],
+    steps: int,
+) -> Row:
+    block, sparsity, reorder = key
+    oneshot = optimize(minilm, recipe(args, block, sparsity, reorder, 0), train, args.taps)
+    oneshot_cosine, _ = embedding_quality(dense, minilm.embed(oneshot, held, HELD_OUT))
+    start = time.perf_counter()
+    pruned = optimize(minilm, recipe(args, block, sparsity, reorder, steps), train, args.taps)
+    recovery_s = time.perf_counter() - start
+    cosine, agreement = embedding_quality(dense, minilm.embed(pruned, held, HELD_OUT))
+    dense_ms = compiled_ms = float("nan")
+    lowered = "-"
+    if not args.no_compile:
+        from tilefx.lowering.build import lowering_choices  # imports tvm
+
+        compiled = tilefx.compile(pruned, "llvm")
+        choices = lowering_choices(compiled)
+        lowered = f"{sum(c.lowered for c in choices)}/{len(choices)}"
+        x = held[0]
+        dense_ms = median_ms(lambda: minilm.model(*x), repeats=args.repeats)
+        compiled_ms = median_ms(lambda: compiled(*x), repeats=args.repeats)
+    return Row(
+        block,
+        sparsity,
+        reorder,
+        steps,
+        recovery_s,
+        oneshot_cosine,
+        cosine,
+        agreement,
+        dense_ms,
+        compiled_ms,
+        lowered,
+    )
+
+
+def table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| block | sparsity | reorder | steps | recovery s | one-shot cos | cosine | NN agreement | dense ms | compiled ms | speed-up | lowered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.block[0]}x{r.block[1]} | {r.sparsity:.0%} | {r.reorder} | {r.steps} | {r.recovery_s:.0f} | "
+            f"{r.oneshot_cosine:.3f} | {r.cosine:.3f} | {r.agreement:.3f} | {r.dense_ms:.1f} | {r.compiled_ms:.1f} | "
+            f"{r.dense_ms / r.compiled_ms:.2f}x | {r.lowered} |"
+        )
+    return "\n".join(lines)
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--blocks", default="16x1,32x32")
+    parser.add_argument("--sparsities", default="0.5,0.7,0.8,0.9")
+    parser.add_argument("--reorders", default="tetris,none")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help="optimiser steps per row")
+    budget.add_argument("--minutes", type=float, default=None, help="recovery wall time per row")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--distill", default="hidden", choices=["output", "hidden"])
+    parser.add_argument("--output-loss", default="cosine", choices=["cosine", "mse", "kl"])
+    parser.add_argument("--taps", default="inputs", choices=["inputs", "norms"])
+    parser.add_argument("--score", default="magnitude", choices=["magnitude", "movement"])
+    parser.add_argument("--trainable", default="all", choices=["all", "layers"])
+    parser.add_argument("--ramp", type=float, default=0.6)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--warmup", type=float, default=0.05)
+    parser.add_argument("--decay", default="linear", choices=["constant", "linear", "cosine"])
+    parser.add_argument("--topics-only", action="store_true", help="train on pydoc topics only")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--out", type=Path, default=None, help="write the table as markdown here")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse()
+    torch.manual_seed(0)
+    minilm = load_minilm()
+    train_text, held_text = english_sentences(HELD_OUT, docstrings=not args.topics_only)
+    train = [(x, None) for x in minilm.batches(train_text, BATCH, LENGTH)[:-1]]  # drop the padded last batch
+    held = minilm.batches(held_text, BATCH, LENGTH)
+    dense = minilm.embed(minilm.model, held, HELD_OUT)
+    steps = args.steps if args.steps is not None else 300
+    if args.minutes is not None:
+        per_step = seconds_per_step(args, minilm, train)
+        steps = max(1, int(args.minutes * 60 / per_step))
+        print(f"{per_step:.2f} s a step: {args.minutes} min is {steps} steps", flush=True)
+    print(
+        f"{len(train)} training batches of {BATCH}x{LENGTH} ({len(train_text)} sentences), {len(held_text)} held out"
+    )
+    rows = []
+    for block_text in args.blocks.split(","):
+        block = tuple(int(b) for b in block_text.split("x"))
+        for sparsity in (float(s) for s in args.sparsities.split(",")):
+            for reorder in args.reorders.split(","):
+                row = run_row(args, minilm, train, held, dense, (block, sparsity, reorder), steps)  # type: ignore[arg-type]
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
+    result = table(rows)
+    print(result)
+    if args.out is not None:
+        save_result(args.out, "Recovery on all-MiniLM-L6-v2", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
