@@ -235,12 +235,14 @@ def _has(spec: ModelSpec, kind: type) -> bool:
 
 
 @torch.no_grad()
-def check_lowering(spec: ModelSpec, blocks: tilefx.BlockPruning) -> None:
+def check_lowering(spec: ModelSpec, blocks: tilefx.BlockPruning, *, expect_layers: bool = True) -> None:
     """Every block-sparse layer is lowered; the compiled model matches the pruned torch model."""
     model, inputs = build(spec)
     pruned = tilefx.optimize(model, inputs, recipe=tilefx.Recipe(blocks=blocks))
     planned = plan_graph(pruned).layers
-    assert planned, "the recipe left nothing to lower"
+    if not planned:
+        assert not expect_layers, "the recipe left nothing to lower"
+        return
     compiled = tilefx.compile(pruned, fallback="never")
     choices = lowering_choices(compiled)
     assert [c.node for c in choices] == [layer.node for layer in planned]
