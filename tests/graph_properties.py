@@ -1,12 +1,15 @@
 """What every generated graph must satisfy, as checks a property test or a regression test calls.
 
+Each pass runs under the pipeline's own verification and is then checked again from outside,
+on the example inputs and on fresh ones the verifier never saw, with both sides evaluated in
+float64 (weights widened, not changed), where fp32 summation order is invisible and a wrong
+index is not:
 - :func:`check_exact`: fold-BN and reordering with random orders reproduce the original model
-  (≤ 1e-5 of the output scale in float32; ≤ 1e-10 in float64, where a wrong index cannot hide).
-- :func:`check_pruning`: every pass of a recipe's pipeline runs verified (the pipeline's own
-  check), and is then checked again from outside: exact passes against their input, block and
+  (≤ 1e-5 of the output scale for a float32 model, ≤ 1e-10 for a float64 one).
+- :func:`check_pruning`: a recipe's pipeline pass by pass: exact passes as above; block and
   connection pruning bit for bit (same code, weights = input weights × the recorded mask, the
-  lowest-L1 blocks dropped), channel pruning against the input with the removed channels'
-  parameter slices zeroed, every pass also on fresh inputs the verifier never saw.
+  lowest-L1 blocks dropped, the global connection count); channel pruning against the input
+  with the removed channels' parameter slices zeroed (≤ 1e-10).
 - :func:`check_lowering`: ``tilefx.compile(fallback="never")`` lowers every block-sparse layer
   and matches the pruned torch model to ≤ 1e-4 of the output scale.
 """
@@ -232,12 +235,14 @@ def _has(spec: ModelSpec, kind: type) -> bool:
 
 
 @torch.no_grad()
-def check_lowering(spec: ModelSpec, blocks: tilefx.BlockPruning) -> None:
+def check_lowering(spec: ModelSpec, blocks: tilefx.BlockPruning, *, expect_layers: bool = True) -> None:
     """Every block-sparse layer is lowered; the compiled model matches the pruned torch model."""
     model, inputs = build(spec)
     pruned = tilefx.optimize(model, inputs, recipe=tilefx.Recipe(blocks=blocks))
     planned = plan_graph(pruned).layers
-    assert planned, "the recipe left nothing to lower"
+    if not planned:
+        assert not expect_layers, "the recipe left nothing to lower"
+        return
     compiled = tilefx.compile(pruned, fallback="never")
     choices = lowering_choices(compiled)
     assert [c.node for c in choices] == [layer.node for layer in planned]

@@ -312,3 +312,23 @@ def test_lowering_on_many_generated_graphs() -> None:
         check_lowering(*case)
 
     check()
+
+
+@pytest.mark.slow
+@pytest.mark.exhaustive
+def test_lowering_on_generated_structures() -> None:
+    """Random structures too, with widths blocks divide and one input size, so kernels repeat."""
+    blocks = st.builds(
+        tilefx.BlockPruning,
+        block=st.sampled_from(((4, 1), (8, 1))),
+        sparsity=st.sampled_from((0.0, 0.5)),
+        reorder=st.sampled_from(("none", "tetris")),
+    )
+
+    @seed(1)
+    @settings(_MANY, max_examples=30)
+    @given(model_specs(widths=(8, 16), sizes=(4,), depth=1), blocks)
+    def check(spec: ModelSpec, blocks: tilefx.BlockPruning) -> None:
+        check_lowering(spec, blocks, expect_layers=False)
+
+    check()
