@@ -238,6 +238,27 @@ def test_regression_units_of_a_group_have_as_many_channels_in_every_split_part()
     check_exact(spec, torch.float64, 1473)
 
 
+def test_regression_a_group_with_a_ragged_slice_keeps_its_order() -> None:
+    """Channels of two concatenated convs meet a grouped conv's per-group units after a residual
+    add: unit 0 has two rows in one conv's weight, unit 1 one. That slice was left out of the
+    group, which was still permuted, so those conv rows kept their order (off by 0.16); such a
+    group's order is now fixed."""
+    spec = ModelSpec(
+        image=True,
+        channels=3,
+        size=3,
+        first=(
+            Conv(7),
+            Residual((Split(((), (Conv(8, bias=False),), (Conv(12, bias=False),)), "chunk"),), project=True),
+            Residual((Split(((), (Conv(1, groups=4),), ()), "chunk"),)),
+        ),
+        reshape="mean",
+        outputs=1,
+        seed=388,
+    )
+    check_exact(spec, torch.float64, 388)
+
+
 def test_regression_a_block_pruned_grouped_conv_stays_dense_when_compiled() -> None:
     """Block pruning records grouped convs too, for which there is no kernel: compile raised
     ``LoweringError``; the layer now stays dense torch (its zeros are in the weight)."""
