@@ -423,8 +423,8 @@ def _build_groups(ctx: Context) -> ChannelGroups:
         for root in np.unique(found).tolist():
             signature.setdefault(root, set()).add((use.target, use.dim))
     for part, ids in ctx.partitions:  # units of one group have as many positions in every part
-        roots, counts = np.unique(uf.find(ids), return_counts=True)
-        for root, count in zip(roots.tolist(), counts.tolist(), strict=True):
+        part_roots, counts = np.unique(uf.find(ids), return_counts=True)
+        for root, count in zip(part_roots.tolist(), counts.tolist(), strict=True):
             if root in signature:
                 signature[root].add((part, count))
     by_signature: dict[tuple[frozenset[tuple[str, int]], bool], list[int]] = {}
