@@ -33,6 +33,7 @@ from tilefx.lowering.plan import plan_graph
 from tilefx.passes.analysis.block_selection import block_sums
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
+from tilefx.passes.graph_utils import attr_tensor
 from tilefx.passes.infra import AnalysisManager, Instrument, PassBase, PassManager, PassResult
 from tilefx.passes.metadata import BlockSparsity, ChannelSelection, Permutation, get_metadata, matrix_view
 from tilefx.passes.prune_blocks import PruneBlocksPass
@@ -205,17 +206,10 @@ def _zero_removed_channels(before: torch.fx.GraphModule, after: torch.fx.GraphMo
         for selection in records:
             if not isinstance(selection, ChannelSelection) or selection in old.of(name, ChannelSelection):
                 continue
-            tensor = _tensor(reference, name)
+            tensor = attr_tensor(reference, name)
             removed = np.setdiff1d(np.arange(selection.original), np.array(selection.kept, dtype=np.int64))
             tensor.index_fill_(selection.dim, torch.from_numpy(removed), 0.0)
     return reference
-
-
-def _tensor(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
-    try:
-        return gm.get_parameter(name)
-    except AttributeError:
-        return gm.get_buffer(name)
 
 
 def _has(spec: ModelSpec, kind: type) -> bool:

@@ -1,7 +1,7 @@
 """Hashes of everything a fixed optimize + compile produces, printed as JSON (run by a test, twice).
 
-``python -m tests.pipeline_fingerprint`` builds two fixed generated models, optimizes them with one
-recipe (channel pruning, TETRIS reordering, block pruning) and compiles them with
+``python -m tests.pipeline_fingerprint`` builds two models of the lowering catalogue, optimizes
+them with one recipe (channel pruning, TETRIS reordering, block pruning) and compiles them with
 ``fallback="never"``. It prints a hash per pruned parameter and buffer, per sparsity, channel and
 permutation record, of the graph code, of the pruned and compiled outputs, plus the kernel cache
 keys and the kernel libraries in ``$TILEFX_CACHE_DIR``. Two processes must print the same.
@@ -13,20 +13,14 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
 import tilefx
 from tests.random_models import (
-    Act,
-    Attention,
-    BatchNorm,
-    Conv,
-    LayerNorm,
-    Linear,
+    LOWERABLE,
     ModelSpec,
-    Pool,
-    Residual,
     build,
 )
 from tilefx.lowering import compat, openmp_launch
@@ -37,31 +31,7 @@ from tilefx.passes.metadata import BlockSparsity, ChannelSelection, ElementMask,
 __all__ = ["MODELS", "RECIPE", "fingerprint"]
 
 MODELS: dict[str, ModelSpec] = {
-    "convnet": ModelSpec(
-        image=True,
-        channels=8,
-        size=8,
-        first=(
-            Conv(16, kernel=3, stride=2),
-            BatchNorm(),
-            Act("relu"),
-            Residual((Conv(16, kernel=3), BatchNorm(), Act("gelu"))),
-            Pool("max"),
-        ),
-        reshape="mean",
-        second=(Linear(32), Act("relu")),
-        outputs=4,
-        seed=11,
-    ),
-    "encoder": ModelSpec(
-        image=False,
-        channels=16,
-        size=8,
-        first=(Residual((LayerNorm(), Attention(heads=2, head_dim=8))), Linear(32), Act("gelu"), Linear(16)),
-        reshape="tokens",
-        outputs=4,
-        seed=12,
-    ),
+    name: replace(LOWERABLE[name], seed=seed) for name, seed in (("convnet", 11), ("encoder", 12))
 }
 
 RECIPE = tilefx.Recipe(

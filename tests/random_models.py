@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 __all__ = [
     "ACTIVATIONS",
+    "LOWERABLE",
     "Act",
     "Affine",
     "Attention",
@@ -534,6 +535,43 @@ def _initialise(model: nn.Module, generator: torch.Generator) -> None:
             elif name.endswith("running_var"):
                 uniform(b, 0.5, 2.0)
 
+
+#: Lowering compiles a TVM kernel per distinct layer shape and block count (seconds each), so
+#: lowering tests draw from this fixed catalogue, with widths blocks of 4 and 8 divide.
+_TOKENS16 = ModelSpec(image=False, channels=16, size=4, outputs=8)
+_IMAGE8 = ModelSpec(image=True, channels=8, size=8, outputs=8)
+LOWERABLE: dict[str, ModelSpec] = {
+    "ffn": replace(_TOKENS16, first=(Linear(32), Act("gelu"), Linear(16)), reshape="tokens"),
+    "encoder": replace(
+        _TOKENS16,
+        first=(
+            Residual((LayerNorm(), Attention(heads=2, head_dim=8))),
+            Residual((LayerNorm(), Linear(32), Act("relu"), Linear(16))),
+        ),
+    ),
+    "convnet": replace(
+        _IMAGE8,
+        first=(
+            Conv(16, kernel=3, stride=2),
+            BatchNorm(),
+            Act("relu"),
+            Residual((Conv(16, kernel=3, dilation=2), BatchNorm(), Act("relu"))),
+            Conv(8, kernel=1, bias=False),
+            Pool("max"),
+        ),
+        reshape="flatten",
+    ),
+    "separable": replace(
+        _IMAGE8,
+        first=(
+            Conv(1, kernel=3, groups=0),
+            Conv(16, kernel=1),
+            Act("relu"),
+            Split(((Conv(8, kernel=3),), ())),
+        ),
+        reshape="pool",
+    ),
+}
 
 # ----------------------------------------------------------------------------------------------
 # Strategies

@@ -216,6 +216,9 @@ def _build_groups(ctx: Context) -> ChannelGroups:
             if is_frozen
             else ("units span unequal numbers of positions" if ragged else None)
         )
+        if ragged:  # a ragged slice is left out of ``slices``: permuting the others would be wrong
+            for root in roots:
+                uf.fixed_order.setdefault(int(root), "units span unequal numbers of positions")
         groups.append(
             ChannelGroup(gid, len(roots), slices, tuple(nodes.get(gid, ())), reason is not None, reason)
         )

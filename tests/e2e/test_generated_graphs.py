@@ -17,16 +17,15 @@ import tilefx
 import tilefx.passes.infra.verify as verify
 from tests.graph_properties import check_exact, check_lowering, check_pruning
 from tests.random_models import (
+    LOWERABLE,
     Act,
     Affine,
     Attention,
-    BatchNorm,
     Concat,
     Conv,
     LayerNorm,
     Linear,
     ModelSpec,
-    Pool,
     Residual,
     Split,
     model_specs,
@@ -84,63 +83,12 @@ def test_pruning_passes_on_generated_graphs(spec: ModelSpec, recipe: tilefx.Reci
     check_pruning(spec, recipe)
 
 
-# Lowering compiles a TVM kernel per distinct layer shape and block count (seconds each), so its
-# models come from a fixed catalogue with widths the blocks divide; weights vary with the seed.
-LOWERED = {
-    "ffn": ModelSpec(
-        image=False,
-        channels=16,
-        size=4,
-        first=(Linear(32), Act("gelu"), Linear(16)),
-        reshape="tokens",
-        outputs=8,
-    ),
-    "encoder": ModelSpec(
-        image=False,
-        channels=16,
-        size=4,
-        first=(
-            Residual((LayerNorm(), Attention(heads=2, head_dim=8))),
-            Residual((LayerNorm(), Linear(32), Act("relu"), Linear(16))),
-        ),
-        reshape="mean",
-        outputs=8,
-    ),
-    "convnet": ModelSpec(
-        image=True,
-        channels=8,
-        size=8,
-        first=(
-            Conv(16, kernel=3, stride=2),
-            BatchNorm(),
-            Act("relu"),
-            Residual((Conv(16, kernel=3, dilation=2), BatchNorm(), Act("relu"))),
-            Conv(8, kernel=1, bias=False),
-            Pool("max"),
-        ),
-        reshape="flatten",
-        outputs=8,
-    ),
-    "separable": ModelSpec(
-        image=True,
-        channels=8,
-        size=8,
-        first=(
-            Conv(1, kernel=3, groups=0),
-            Conv(16, kernel=1),
-            Act("relu"),
-            Split(((Conv(8, kernel=3),), ())),
-        ),
-        reshape="pool",
-        outputs=8,
-    ),
-}
 LOWERED_BLOCKS = ((8, 1), (4, 1), (4, 4))
 LOWERED_SPARSITIES = (0.0, 0.5, 0.8)
 
 
 def lowered_cases() -> st.SearchStrategy[tuple[ModelSpec, tilefx.BlockPruning]]:
-    spec = st.builds(replace, st.sampled_from(list(LOWERED.values())), seed=st.integers(0, 2**16))
+    spec = st.builds(replace, st.sampled_from(list(LOWERABLE.values())), seed=st.integers(0, 2**16))
     blocks = st.builds(
         tilefx.BlockPruning,
         block=st.sampled_from(LOWERED_BLOCKS),
@@ -155,11 +103,13 @@ def lowered_cases() -> st.SearchStrategy[tuple[ModelSpec, tilefx.BlockPruning]]:
     [("ffn", (8, 1), 0.0), ("encoder", (4, 1), 0.5), ("convnet", (4, 4), 0.8), ("separable", (8, 1), 0.5)],
 )
 def test_lowering_matches_the_pruned_model(name: str, block: tuple[int, int], sparsity: float) -> None:
-    check_lowering(LOWERED[name], tilefx.BlockPruning(block=block, sparsity=sparsity))
+    check_lowering(LOWERABLE[name], tilefx.BlockPruning(block=block, sparsity=sparsity))
 
 
 # ----------------------------------------------------------------------------------------------
 # Regression tests: the shrunk examples of every failure hypothesis found, kept verbatim.
+
+_IMAGE3 = ModelSpec(image=True, channels=3, size=3, reshape="mean", outputs=1)
 
 
 def test_regression_an_input_added_to_a_layer_output_keeps_its_channels() -> None:
@@ -199,19 +149,12 @@ def test_regression_an_input_added_to_a_layer_output_keeps_its_channels() -> Non
 def test_regression_split_parts_never_trade_channels(how: str) -> None:
     """A permutation of the conv's channels moved some across the chunk boundary, into a part
     that another op reads (output off by 0.55); parts now never share a channel group."""
-    spec = ModelSpec(
-        image=True,
-        channels=3,
-        size=3,
+    spec = replace(
+        _IMAGE3,
         first=(
             Conv(out=4, kernel=1, stride=1, dilation=1, groups=1, same=False, bias=False),
             Split(bodies=((), (Residual(body=(), project=False),)), how=how),  # type: ignore[arg-type]
         ),
-        reshape="mean",
-        second=(),
-        outputs=1,
-        batch=2,
-        seed=0,
     )
     check_exact(spec, torch.float32, 0)
     check_pruning(spec, tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5)))
@@ -222,10 +165,8 @@ def test_regression_units_of_a_group_have_as_many_channels_in_every_split_part()
     channel left units with 3 + 1 and 2 + 2 positions in the two parts, yet in one group, so a
     permutation moved positions across the boundary (off by 1.5). Shrunk by hand from a
     40-layer example; the group signature now counts each unit's positions per part."""
-    spec = ModelSpec(
-        image=True,
-        channels=3,
-        size=3,
+    spec = replace(
+        _IMAGE3,
         first=(
             Conv(1),
             Concat(((Attention(heads=4, head_dim=8, project=False),), (Conv(3),)), True),
@@ -236,6 +177,23 @@ def test_regression_units_of_a_group_have_as_many_channels_in_every_split_part()
         seed=547,
     )
     check_exact(spec, torch.float64, 1473)
+
+
+def test_regression_a_group_with_a_ragged_slice_keeps_its_order() -> None:
+    """Channels of two concatenated convs meet a grouped conv's per-group units after a residual
+    add: unit 0 has two rows in one conv's weight, unit 1 one. That slice was left out of the
+    group, which was still permuted, so those conv rows kept their order (off by 0.16); such a
+    group's order is now fixed."""
+    spec = replace(
+        _IMAGE3,
+        first=(
+            Conv(7),
+            Residual((Split(((), (Conv(8, bias=False),), (Conv(12, bias=False),)), "chunk"),), project=True),
+            Residual((Split(((), (Conv(1, groups=4),), ()), "chunk"),)),
+        ),
+        seed=388,
+    )
+    check_exact(spec, torch.float64, 388)
 
 
 def test_regression_a_block_pruned_grouped_conv_stays_dense_when_compiled() -> None:
