@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -79,6 +80,9 @@ def recipe(
         warmup=args.warmup,
         decay=args.decay,
         progress=not args.quiet,
+        checkpoint_dir=None
+        if args.checkpoint_dir is None or not steps
+        else f"{args.checkpoint_dir}/{block[0]}x{block[1]}_{sparsity}_{reorder}_{steps}",
     )
     blocks = tilefx.BlockPruning(block=block, sparsity=sparsity, reorder=reorder)  # type: ignore[arg-type]
     return tilefx.Recipe(blocks=blocks, recovery=recovery)
@@ -186,6 +190,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.05)
     parser.add_argument("--decay", default="linear", choices=["constant", "linear", "cosine"])
     parser.add_argument("--topics-only", action="store_true", help="train on pydoc topics only")
+    parser.add_argument("--checkpoint-dir", default=None, help="checkpoint each row here; a rerun resumes it")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -195,6 +200,8 @@ def parse() -> argparse.Namespace:
 
 def main() -> int:
     args = parse()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("tilefx.passes.training.loop").setLevel(logging.INFO)  # a line per 50 steps
     torch.manual_seed(0)
     minilm = load_minilm()
     train_text, held_text = english_sentences(HELD_OUT, docstrings=not args.topics_only)
