@@ -32,7 +32,8 @@ from _measure import count_macs, count_params, machine  # noqa: E402
 
 import tilefx  # noqa: E402
 from tilefx.passes.training.calibration import Calibration  # noqa: E402
-from tilefx.passes.training.finetune import SGDOptions, finetune  # noqa: E402
+from tilefx.passes.training.dcp import SGDOptions  # noqa: E402
+from tilefx.passes.training.loop import train  # noqa: E402
 
 log = logging.getLogger("channel_accuracy")
 
@@ -145,16 +146,21 @@ def run(seed: int, ratio: float, split: Split, args: argparse.Namespace) -> list
         pruned = prune(copy.deepcopy(model), split, criterion, ratio, calibration)
         seconds = time.perf_counter() - start
         after = accuracy(pruned, split.x_test, split.y_test)
-        torch.manual_seed(seed)
-        finetune(
-            pruned,
-            Calibration(Shuffled(split.x_train, split.y_train, 64, seed + 1)),
-            SGDOptions(lr=args.lr, epochs=args.finetune_epochs),
-        )
+        finetune(pruned, Shuffled(split.x_train, split.y_train, 64, seed + 1), args)
         rows.append(dict(seed=seed, criterion=criterion, ratio=ratio, macs=count_macs(pruned, x1),
                          params=count_params(pruned), before=dense_acc, pruned=after,
                          tuned=accuracy(pruned, split.x_test, split.y_test), seconds=seconds))  # fmt: skip
     return rows
+
+
+def finetune(model: nn.Module, batches: Shuffled, args: argparse.Namespace) -> None:
+    """Every parameter, ``--finetune-epochs`` passes of DCP's SGD (Nesterov) on the training loop."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    per_epoch = -(-len(batches.y) // batches.batch)
+    options = SGDOptions(lr=args.lr, epochs=args.finetune_epochs).loop_options(per_epoch)
+    data = Calibration(batches)
+    train(model, lambda m, inputs, labels: data.loss_of(m(*inputs), labels), data, options)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,10 @@ from tilefx.passes.analysis.weight_layers import LayerSelection
 from tilefx.passes.infra.analysis_manager import AnalysisManager
 from tilefx.passes.metadata import BlockSparsity, get_metadata
 from tilefx.passes.prune_connections import PruneConnectionsPass
+from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.learned_strength import SynapticStrengthHook
+from tilefx.passes.training.loop import LoopHook, LoopOptions
+from tilefx.passes.training.loop import train as loop_train
 
 
 class DigitsCNN(nn.Module):
@@ -56,22 +61,32 @@ def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
+class Shuffled:
+    """Batches of 64 of (x, y), reshuffled every pass by one seeded generator (re-iterable)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.generator = torch.Generator().manual_seed(1)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in torch.randperm(len(self.y), generator=self.generator).split(64):
+            yield self.x[idx], self.y[idx]
+
+
 def train(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, extra=None, post_step=None
-) -> nn.Module:  # type: ignore[no-untyped-def]
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(64):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            if extra is not None:
-                loss = loss + extra(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if post_step is not None:
-                post_step(model)
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, hooks: Sequence[LoopHook] = ()
+) -> nn.Module:
+    """``epochs`` passes of SGD (momentum 0.9, wd 1e-4, constant lr) on the one training loop."""
+    options = LoopOptions(
+        steps=epochs * math.ceil(len(y) / 64),
+        lr=lr,
+        optimizer="sgd",
+        weight_decay=1e-4,
+        decay="constant",
+        progress=False,
+    )
+    data = Calibration(Shuffled(x, y))
+    loop_train(model, lambda m, inputs, labels: F.cross_entropy(m(*inputs), labels), data, options, hooks)
     return model.eval()
 
 
@@ -134,13 +149,14 @@ def main() -> None:
                 p.mul_(rec.element_mask(p.shape))
     print(f"kernel-L1 criterion, no fine-tune       test acc {accuracy(plain_l1, xte, yte):.4f}")
 
-    def remask(model: nn.Module) -> None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in masks:
-                    p.mul_(masks[name])
+    class Remask(LoopHook):
+        def after_step(self, step: int) -> None:
+            with torch.no_grad():
+                for name, p in pruned.named_parameters():
+                    if name in masks:
+                        p.mul_(masks[name])
 
-    tuned = train(pruned, xtr, ytr, max(2, args.epochs // 2), 0.01, post_step=remask)
+    tuned = train(pruned, xtr, ytr, max(2, args.epochs // 2), 0.01, [Remask()])
     print(
         f"post-training estimate + fine-tune      test acc {accuracy(tuned, xte, yte):.4f}  "
         f"conv connection sparsity {conv_sparsity(tuned):.3f}"
@@ -148,10 +164,11 @@ def main() -> None:
 
     # 3: training-time form
     hook = SynapticStrengthHook(args.sparsity, penalty=args.penalty)
-    model = train(hook.prepare(dense), xtr, ytr, max(2, args.epochs // 2), 0.02, extra=hook.regularizer)
+    model = hook.prepare(dense)
+    train(model, xtr, ytr, max(2, args.epochs // 2), 0.02, [hook.loop_hook(model)])
     hook.prune(model)
     print(f"training-time, after threshold          test acc {accuracy(model, xte, yte):.4f}")
-    model = train(model, xtr, ytr, max(2, args.epochs // 2), 0.01, post_step=hook.post_step)
+    train(model, xtr, ytr, max(2, args.epochs // 2), 0.01, [hook.loop_hook(model, penalise=False)])
     plain = hook.materialise(model)
     assert torch.allclose(plain.eval()(xte), model.eval()(xte), atol=1e-5)
     print(

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from tilefx.passes.infra.errors import RecipeError
-from tilefx.passes.training.dcp import DCPOptions
-from tilefx.passes.training.finetune import SGDOptions
+from tilefx.passes.training.dcp import DCPOptions, SGDOptions
 from tilefx.passes.training.loop import LoopOptions
 
 __all__ = ["BlockPruning", "ChannelPruning", "ConnectionPruning", "Recipe", "Recovery"]

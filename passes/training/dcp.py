@@ -56,7 +56,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,13 +76,53 @@ from ..analysis.importance import (
 from ..graph_utils import attr_tensor, get_attr_users, param_node
 from ..infra.errors import RecipeError
 from .calibration import Calibration, as_calibration, first_tensor
-from .finetune import SGDOptions, make_sgd, train_epochs
+from .loop import LoopHook, LoopOptions, train
 from .taps import Tapped
 
-__all__ = ["AuxHead", "DCPOptions", "DCPResult", "dcp_criterion", "dcp_scores", "selectable_layers"]
+__all__ = [
+    "AuxHead",
+    "DCPOptions",
+    "DCPResult",
+    "SGDOptions",
+    "dcp_criterion",
+    "dcp_scores",
+    "selectable_layers",
+]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class SGDOptions:
+    """SGD with Nesterov momentum for DCP's fine-tunes; the defaults are DCP's (lr 0.01, momentum
+    0.9, wd 1e-4). epochs: passes over the selection batches, in their order, at a constant lr."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = True
+    epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.epochs < 0:
+            raise RecipeError(f"SGDOptions out of range: {self}")
+
+    def loop_options(self, batches: int, epochs: int | None = None) -> LoopOptions:
+        """These options on the training loop: ``epochs`` (default ``self.epochs``) passes over
+        ``batches`` batches in order, one optimiser step per batch, run locally on every rank."""
+        return LoopOptions(
+            steps=(self.epochs if epochs is None else epochs) * batches,
+            lr=self.lr,
+            optimizer="sgd",
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            decay="constant",
+            shuffle=False,
+            progress=False,
+            distributed=False,
+        )
 
 
 @dataclass(frozen=True)
@@ -210,8 +250,10 @@ class _DCP:
             p.requires_grad_(True)
         # One fixed list of batches: the baseline outputs are cached per batch, so every pass must
         # see the same batches in the same order (a shuffling DataLoader would not).
-        self.data = Calibration(list(data), loss=data.loss)
-        if not self.data.batches:
+        batches = list(data)
+        self.data = Calibration(batches, loss=data.loss)
+        self.batch_count = len(batches)
+        if not batches:
             raise RecipeError("DCP: the calibration data yielded no batches")
         self.options = options
         self.masks: dict[str, torch.Tensor] = {}  # pruned so far: weight target → element mask
@@ -283,7 +325,7 @@ class _DCP:
             return final + sum((g * a for g, a in zip(gammas, aux, strict=True)), torch.zeros(()))
 
         self.heads.train()
-        history = train_epochs(self._trainable(), self.data, loss, self._aux_sgd())
+        history = self._finetune(loss, [])
         log.info("DCP aux fine-tune (code variant): epoch losses %s", history)
 
     def _stage_finetune(self, stage: int) -> None:
@@ -300,23 +342,32 @@ class _DCP:
             return aux[stage] if use_aux else final
 
         self.heads.train()
-        history = train_epochs(
-            self._trainable(), self.data, loss, self._aux_sgd(), after_step=self._reapply_masks
-        )
+        history = self._finetune(loss, [_HoldPruned(self.work, self.masks)])
         log.info("DCP stage %d fine-tune (paper variant): epoch losses %s", stage, history)
 
-    def _aux_sgd(self) -> SGDOptions:
-        return SGDOptions(
+    def _finetune(
+        self, loss: Callable[[tuple[Any, ...], Any], torch.Tensor], hooks: list[LoopHook]
+    ) -> list[float]:
+        """``aux_epochs`` passes of SGD (lr ``aux_lr``, the solver's momentum and decay) over the
+        selection batches on the training loop; returns each epoch's mean loss."""
+        options = SGDOptions(
             lr=self.options.aux_lr,
             momentum=self.options.solver.momentum,
             weight_decay=self.options.solver.weight_decay,
             epochs=self.options.aux_epochs,
+        ).loop_options(self.batch_count)
+        # The loop hands the objective the heads (the module it puts in train mode); the loss
+        # reads them and the tapped network itself.
+        result = train(
+            self.heads,
+            lambda _, inputs, labels: loss(inputs, labels),
+            self.data,
+            options,
+            hooks,
+            self._trainable(),
         )
-
-    def _reapply_masks(self) -> None:
-        with torch.no_grad():
-            for target, mask in self.masks.items():
-                attr_tensor(self.work, target).mul_(mask)
+        n = self.batch_count
+        return [sum(result.losses[i : i + n]) / n for i in range(0, len(result.losses), n)]
 
     # ---- greedy channel selection (Alg. 2) ---------------------------------------------
     def _select(self, layer: _Layer, baseline: torch.fx.GraphModule, result: DCPResult) -> None:
@@ -430,22 +481,55 @@ class _Problem:
 
     def _solve_subproblem(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Eq. 8–9: one pass of SGD on the selected weights (gradient masked to them)."""
-        parameter = weight.detach().clone().requires_grad_()
-        options = self.dcp.options.solver
-        optimizer = make_sgd([parameter], options)
-        total, batches = 0.0, 0
-        for batch, (inputs, labels) in enumerate(self.dcp.data):
-            optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(parameter, inputs, labels, batch)
-            loss.backward()
-            assert parameter.grad is not None
-            parameter.grad.mul_(mask)
-            optimizer.step()
-            with torch.no_grad():
-                parameter.mul_(mask)  # weight decay and momentum must not revive pruned units
-            total, batches = total + float(loss.detach()), batches + 1
-        self._last_mean = total / max(batches, 1)
-        return parameter.detach()
+        holder = _Weight(weight)
+        batches = list(self.dcp.data)
+        # The loop's batches carry each batch's index: the targets and prefixes are cached per batch.
+        indexed = Calibration([((index,), labels) for index, (_, labels) in enumerate(batches)])
+
+        def objective(model: nn.Module, inputs: tuple[Any, ...], labels: Any) -> torch.Tensor:
+            (index,) = inputs
+            return self.loss(holder.weight, batches[index][0], labels, index)
+
+        options = self.dcp.options.solver.loop_options(len(batches), epochs=1)
+        result = train(holder, objective, indexed, options, [_MaskedUpdate(holder.weight, mask)])
+        self._last_mean = sum(result.losses) / max(len(result.losses), 1)
+        return holder.weight.detach()
+
+
+class _Weight(nn.Module):
+    """One free weight tensor as a module, for the loop to train."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+
+
+class _MaskedUpdate(LoopHook):
+    """Only the selected weights train: the gradient is masked, and after the step the weight too
+    (weight decay and momentum must not revive pruned units)."""
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        self.weight, self.mask = weight, mask
+
+    def after_backward(self, step: int) -> None:
+        if self.weight.grad is not None:
+            self.weight.grad.mul_(self.mask)
+
+    def after_step(self, step: int) -> None:
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+
+
+class _HoldPruned(LoopHook):
+    """Channels DCP already pruned stay zero through a fine-tune: masks re-applied after each step."""
+
+    def __init__(self, gm: torch.fx.GraphModule, masks: dict[str, torch.Tensor]) -> None:
+        self.gm, self.masks = gm, masks
+
+    def after_step(self, step: int) -> None:
+        with torch.no_grad():
+            for target, mask in self.masks.items():
+                attr_tensor(self.gm, target).mul_(mask)
 
 
 def _element_mask(weight: torch.Tensor, layer: _Layer, units: Sequence[int]) -> torch.Tensor:

@@ -13,9 +13,11 @@ reparameterised conv back into a plain ``nn.Conv2d`` whose pruned kernels are ex
 ``‖V‖`` and |s| is what is ranked) or clamped ≥ 0 after every step (``signed=False``); λ (``penalty``); global vs
 per-layer threshold (``scope``); whether the paper also drops the BN scale γ of the conv's input
 ("discarding batch normalization scaling factors" [2nd]) — not done here: γ is left to train as usual;
-whether the first conv is included (``skip_first``). The loop itself belongs to the caller: this module
-only gives the pieces (nothing here depends on a particular trainer). The post-training estimate,
-which needs no training, is ``passes/analysis/connection_strength.py``.
+whether the first conv is included (``skip_first``). Training runs on the one training loop
+(``loop.py``): :meth:`~SynapticStrengthHook.loop_hook` is the method as a :class:`LoopHook`
+(regulariser, then the post-step projection), and :meth:`~SynapticStrengthHook.fit` runs the whole
+method (prepare, penalised training, threshold, fixed-mask fine-tune, materialise). The post-training
+estimate, which needs no training, is ``passes/analysis/connection_strength.py``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from torch import nn
 
 from ..analysis.block_selection import check_sparsity
 from ..infra.errors import RecipeError
+from .calibration import Calibration
+from .loop import LoopHook, LoopOptions, Objective, train
 
-__all__ = ["SynapticConv2d", "SynapticStrengthHook"]
+__all__ = ["StrengthTraining", "SynapticConv2d", "SynapticStrengthHook"]
 
 
 class SynapticConv2d(nn.Module):
@@ -79,10 +83,12 @@ class SynapticConv2d(nn.Module):
 
 @dataclass(frozen=True)
 class SynapticStrengthHook:
-    """The training-time method as hook points for a caller's loop.
+    """The training-time method's pieces, and the method on the training loop.
 
-    Use: ``model = hook.prepare(model)``; train with ``loss + hook.regularizer(model)``; ``hook.prune(model)``;
-    fine-tune calling ``hook.post_step(model)`` after each optimiser step; ``hook.materialise(model)``.
+    Use: ``model = hook.prepare(model)``; :func:`~tilefx.passes.training.loop.train` with
+    ``hooks=[hook.loop_hook(model)]`` (adds ``hook.regularizer(model)``); ``hook.prune(model)``;
+    fine-tune with ``hooks=[hook.loop_hook(model, penalise=False)]`` (``hook.post_step`` after each
+    optimiser step); ``hook.materialise(model)``. :meth:`fit` does all of it.
     """
 
     sparsity: float
@@ -134,6 +140,30 @@ class SynapticStrengthHook:
                 if not self.signed:
                     m.strength.clamp_(min=0)
 
+    def loop_hook(self, model: nn.Module, *, penalise: bool = True) -> StrengthTraining:
+        """This method on the training loop for a :meth:`prepare`-d ``model``: ``λ Σ |s|`` as the
+        regulariser when ``penalise`` and :meth:`post_step` after every optimiser step."""
+        _synaptic(model)
+        return StrengthTraining(self, model, penalise)
+
+    def fit(
+        self,
+        model: nn.Module,
+        data: Calibration,
+        penalised: LoopOptions,
+        finetune: LoopOptions,
+        objective: Objective | None = None,
+    ) -> nn.Module:
+        """The whole method on ``model`` (not modified): train with the penalty (``penalised``),
+        prune to the sparsity, fine-tune with the mask fixed (``finetune``), materialise plain convs.
+        objective: ``(model, inputs, labels) -> loss``; default ``data``'s loss of the output."""
+        loss = objective if objective is not None else _task_loss(data)
+        work = self.prepare(model)
+        train(work, loss, data, penalised, [self.loop_hook(work)])
+        self.prune(work)
+        train(work, loss, data, finetune, [self.loop_hook(work, penalise=False)])
+        return self.materialise(work)
+
     def materialise(self, model: nn.Module) -> nn.Module:
         """A copy with every :class:`SynapticConv2d` folded back into a plain ``nn.Conv2d``."""
         model = copy.deepcopy(model)
@@ -141,6 +171,32 @@ class SynapticStrengthHook:
             if isinstance(m, SynapticConv2d):
                 _set_submodule(model, name, m.to_conv())
         return model
+
+
+class StrengthTraining(LoopHook):
+    """:class:`SynapticStrengthHook` as a loop hook on a prepared model (see ``loop_hook``)."""
+
+    name = "synaptic_strength"
+
+    def __init__(self, method: SynapticStrengthHook, model: nn.Module, penalise: bool) -> None:
+        self.method, self.model, self.penalise = method, model, penalise
+
+    def regularizer(self) -> torch.Tensor | None:
+        return self.method.regularizer(self.model) if self.penalise else None
+
+    def after_step(self, step: int) -> None:
+        self.method.post_step(self.model)
+
+    def progress(self) -> dict[str, float]:
+        masks = [m.mask for m in _synaptic(self.model)]
+        return {"pruned": sum(float((m == 0).sum()) for m in masks) / sum(m.numel() for m in masks)}
+
+
+def _task_loss(data: Calibration) -> Objective:
+    def loss(model: nn.Module, inputs: tuple[Any, ...], labels: Any) -> torch.Tensor:
+        return data.loss_of(model(*inputs), labels)
+
+    return loss
 
 
 def _synaptic(model: nn.Module) -> list[SynapticConv2d]:

@@ -65,7 +65,9 @@ class LoopOptions:
     ("linear" or "cosine" to zero at the last step, or "constant"). accumulate: micro-batches per
     optimiser step. progress: a tqdm bar on rank 0, drawn only when stderr is a terminal.
     checkpoint_dir: save every ``checkpoint_every`` steps and at the end; a run finding a
-    checkpoint there resumes from it.
+    checkpoint there resumes from it. distributed: False trains locally on every batch even under
+    ``torch.distributed`` (a method every rank runs identically on the same data, e.g. DCP's
+    selection), with no DDP, no sharding and no all-reduce.
     """
 
     steps: int
@@ -84,6 +86,7 @@ class LoopOptions:
     checkpoint_every: int = 100
     progress: bool = True
     log_every: int = 50
+    distributed: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.accumulate < 1 or self.checkpoint_every < 1 or self.log_every < 1:
@@ -197,11 +200,10 @@ class _Run:
             hooks,
             params,
         )
+        self.ddp = _distributed() and options.distributed
         # Unused parameters (an output no loss term reads) are allowed: find_unused_parameters.
         self.wrapped: nn.Module = (
-            nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-            if _distributed()
-            else model
+            nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if self.ddp else model
         )
         self.optimizer = _optimizer(params, options)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(options))
@@ -212,12 +214,12 @@ class _Run:
     def run(self) -> LoopResult:
         start = self._resume()
         result = LoopResult(self.options.steps, resumed_from=start if start else None)
-        world, rank = _world()
+        world, rank = _world() if self.ddp else (1, 0)
         batches = self.stream.shard(start * self.options.accumulate, rank, world)
         bar = tqdm(
             total=self.options.steps,
             initial=start,
-            disable=not (self.options.progress and sys.stderr.isatty() and rank == 0),
+            disable=not (self.options.progress and sys.stderr.isatty() and is_main_process()),
             desc="recovery",
             dynamic_ncols=True,
         )
@@ -244,7 +246,7 @@ class _Run:
             inputs, labels = next(batches)
             inputs, labels = _to(inputs, self.device), _to(labels, self.device)
             last = micro == count - 1
-            sync = contextlib.nullcontext() if last or not _distributed() else self.wrapped.no_sync()  # type: ignore[operator]
+            sync = contextlib.nullcontext() if last or not self.ddp else self.wrapped.no_sync()  # type: ignore[operator]
             with sync:
                 loss = self.objective(self.wrapped, inputs, labels)
                 penalties = [r for r in (h.regularizer() for h in self.hooks) if r is not None]
@@ -258,7 +260,7 @@ class _Run:
         self.scheduler.step()
         for hook in self.hooks:
             hook.after_step(step)
-        if _distributed():
+        if self.ddp:
             dist.all_reduce(total)
             total /= dist.get_world_size()
         return float(total) / count
