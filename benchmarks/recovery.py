@@ -37,8 +37,6 @@ from _measure import save_result
 
 import tilefx
 from tilefx.corpus import english_sentences
-from tilefx.passes.recover_sparsity import RecoverSparsityPass
-from tilefx.pipeline import default_pipeline
 from tilefx.report import embedding_quality, median_ms
 from tilefx.zoo import MiniLM, load_minilm
 
@@ -79,6 +77,8 @@ def recipe(
         every=args.every,
         warmup=args.warmup,
         decay=args.decay,
+        hidden_taps=args.hidden_taps,
+        token_mask=None if args.no_token_mask else 1,  # BertModel(input_ids, attention_mask)
         progress=not args.quiet,
         checkpoint_dir=None
         if args.checkpoint_dir is None or not steps
@@ -89,17 +89,9 @@ def recipe(
 
 
 def optimize(
-    minilm: MiniLM, recipe_: tilefx.Recipe, train: list[tuple[Inputs, None]], taps: str
+    minilm: MiniLM, recipe_: tilefx.Recipe, train: list[tuple[Inputs, None]]
 ) -> torch.fx.GraphModule:
-    """``tilefx.optimize``; with ``taps="norms"`` the hidden taps are the layer norms' outputs."""
-    example = train[0][0]
-    if taps == "inputs":
-        return tilefx.optimize(minilm.model, example, recipe_, calibration=train)
-    passes = default_pipeline(recipe_, train)
-    gm = tilefx.capture(minilm.model, example)
-    norms = tuple(n.name for n in gm.graph.nodes if n.target == torch.ops.aten.layer_norm.default)
-    passes = [dataclasses.replace(p, taps=norms) if isinstance(p, RecoverSparsityPass) else p for p in passes]
-    return tilefx.optimize(minilm.model, example, recipe_, calibration=train, passes=passes)
+    return tilefx.optimize(minilm.model, train[0][0], recipe_, calibration=train)
 
 
 def seconds_per_step(args: argparse.Namespace, minilm: MiniLM, train: list[tuple[Inputs, None]]) -> float:
@@ -108,7 +100,7 @@ def seconds_per_step(args: argparse.Namespace, minilm: MiniLM, train: list[tuple
     times = []
     for steps in (short, longer):
         start = time.perf_counter()
-        optimize(minilm, recipe(probe, (16, 1), 0.5, "none", steps), train[:8], args.taps)
+        optimize(minilm, recipe(probe, (16, 1), 0.5, "none", steps), train[:8])
         times.append(time.perf_counter() - start)
     return (times[1] - times[0]) / (longer - short)
 
@@ -123,10 +115,10 @@ def run_row(
     steps: int,
 ) -> Row:
     block, sparsity, reorder = key
-    oneshot = optimize(minilm, recipe(args, block, sparsity, reorder, 0), train, args.taps)
+    oneshot = optimize(minilm, recipe(args, block, sparsity, reorder, 0), train)
     oneshot_cosine, _ = embedding_quality(dense, minilm.embed(oneshot, held, HELD_OUT))
     start = time.perf_counter()
-    pruned = optimize(minilm, recipe(args, block, sparsity, reorder, steps), train, args.taps)
+    pruned = optimize(minilm, recipe(args, block, sparsity, reorder, steps), train)
     recovery_s = time.perf_counter() - start
     cosine, agreement = embedding_quality(dense, minilm.embed(pruned, held, HELD_OUT))
     dense_ms = compiled_ms = float("nan")
@@ -181,8 +173,9 @@ def parse() -> argparse.Namespace:
     budget.add_argument("--minutes", type=float, default=None, help="recovery wall time per row")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--distill", default="hidden", choices=["output", "hidden"])
-    parser.add_argument("--output-loss", default="cosine", choices=["cosine", "mse", "kl"])
-    parser.add_argument("--taps", default="inputs", choices=["inputs", "norms"])
+    parser.add_argument("--output-loss", default="cosine", choices=["cosine", "pooled", "mse", "kl"])
+    parser.add_argument("--hidden-taps", default="inputs", choices=["inputs", "outputs", "norms"])
+    parser.add_argument("--no-token-mask", action="store_true", help="match padding positions too")
     parser.add_argument("--score", default="magnitude", choices=["magnitude", "movement"])
     parser.add_argument("--trainable", default="all", choices=["all", "layers"])
     parser.add_argument("--ramp", type=float, default=0.6)
