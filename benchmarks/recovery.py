@@ -42,9 +42,6 @@ from tilefx.report import embedding_quality, median_ms
 from tilefx.zoo import MiniLM, load_minilm
 
 BATCH, LENGTH, HELD_OUT = 16, 32, 160
-# Threads for training (0: torch's default). On a shared machine one thread per run avoids the
-# OpenMP barrier stalls that made a 2-thread step ~10x slower beside another busy job.
-TRAIN_THREADS = [0]
 
 # Python puts this script's folder first on sys.path, where benchmarks/kernels.py would shadow the
 # `kernels` package transformers probes for when it imports BERT.
@@ -95,12 +92,16 @@ def recipe(
 
 
 def optimize(
-    minilm: MiniLM, recipe_: tilefx.Recipe, train: list[tuple[Inputs, None]]
+    minilm: MiniLM, recipe_: tilefx.Recipe, train: list[tuple[Inputs, None]], train_threads: int = 0
 ) -> tuple[torch.fx.GraphModule, dict[str, float]]:
-    """The optimized model and the seconds spent in each pass (by pass name)."""
+    """The optimized model and the seconds spent in each pass (by pass name).
+
+    train_threads: torch threads while optimizing (0: as set). On a shared machine one thread
+    avoids the OpenMP barrier stalls that made a 2-thread step ~10x slower beside another busy job.
+    """
     timing = TimingInstrument()
     threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS[0] or threads)
+    torch.set_num_threads(train_threads or threads)
     try:
         gm = tilefx.optimize(minilm.model, train[0][0], recipe_, calibration=train, instruments=[timing])
     finally:
@@ -114,7 +115,7 @@ def seconds_per_step(args: argparse.Namespace, minilm: MiniLM, train: list[tuple
     times = []
     for steps in (short, longer):
         start = time.perf_counter()
-        optimize(minilm, recipe(probe, (16, 1), 0.5, "none", steps), train[:8])
+        optimize(minilm, recipe(probe, (16, 1), 0.5, "none", steps), train[:8], args.train_threads)
         times.append(time.perf_counter() - start)
     return (times[1] - times[0]) / (longer - short)
 
@@ -131,10 +132,12 @@ def run_row(
     block, sparsity, reorder = key
     oneshot_cosine = float("nan")
     if not args.no_oneshot:
-        oneshot, _ = optimize(minilm, recipe(args, block, sparsity, reorder, 0), train)
+        oneshot, _ = optimize(minilm, recipe(args, block, sparsity, reorder, 0), train, args.train_threads)
         oneshot_cosine, _ = embedding_quality(dense, minilm.embed(oneshot, held, HELD_OUT))
     start = time.perf_counter()
-    pruned, seconds = optimize(minilm, recipe(args, block, sparsity, reorder, steps), train)
+    pruned, seconds = optimize(
+        minilm, recipe(args, block, sparsity, reorder, steps), train, args.train_threads
+    )
     recovery_s = time.perf_counter() - start
     reorder_s = sum(v for k, v in seconds.items() if "Reorder" in k)
     train_s = sum(v for k, v in seconds.items() if "RecoverSparsity" in k)
@@ -218,7 +221,6 @@ def parse() -> argparse.Namespace:
 
 def main() -> int:
     args = parse()
-    TRAIN_THREADS[0] = args.train_threads
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("tilefx.passes.training.loop").setLevel(logging.INFO)  # a line per 50 steps
     torch.manual_seed(0)
