@@ -85,7 +85,7 @@ class RecoverSparsityPass(PassBase):
     distill: Literal["output", "hidden"] | None = "hidden"
     output_loss: OutputLoss = "cosine"
     taps: tuple[str, ...] = ()
-    hidden_taps: HiddenTaps = "inputs"
+    hidden_taps: HiddenTaps = "norms"
     token_mask: int | None = None
     trainable: Literal["all", "layers"] = "all"
     selection: LayerSelection = field(default_factory=LayerSelection)

@@ -239,14 +239,15 @@ class Recovery:
     ``accumulate`` batches). schedule: "gradual" raises sparsity along Zhu & Gupta's cubic curve
     over the first ``ramp`` of the steps, re-selecting masks from the current weights every
     ``every`` steps by ``score`` ("magnitude" or "movement"); "oneshot" prunes at step 0 and trains
-    with the masks fixed. distill: "output", "hidden" (outputs plus the inputs of every pruned
-    layer) or None (labels only); output_loss: "cosine" (relative MSE + cosine, for embeddings),
+    with the masks fixed. distill: "output", "hidden" (outputs plus the hidden
+    taps below) or None (labels only); output_loss: "cosine" (relative MSE + cosine, for embeddings),
     "mse" or "kl" (for logits). lr warms up over ``warmup`` of the steps, then ``decay``s.
     checkpoint_dir: save every ``checkpoint_every`` steps; a rerun resumes there. progress: a
     tqdm bar with the live loss and sparsity, when stderr is a terminal.
     output_loss="pooled": relative MSE + cosine of the sequence-mean-pooled outputs (sentence
     encoders). hidden_taps: what distill="hidden" matches — the pruned layers' "inputs", their
-    "outputs", or every normalisation's output ("norms": a transformer's residual stream).
+    "outputs", or every normalisation's output ("norms", the default: a transformer's residual
+    stream; the pruned layers' inputs when the model has no normalisation).
     token_mask: position of the attention-mask tensor among the flattened example inputs (1 for
     ``BertModel(input_ids, attention_mask)``); padding is then left out of the loss.
     """
@@ -269,7 +270,7 @@ class Recovery:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
     progress: bool = True
-    hidden_taps: Literal["inputs", "outputs", "norms"] = "inputs"
+    hidden_taps: Literal["inputs", "outputs", "norms"] = "norms"
     token_mask: int | None = None
 
     def __post_init__(self) -> None:
