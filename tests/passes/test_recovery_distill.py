@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tilefx
+from tilefx.corpus import english_sentences
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.training.calibration import Calibration
@@ -123,3 +124,9 @@ def test_a_token_mask_that_is_not_a_two_dimensional_input_is_refused() -> None:
         tilefx.Recovery(token_mask=-1)
     with pytest.raises(RecipeError, match="Recovery.hidden_taps"):
         tilefx.Recovery(hidden_taps="everything")  # type: ignore[arg-type]
+
+
+def test_held_out_sentences_are_never_trained_on() -> None:
+    training, held_out = english_sentences(held_out=40, docstrings=False)
+    assert len(held_out) == 40 and len(training) > 500
+    assert not set(training) & set(held_out)
