@@ -26,7 +26,7 @@ from tilefx.report import count_parameters, embedding_quality, max_relative_erro
 __all__ = ["main"]
 
 # Recovery budget of the demo (a few minutes on 2 cores); benchmarks/recovery.py runs the full one.
-DEMO_STEPS = 500
+DEMO_STEPS = 400
 FULL_STEPS = 2700  # ~15 minutes of recovery on 2 quiet cores (0.33 s a step)
 
 
