@@ -37,8 +37,7 @@ from _measure import save_result
 
 import tilefx
 from tilefx.corpus import english_sentences
-from tilefx.passes.recover_sparsity import RecoverSparsityPass
-from tilefx.pipeline import default_pipeline
+from tilefx.passes.infra import TimingInstrument
 from tilefx.report import embedding_quality, median_ms
 from tilefx.zoo import MiniLM, load_minilm
 
@@ -57,6 +56,8 @@ class Row:
     reorder: str
     steps: int
     recovery_s: float
+    reorder_s: float
+    step_s: float
     oneshot_cosine: float
     cosine: float
     agreement: float
@@ -79,6 +80,8 @@ def recipe(
         every=args.every,
         warmup=args.warmup,
         decay=args.decay,
+        hidden_taps=args.hidden_taps,
+        token_mask=None if args.no_token_mask else 1,  # BertModel(input_ids, attention_mask)
         progress=not args.quiet,
         checkpoint_dir=None
         if args.checkpoint_dir is None or not steps
@@ -89,17 +92,21 @@ def recipe(
 
 
 def optimize(
-    minilm: MiniLM, recipe_: tilefx.Recipe, train: list[tuple[Inputs, None]], taps: str
-) -> torch.fx.GraphModule:
-    """``tilefx.optimize``; with ``taps="norms"`` the hidden taps are the layer norms' outputs."""
-    example = train[0][0]
-    if taps == "inputs":
-        return tilefx.optimize(minilm.model, example, recipe_, calibration=train)
-    passes = default_pipeline(recipe_, train)
-    gm = tilefx.capture(minilm.model, example)
-    norms = tuple(n.name for n in gm.graph.nodes if n.target == torch.ops.aten.layer_norm.default)
-    passes = [dataclasses.replace(p, taps=norms) if isinstance(p, RecoverSparsityPass) else p for p in passes]
-    return tilefx.optimize(minilm.model, example, recipe_, calibration=train, passes=passes)
+    minilm: MiniLM, recipe_: tilefx.Recipe, train: list[tuple[Inputs, None]], train_threads: int = 0
+) -> tuple[torch.fx.GraphModule, dict[str, float]]:
+    """The optimized model and the seconds spent in each pass (by pass name).
+
+    train_threads: torch threads while optimizing (0: as set). On a shared machine one thread
+    avoids the OpenMP barrier stalls that made a 2-thread step ~10x slower beside another busy job.
+    """
+    timing = TimingInstrument()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(train_threads or threads)
+    try:
+        gm = tilefx.optimize(minilm.model, train[0][0], recipe_, calibration=train, instruments=[timing])
+    finally:
+        torch.set_num_threads(threads)
+    return gm, {t.name: t.seconds for t in timing.timings}
 
 
 def seconds_per_step(args: argparse.Namespace, minilm: MiniLM, train: list[tuple[Inputs, None]]) -> float:
@@ -108,7 +115,7 @@ def seconds_per_step(args: argparse.Namespace, minilm: MiniLM, train: list[tuple
     times = []
     for steps in (short, longer):
         start = time.perf_counter()
-        optimize(minilm, recipe(probe, (16, 1), 0.5, "none", steps), train[:8], args.taps)
+        optimize(minilm, recipe(probe, (16, 1), 0.5, "none", steps), train[:8], args.train_threads)
         times.append(time.perf_counter() - start)
     return (times[1] - times[0]) / (longer - short)
 
@@ -123,11 +130,17 @@ def run_row(
     steps: int,
 ) -> Row:
     block, sparsity, reorder = key
-    oneshot = optimize(minilm, recipe(args, block, sparsity, reorder, 0), train, args.taps)
-    oneshot_cosine, _ = embedding_quality(dense, minilm.embed(oneshot, held, HELD_OUT))
+    oneshot_cosine = float("nan")
+    if not args.no_oneshot:
+        oneshot, _ = optimize(minilm, recipe(args, block, sparsity, reorder, 0), train, args.train_threads)
+        oneshot_cosine, _ = embedding_quality(dense, minilm.embed(oneshot, held, HELD_OUT))
     start = time.perf_counter()
-    pruned = optimize(minilm, recipe(args, block, sparsity, reorder, steps), train, args.taps)
+    pruned, seconds = optimize(
+        minilm, recipe(args, block, sparsity, reorder, steps), train, args.train_threads
+    )
     recovery_s = time.perf_counter() - start
+    reorder_s = sum(v for k, v in seconds.items() if "Reorder" in k)
+    train_s = sum(v for k, v in seconds.items() if "RecoverSparsity" in k)
     cosine, agreement = embedding_quality(dense, minilm.embed(pruned, held, HELD_OUT))
     dense_ms = compiled_ms = float("nan")
     lowered = "-"
@@ -146,6 +159,8 @@ def run_row(
         reorder,
         steps,
         recovery_s,
+        reorder_s,
+        train_s / max(steps, 1),
         oneshot_cosine,
         cosine,
         agreement,
@@ -157,12 +172,13 @@ def run_row(
 
 def table(rows: Sequence[Row]) -> str:
     lines = [
-        "| block | sparsity | reorder | steps | recovery s | one-shot cos | cosine | NN agreement | dense ms | compiled ms | speed-up | lowered |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| block | sparsity | reorder | steps | recovery s | TETRIS s | s/step | one-shot cos | cosine | NN agreement | dense ms | compiled ms | speed-up | lowered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.block[0]}x{r.block[1]} | {r.sparsity:.0%} | {r.reorder} | {r.steps} | {r.recovery_s:.0f} | "
+            f"{r.reorder_s:.0f} | {r.step_s:.2f} | "
             f"{r.oneshot_cosine:.3f} | {r.cosine:.3f} | {r.agreement:.3f} | {r.dense_ms:.1f} | {r.compiled_ms:.1f} | "
             f"{r.dense_ms / r.compiled_ms:.2f}x | {r.lowered} |"
         )
@@ -181,8 +197,9 @@ def parse() -> argparse.Namespace:
     budget.add_argument("--minutes", type=float, default=None, help="recovery wall time per row")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--distill", default="hidden", choices=["output", "hidden"])
-    parser.add_argument("--output-loss", default="cosine", choices=["cosine", "mse", "kl"])
-    parser.add_argument("--taps", default="inputs", choices=["inputs", "norms"])
+    parser.add_argument("--output-loss", default="pooled", choices=["cosine", "pooled", "mse", "kl"])
+    parser.add_argument("--hidden-taps", default="norms", choices=["inputs", "outputs", "norms"])
+    parser.add_argument("--no-token-mask", action="store_true", help="match padding positions too")
     parser.add_argument("--score", default="magnitude", choices=["magnitude", "movement"])
     parser.add_argument("--trainable", default="all", choices=["all", "layers"])
     parser.add_argument("--ramp", type=float, default=0.6)
@@ -193,6 +210,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--checkpoint-dir", default=None, help="checkpoint each row here; a rerun resumes it")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-oneshot", action="store_true", help="skip the one-shot (steps=0) reference")
+    parser.add_argument(
+        "--train-threads", type=int, default=0, help="torch threads while training (0: default)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", type=Path, default=None, help="write the table as markdown here")
     return parser.parse_args()

@@ -9,7 +9,10 @@ teacher (Zhu & Gupta 2017; nn_pruning; oBERT); this pass does the same inside th
 2. the loop (:mod:`.training.loop`) trains every parameter on the calibration batches: the task
    loss for batches with labels, distillation (:mod:`.training.distill`) from the teacher for
    batches without (``labels=None``) or whenever ``distill`` is set — on the outputs, and with
-   ``distill="hidden"`` also on hidden taps (by default the inputs of the pruned layers);
+   ``distill="hidden"`` also on hidden taps (``hidden_taps``: the inputs of the pruned layers, their
+   outputs, or the normalisation layers' outputs — in a transformer, the residual stream after
+   every block); with ``token_mask`` naming the input that holds a tokenizer's attention mask,
+   padding positions are left out of every term;
 3. block masks follow the schedule (:mod:`.training.sparsity_schedule`; ``"gradual"``: Zhu &
    Gupta's cubic ramp over the first ``ramp`` of the steps, re-selected every ``every`` steps
    from the current weights, see :mod:`.training.gradual_pruning`) and are re-applied after every
@@ -50,7 +53,16 @@ from .training.loop import LoopHook, LoopOptions, LoopResult, train
 from .training.sparsity_schedule import SparsitySchedule
 from .training.taps import Tapped
 
-__all__ = ["RecoverSparsityPass"]
+__all__ = ["HiddenTaps", "RecoverSparsityPass"]
+
+HiddenTaps = Literal["inputs", "outputs", "norms"]
+_NORMS = frozenset(
+    {
+        torch.ops.aten.layer_norm.default,
+        torch.ops.aten.group_norm.default,
+        torch.ops.aten.rms_norm.default,
+    }
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +85,8 @@ class RecoverSparsityPass(PassBase):
     distill: Literal["output", "hidden"] | None = "hidden"
     output_loss: OutputLoss = "cosine"
     taps: tuple[str, ...] = ()
+    hidden_taps: HiddenTaps = "norms"
+    token_mask: int | None = None
     trainable: Literal["all", "layers"] = "all"
     selection: LayerSelection = field(default_factory=LayerSelection)
 
@@ -83,9 +97,14 @@ class RecoverSparsityPass(PassBase):
             raise RecipeError(f"RecoverSparsityPass: ramp in [0, 1] and every >= 1 needed, got {self}")
         if self.block is not None:
             PruneBlocksPass(self.block, self.sparsity, self.selection)  # validates block and sparsity
+        if self.hidden_taps not in ("inputs", "outputs", "norms"):
+            raise RecipeError(
+                f"RecoverSparsityPass.hidden_taps must be 'inputs', 'outputs' or 'norms', got {self.hidden_taps!r}"
+            )
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         _check_shapes(self.calibration, am.example_inputs)
+        _check_token_mask(self.token_mask, am.example_inputs)
         masked = self._masked_weights(gm)
         if not masked and self.loop.steps == 0:
             return PassResult(gm, False)
@@ -129,7 +148,7 @@ class RecoverSparsityPass(PassBase):
         taps = self._taps(gm) if self.distill == "hidden" else ()
         student = Tapped(gm, taps)
         objective = _Objective(
-            Tapped(teacher, taps), len(student.taps), self._distill_loss(), self.calibration
+            Tapped(teacher, taps), len(student.taps), self._distill_loss(), self.calibration, self.token_mask
         )
         trained = self._trained(gm)
         for name, p in gm.named_parameters():
@@ -159,13 +178,23 @@ class RecoverSparsityPass(PassBase):
         return DistillLoss(self.output_loss, hidden=1.0 if self.distill == "hidden" else 0.0)
 
     def _taps(self, gm: torch.fx.GraphModule) -> tuple[str, ...]:
-        """``taps`` as given, or the distinct inputs of the pruned layers that are not model inputs."""
+        """``taps`` as given, else by ``hidden_taps``: the distinct inputs of the pruned layers that
+        are not model inputs, their outputs, or every normalisation's output (the pruned layers'
+        inputs when the graph has no normalisation)."""
         if self.taps:
             return self.taps
+        if self.hidden_taps == "norms":
+            norms = tuple(n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _NORMS)
+            if norms:
+                return norms
         pruned = {w.name for w in self._masked_weights(gm)}
         found: dict[str, None] = {}
         for layer in weight_layers(gm):
-            if layer.param in pruned and layer.input.op != "placeholder":
+            if layer.param not in pruned:
+                continue
+            if self.hidden_taps == "outputs":
+                found[layer.node.name] = None
+            elif layer.input.op != "placeholder":
                 found[layer.input.name] = None
         return tuple(found)
 
@@ -174,8 +203,16 @@ class _Objective:
     """Task loss on labelled batches, distillation from the teacher on unlabeled ones (or always,
     when a distillation loss is configured and labels are present)."""
 
-    def __init__(self, teacher: Tapped, taps: int, distill: DistillLoss | None, data: Calibration) -> None:
+    def __init__(
+        self,
+        teacher: Tapped,
+        taps: int,
+        distill: DistillLoss | None,
+        data: Calibration,
+        token_mask: int | None = None,
+    ) -> None:
         self.teacher, self.taps, self.distill, self.data = teacher, taps, distill, data
+        self.token_mask = token_mask
 
     def __call__(self, model: nn.Module, inputs: tuple[Any, ...], labels: Any) -> torch.Tensor:
         flat = pytree.tree_leaves(tuple(inputs))
@@ -192,7 +229,8 @@ class _Objective:
         if self.distill is not None:
             with torch.no_grad():
                 teacher_outputs, teacher_taps = self.teacher(flat)
-            loss = loss + self.distill(outputs, teacher_outputs, taps, teacher_taps)
+            mask = None if self.token_mask is None else flat[self.token_mask]
+            loss = loss + self.distill(outputs, teacher_outputs, taps, teacher_taps, mask)
         return loss
 
 
@@ -206,6 +244,17 @@ class _HeldSparsity(LoopHook):
 
     def after_step(self, step: int) -> None:
         apply_masks(self.gm, self.gm)
+
+
+def _check_token_mask(index: int | None, example_inputs: Sequence[Any]) -> None:
+    if index is None:
+        return
+    flat = pytree.tree_leaves(tuple(example_inputs))
+    if not 0 <= index < len(flat) or not isinstance(flat[index], torch.Tensor) or flat[index].dim() != 2:
+        raise RecipeError(
+            f"token_mask={index} must be the position of a [batch, sequence] tensor among the "
+            f"{len(flat)} flattened example inputs (a tokenizer's attention mask)"
+        )
 
 
 def _check_shapes(data: Calibration, example_inputs: Sequence[Any]) -> None:

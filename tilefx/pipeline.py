@@ -137,6 +137,8 @@ def _recovery_pipeline(recipe: Recipe, recovery: Recovery, calibration: Any) -> 
             distill=recovery.distill,
             output_loss=recovery.output_loss,
             trainable=recovery.trainable,
+            hidden_taps=recovery.hidden_taps,
+            token_mask=recovery.token_mask,
         )
     )
     return passes

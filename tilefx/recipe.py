@@ -238,18 +238,24 @@ class Recovery:
     ``accumulate`` batches). schedule: "gradual" raises sparsity along Zhu & Gupta's cubic curve
     over the first ``ramp`` of the steps, re-selecting masks from the current weights every
     ``every`` steps by ``score`` ("magnitude" or "movement"); "oneshot" prunes at step 0 and trains
-    with the masks fixed. distill: "output", "hidden" (outputs plus the inputs of every pruned
-    layer) or None (labels only); output_loss: "cosine" (relative MSE + cosine, for embeddings),
+    with the masks fixed. distill: "output", "hidden" (outputs plus the hidden
+    taps below) or None (labels only); output_loss: "cosine" (relative MSE + cosine, for embeddings),
     "mse" or "kl" (for logits). lr warms up over ``warmup`` of the steps, then ``decay``s.
     checkpoint_dir: save every ``checkpoint_every`` steps; a rerun resumes there. progress: a
     tqdm bar with the live loss and sparsity, when stderr is a terminal.
+    output_loss="pooled": relative MSE + cosine of the sequence-mean-pooled outputs (sentence
+    encoders). hidden_taps: what distill="hidden" matches — the pruned layers' "inputs", their
+    "outputs", or every normalisation's output ("norms", the default: a transformer's residual
+    stream; the pruned layers' inputs when the model has no normalisation).
+    token_mask: position of the attention-mask tensor among the flattened example inputs (1 for
+    ``BertModel(input_ids, attention_mask)``); padding is then left out of the loss.
     """
 
     steps: int = 500
     lr: float = 1e-4
     schedule: Literal["gradual", "oneshot"] = "gradual"
     distill: Literal["output", "hidden"] | None = "hidden"
-    output_loss: Literal["cosine", "mse", "kl"] = "cosine"
+    output_loss: Literal["cosine", "mse", "kl", "pooled"] = "cosine"
     score: Literal["magnitude", "movement"] = "magnitude"
     trainable: Literal["all", "layers"] = "all"
     ramp: float = 0.6
@@ -263,6 +269,8 @@ class Recovery:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
     progress: bool = True
+    hidden_taps: Literal["inputs", "outputs", "norms"] = "norms"
+    token_mask: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "every", "accumulate", "checkpoint_every", "seed"):
@@ -277,7 +285,14 @@ class Recovery:
         _fraction("Recovery", "warmup", self.warmup)
         _choice("Recovery", "schedule", self.schedule, ("gradual", "oneshot"))
         _choice("Recovery", "distill", self.distill, ("output", "hidden", None))
-        _choice("Recovery", "output_loss", self.output_loss, ("cosine", "mse", "kl"))
+        _choice("Recovery", "output_loss", self.output_loss, ("cosine", "mse", "kl", "pooled"))
+        _choice("Recovery", "hidden_taps", self.hidden_taps, ("inputs", "outputs", "norms"))
+        if self.token_mask is not None and (
+            not isinstance(self.token_mask, int) or isinstance(self.token_mask, bool) or self.token_mask < 0
+        ):
+            raise RecipeError(
+                f"Recovery.token_mask must be an input position >= 0 or None, got {self.token_mask!r}"
+            )
         _choice("Recovery", "score", self.score, ("magnitude", "movement"))
         _choice("Recovery", "trainable", self.trainable, ("all", "layers"))
         _choice("Recovery", "decay", self.decay, ("constant", "linear", "cosine"))
