@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -73,3 +74,13 @@ def test_optimize_report_argument_writes_the_report(tmp_path: Path) -> None:
     recipe = tilefx.Recipe(blocks=tilefx.BlockPruning(block=(16, 1), sparsity=0.75))
     tilefx.optimize(_Mlp(), (x,), recipe=recipe, report=tmp_path / "out")
     _assert_complete(tmp_path / "out" / "report.html")
+
+
+def test_recovery_loss_history_is_plotted(tmp_path: Path) -> None:
+    x = torch.randn(4, 32)
+    gm = tilefx.optimize(_Mlp(), (x,), tilefx.Recipe(blocks=tilefx.BlockPruning(block=(16, 1), sparsity=0.5)))
+    metadata = tilefx.passes.metadata.get_metadata(gm)
+    tilefx.passes.metadata.set_metadata(gm, dataclasses.replace(metadata, recovery_losses=(1.0, 0.5, 0.25)))
+    page = write_report(tmp_path, gm, (x,), measure=False)
+    assert 'src="recovery.png"' in page.read_text(encoding="utf-8")
+    _assert_complete(page)

@@ -176,6 +176,7 @@ def write_report(
         _pictures_section(pictures),
         _speedup_section(out, rows, _speedup_sweep(optimized_gm) if measure else {}),
         _timings_section(out, timings or ()),
+        _recovery_section(out, get_metadata(optimized_gm).recovery_losses),
     ]
     page = out / "report.html"
     page.write_text(_page("tilefx report", "\n".join(sections)), encoding="utf-8")
@@ -380,7 +381,13 @@ def _speedup_section(out: Path, rows: list[LayerRow], curves: dict[str, list[tup
     ax.legend(fontsize=9)
     fig.savefig(out / "speedup.png", dpi=90)
     plt.close(fig)
-    return '<h2>Speedup vs sparsity</h2><img src="speedup.png" alt="speedup vs sparsity">'
+    return (
+        '<h2>Speedup vs sparsity</h2><img src="speedup.png" alt="speedup vs sparsity">'
+        "<p>Lines: one-layer stand-ins of the model's largest distinct layer shapes, random weights with "
+        "random blocks dropped, compiled for llvm at each sparsity. Crosses: the model's own layers as "
+        "tilefx.compile measured them. Each point is one best-of-interleaved measurement on this host, "
+        "so a loaded machine makes them noisy; benchmarks/ holds the repeated measurements.</p>"
+    )
 
 
 def _timings_section(out: Path, timings: Sequence[PassTiming]) -> str:
@@ -407,6 +414,28 @@ def _timings_section(out: Path, timings: Sequence[PassTiming]) -> str:
         [[t.name, "yes" if t.modified else "no", f"{t.seconds:.3f}"] for t in timings],
     )
     return f'<h2>Pass timings</h2><img src="timings.png" alt="pass timings">{table}'
+
+
+def _recovery_section(out: Path, losses: Sequence[float]) -> str:
+    if not losses:
+        return "<h2>Recovery</h2><p>No recovery training ran.</p>"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4), constrained_layout=True)
+    ax.plot(range(1, len(losses) + 1), losses, color="tab:blue")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean loss (distillation from the dense model)")
+    ax.set_title("Recovery training loss")
+    fig.savefig(out / "recovery.png", dpi=90)
+    plt.close(fig)
+    return (
+        '<h2>Recovery</h2><img src="recovery.png" alt="recovery loss">'
+        f"<p>{len(losses)} steps: loss {losses[0]:.4g} at the first, {losses[-1]:.4g} at the last. "
+        "No quality metric is recorded per step.</p>"
+    )
 
 
 def _summary(
