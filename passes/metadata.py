@@ -158,6 +158,8 @@ class Metadata:
 
     params: Mapping[str, tuple[Annotation, ...]] = field(default_factory=dict)
     recipe: Any = None
+    #: Mean loss per training step of the recovery pass, when it ran (the report plots it).
+    recovery_losses: tuple[float, ...] = ()
 
     def of(self, name: str, kind: type[A]) -> list[A]:
         return [a for a in self.params.get(name, ()) if isinstance(a, kind)]

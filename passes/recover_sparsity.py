@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -116,6 +116,8 @@ class RecoverSparsityPass(PassBase):
         metadata = get_metadata(gm)
         for w in masked:
             metadata = metadata.with_annotation(w.name, BlockSparsity(w.block, pruning.masks[w.name].cpu()))
+        if result is not None:
+            metadata = replace(metadata, recovery_losses=(*metadata.recovery_losses, *result.losses))
         set_metadata(gm, metadata)
         if result is not None and result.losses:
             log.info("RecoverSparsityPass: loss %.4g -> %.4g", result.losses[0], result.losses[-1])

@@ -17,7 +17,7 @@ import torch.fx
 
 from tilefx.passes.coverage import CoverageWarning, warn_coverage
 from tilefx.passes.infra.errors import LoweringError, RecipeError
-from tilefx.passes.infra.instruments import Instrument
+from tilefx.passes.infra.instruments import Instrument, TimingInstrument
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.infra.pass_base import PassBase
 from tilefx.passes.metadata import get_metadata, set_metadata
@@ -26,6 +26,7 @@ from tilefx.passes.training.calibration import Calibration
 from .capture import capture, check_capturable, check_finite
 from .pipeline import default_pipeline
 from .recipe import Recipe
+from .report_html import write_report
 
 __all__ = ["compile", "optimize"]
 
@@ -40,6 +41,7 @@ def optimize(
     *,
     passes: Sequence[PassBase] | None = None,
     instruments: Sequence[Instrument] = (),
+    report: str | os.PathLike[str] | None = None,
 ) -> torch.fx.GraphModule:
     """Capture ``model`` and run the recipe's pipeline; returns a new, verified GraphModule.
 
@@ -51,6 +53,7 @@ def optimize(
     no parameter. A block recipe that leaves layers dense warns (``tilefx.CoverageWarning``).
     ``calibration``: batches ``(inputs, labels)`` for data-driven criteria and for
     ``Recipe(recovery=...)``, where ``labels=None`` means unlabeled (learn from the dense model).
+    ``report``: a directory to write ``report.html`` and its pictures into (``tilefx.report_html``).
     """
     recipe = Recipe() if recipe is None else recipe
     if not isinstance(recipe, Recipe):
@@ -66,11 +69,16 @@ def optimize(
     if recipe.channels is not None and recipe.channels.criterion in ("taylor", "dcp"):
         _check_calibration(calibration, inputs)
     pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)
+    timing = TimingInstrument()
+    if report is not None:
+        instruments = (*instruments, timing)
     manager = PassManager(pipeline, instruments, verify=recipe.verify, tolerance=recipe.tolerance)
     result = manager.run(gm, inputs)
     out = result.graph_module
     set_metadata(out, dataclasses.replace(get_metadata(out), recipe=recipe))
     log.info("optimize: ran %s", ", ".join(f"{n}{'*' if m else ''}" for n, m in result.ran))
+    if report is not None:
+        write_report(report, out, inputs, dense=gm, timings=timing.timings)
     return out
 
 

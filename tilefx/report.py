@@ -5,28 +5,25 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
 from tilefx.passes.infra.instruments import PassTiming
 
-__all__ = ["count_parameters", "embedding_quality", "max_relative_error", "median_ms", "pass_table"]
+from .report_html import max_relative_error, write_report
+
+__all__ = [
+    "count_parameters",
+    "embedding_quality",
+    "max_relative_error",
+    "median_ms",
+    "pass_table",
+    "write_report",
+]
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def max_relative_error(actual: Any, expected: Any) -> float:
-    """max |a − e| / max |e| over all output tensors (the verification instrument's measure)."""
-    worst = 0.0
-    for a, e in zip(pytree.tree_leaves(actual), pytree.tree_leaves(expected), strict=True):
-        if isinstance(e, torch.Tensor) and e.is_floating_point():
-            scale = max(float(e.abs().max()), 1e-6)
-            worst = max(worst, float((a.double() - e.double()).abs().max()) / scale)
-    return worst
 
 
 def embedding_quality(dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float, float]:
