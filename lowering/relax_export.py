@@ -170,7 +170,58 @@ class _Converters:
             _CONV2D: self.layer,
             "relu.default": self.activation,
             "gelu.default": self.activation,
+            "to.device": self.to_device,
+            "scaled_dot_product_attention.default": self.attention,
         }
+
+    def attention(self, node: torch.fx.Node, importer: Any) -> relax.Expr:
+        """``softmax(Q Kᵀ · scale + mask) V`` as matmuls, so a boolean mask works too.
+
+        TVM's converter takes float masks only (BERT's is boolean). Causal, dropout and
+        grouped-query attention go to TVM's converter (which raises for what it cannot do).
+        """
+        q_node, k_node, v_node = node.args[:3]
+        mask_node = _arg(node, 3, node.kwargs.get("attn_mask"))
+        scale = node.kwargs.get("scale", _arg(node, 6))
+        plain = (
+            _arg(node, 4, node.kwargs.get("dropout_p", 0.0)) == 0.0
+            and not _arg(node, 5, node.kwargs.get("is_causal", False))
+            and not node.kwargs.get("enable_gqa", False)
+        )
+        q_val = q_node.meta.get("val") if isinstance(q_node, torch.fx.Node) else None
+        if not plain or not isinstance(q_val, torch.Tensor) or q_val.dtype != torch.float32:
+            return self._default(node, importer)
+        builder, env = importer.block_builder, importer.env
+        q, k, v = env[q_node], env[k_node], env[v_node]
+        ndim = q_val.dim()
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(int(q_val.shape[-1]))
+        k_t = builder.emit(relax.op.permute_dims(k, [*range(ndim - 2), ndim - 1, ndim - 2]))
+        scores = builder.emit(relax.op.multiply(relax.op.matmul(q, k_t), relax.const(scale, "float32")))
+        if mask_node is not None:
+            mask = env[mask_node]
+            mask_val = mask_node.meta.get("val")
+            if isinstance(mask_val, torch.Tensor) and mask_val.dtype == torch.bool:
+                # TVM's converters may carry a boolean torch value as int64 (BERT's mask does).
+                mask = builder.emit(relax.op.astype(mask, "bool"))
+                scores = builder.emit(relax.op.where(mask, scores, relax.const(float("-inf"), "float32")))
+            else:
+                scores = builder.emit(relax.op.add(scores, mask))
+        weights = builder.emit(relax.op.nn.softmax(scores, axis=-1))
+        return builder.emit(relax.op.matmul(weights, v))
+
+    @staticmethod
+    def to_device(node: torch.fx.Node, importer: Any) -> relax.Expr:
+        """``aten.to.device`` (TVM has no converter): on one CPU device it is at most a cast."""
+        value = node.meta.get("val")
+        x = importer.env[node.args[0]]
+        if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+            raise UnsupportedOpError(
+                f"export: node {node.name!r} moves a tensor to {value.device if isinstance(value, torch.Tensor) else '?'}; "
+                "CPU artifacts keep every tensor on the CPU",
+                node=node.name,
+                target=str(node.target),
+            )
+        return importer.block_builder.emit(relax.op.astype(x, str(value.dtype).removeprefix("torch.")))
 
     def activation(self, node: torch.fx.Node, importer: Any) -> relax.Expr:
         if node.name in self.folded:

@@ -10,6 +10,8 @@ The names below whose modules import torch are loaded on first use (PEP 562), so
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from tilefx.passes.infra.errors import (
@@ -90,3 +92,20 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_TORCH_SIDE))
+
+
+class _Package(types.ModuleType):
+    """``tilefx.capture`` stays the function when its same-named module is imported.
+
+    Importing ``tilefx.capture`` (the module, as ``tilefx.api`` does) ends with the import system
+    setting the package attribute to that module; an eager ``from .capture import capture`` used
+    to rebind it afterwards, which a lazy package cannot do.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _TORCH_SIDE.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

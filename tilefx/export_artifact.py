@@ -26,6 +26,7 @@ import torch.fx
 
 from tilefx.passes.infra.errors import LoweringError, VerificationError
 from tilefx.runtime import artifact as runtime_artifact
+from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear
 
 __all__ = ["export"]
 
@@ -60,6 +61,7 @@ def export(
         raise LoweringError(
             f"export takes the GraphModule tilefx.optimize returns, got {type(optimized_gm).__name__}"
         )
+    _check_not_compiled(optimized_gm)
     inputs = tuple(example_inputs)
     tvm_target = compat.make_target(target)
     program = relax_program(optimized_gm, inputs, tvm_target)
@@ -79,6 +81,16 @@ def export(
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %d layers on our kernels to %s", len(program.layers), destination)
     return destination
+
+
+def _check_not_compiled(gm: torch.fx.GraphModule) -> None:
+    """A ``tilefx.compile`` result calls runtime modules that torch.export cannot see through."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), BsrLinear | BsrConv2d):
+            raise LoweringError(
+                f"export: node {node.name!r} calls a compiled kernel module; export the graph "
+                "tilefx.optimize returned, not the one tilefx.compile returned"
+            )
 
 
 def _build(program: Any, target: Any, directory: Path) -> None:
