@@ -5,7 +5,8 @@ optimized model (sparse kernels called from torch); and ``tilefx.export`` of the
 model loaded with ``tilefx.runtime.load`` (whole model in TVM's Relax VM, dense layers on our
 kernels at full density). The three are timed in alternating blocks (a block of calls of one,
 then of the next), so drift on a shared machine hits all three alike; each median is over all
-its calls. Max relative error is max |artifact − optimized torch| / max |optimized torch|.
+its calls. Max relative error is max |artifact − optimized torch| / max |optimized torch| (and
+the same for ``tilefx.compile``'s output, which runs the same kernels from torch).
 
 Models: all-MiniLM-L6-v2 (real weights, ``tilefx.zoo.load_minilm``) and ResNet-18 (torchvision,
 random weights) at 80% 16×1 blocks; ``--resnet50`` adds ResNet-50 at 50% channels.
@@ -39,9 +40,10 @@ import torchvision  # noqa: E402
 
 import tilefx  # noqa: E402
 import tilefx.runtime  # noqa: E402
+from tilefx.export_artifact import relative_error  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine  # noqa: E402
-from tilefx.export_artifact import relative_error  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,6 +65,7 @@ class Row:
     tilefx_ms: float
     artifact_ms: float
     max_rel_error: float
+    compile_rel_error: float
     export_s: float
     layers: str
 
@@ -73,7 +76,9 @@ def minilm_case(batch: int, length: int) -> Case:
     minilm = load_minilm()
     ids, mask = minilm.batches(SENTENCES, size=batch, length=length)[0]
     recipe = tilefx.Recipe(blocks=tilefx.BlockPruning(block=(16, 1), sparsity=0.8))
-    return Case("all-MiniLM-L6-v2", minilm.model, (ids, mask), recipe, f"real weights, {batch}×{length} tokens")
+    return Case(
+        "all-MiniLM-L6-v2", minilm.model, (ids, mask), recipe, f"real weights, {batch}×{length} tokens"
+    )
 
 
 def resnet_case(depth: int, batch: int, recipe: tilefx.Recipe, what: str) -> Case:
@@ -119,6 +124,8 @@ def run_case(case: Case, directory: Path, rounds: int, block: int) -> Row:
         reference = first(gm(*case.inputs)).numpy()
     got = artifact(*arrays)
     got = got if isinstance(got, np.ndarray) else got[0]
+    with torch.no_grad():
+        from_torch = first(compiled(*case.inputs)).numpy()
     layers = artifact.manifest["layers"]
     pruned = sum(layer["pruned"] for layer in layers)
     eager, lowered, standalone = timed_blocks(
@@ -133,6 +140,7 @@ def run_case(case: Case, directory: Path, rounds: int, block: int) -> Row:
         lowered,
         standalone,
         relative_error(got, reference),
+        relative_error(from_torch, reference),
         export_s,
         f"{len(layers)} on our kernels ({pruned} pruned, {len(layers) - pruned} dense)",
     )
@@ -140,13 +148,13 @@ def run_case(case: Case, directory: Path, rounds: int, block: int) -> Row:
 
 def table(rows: Sequence[Row]) -> str:
     lines = [
-        "| model | dense eager ms | tilefx.compile ms | artifact ms | artifact / tilefx | max rel err | export s | layers |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | dense eager ms | tilefx.compile ms | artifact ms | artifact / tilefx | max rel err artifact | max rel err tilefx.compile | export s | layers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.name} ({r.note}) | {r.eager_ms:.2f} | {r.tilefx_ms:.2f} | {r.artifact_ms:.2f} | "
-            f"{r.artifact_ms / r.tilefx_ms:.2f}× | {r.max_rel_error:.1e} | {r.export_s:.0f} | {r.layers} |"
+            f"{r.artifact_ms / r.tilefx_ms:.2f}× | {r.max_rel_error:.1e} | {r.compile_rel_error:.1e} | {r.export_s:.0f} | {r.layers} |"
         )
     return "\n".join(lines)
 
@@ -157,9 +165,15 @@ def main() -> None:
     parser.add_argument("--only", choices=["minilm", "resnet18", "resnet50"], default=None)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--block", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and TVM threads (default: all cores)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "export_speed.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads is not None:  # before TVM loads: its pool and the kernels' targets read it
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     blocks = tilefx.Recipe(blocks=tilefx.BlockPruning(block=(16, 1), sparsity=0.8))
     cases: list[Callable[[], Case]] = [
         lambda: minilm_case(4, 128),
@@ -178,7 +192,9 @@ def main() -> None:
             row = run_case(make(), Path(tmp), args.rounds, args.block)
             print(table([row]).splitlines()[-1], flush=True)
             rows.append(row)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     text = (
         f"# Standalone artifact vs torch\n\n"
         f"Command: `.venv/bin/python benchmarks/export_speed.py {' '.join(sys.argv[1:])}` at commit {commit}.\n"

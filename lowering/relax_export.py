@@ -95,9 +95,7 @@ def relax_program(
     program = _export(gm, example_inputs)
     converters = _Converters(program, pruned, target)
     _check_supported(program, ExportedProgramImporter().create_convert_map(), converters.table())
-    module = from_exported_program(
-        program, run_ep_decomposition=False, custom_convert_map=converters.table()
-    )
+    module = from_exported_program(program, run_ep_decomposition=False, custom_convert_map=converters.table())
     names = tuple(spec.arg.name for spec in program.graph_signature.input_specs if _is_user_input(spec))
     outputs = len(program.graph_signature.user_outputs)
     log.info("export: %d layers run our kernels", len(converters.layers))
@@ -316,7 +314,11 @@ class _Converters:
         name = getattr(user.target, "__name__", "")
         approximate = user.kwargs.get("approximate", _arg(user, 1, "none"))
         kind: Activation | None = (
-            "relu" if name == "relu.default" else "gelu" if name == "gelu.default" and approximate == "none" else None
+            "relu"
+            if name == "relu.default"
+            else "gelu"
+            if name == "gelu.default" and approximate == "none"
+            else None
         )
         if kind is not None:
             self.folded.add(user.name)

@@ -118,7 +118,9 @@ class Artifact:
         if len(arrays) != len(self.inputs):
             names = ", ".join(spec.name for spec in self.inputs)
             raise ArtifactInputError(f"artifact takes {len(self.inputs)} inputs ({names}), got {len(arrays)}")
-        tensors = [tvm.runtime.tensor(self._checked(a, spec)) for a, spec in zip(arrays, self.inputs, strict=True)]
+        tensors = [
+            tvm.runtime.tensor(self._checked(a, spec)) for a, spec in zip(arrays, self.inputs, strict=True)
+        ]
         result = self._run(*tensors)
         outputs = tuple(np.asarray(o.numpy()) for o in _flatten(result))
         return outputs[0] if self._single else outputs
@@ -127,7 +129,9 @@ class Artifact:
     def _checked(array: Any, spec: TensorSpec) -> np.ndarray:
         value = np.asarray(array)
         if str(value.dtype) != spec.dtype:
-            raise ArtifactInputError(f"input {spec.name!r}: dtype {value.dtype}, the artifact takes {spec.dtype}")
+            raise ArtifactInputError(
+                f"input {spec.name!r}: dtype {value.dtype}, the artifact takes {spec.dtype}"
+            )
         if tuple(value.shape) != spec.shape:
             raise ArtifactInputError(
                 f"input {spec.name!r}: shape {tuple(value.shape)}, the artifact was built for {spec.shape}"
@@ -158,7 +162,9 @@ def load(path: str | Path) -> Artifact:
 def _read_manifest(directory: Path) -> dict[str, Any]:
     file = directory / MANIFEST
     if not file.is_file():
-        raise ArtifactError(f"{directory}: no {MANIFEST}; not a tilefx artifact (write one with tilefx.export)")
+        raise ArtifactError(
+            f"{directory}: no {MANIFEST}; not a tilefx artifact (write one with tilefx.export)"
+        )
     try:
         manifest = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -185,7 +191,9 @@ def _check_files(directory: Path, manifest: Mapping[str, Any]) -> None:
         if not file.is_file():
             raise ArtifactError(f"{file}: missing (the manifest lists it)")
         if file_digest(file) != expected:
-            raise ArtifactError(f"{file}: sha256 differs from the manifest's; the file is corrupted or truncated")
+            raise ArtifactError(
+                f"{file}: sha256 differs from the manifest's; the file is corrupted or truncated"
+            )
 
 
 def _check_tvm(manifest: Mapping[str, Any]) -> None:
@@ -215,7 +223,7 @@ def _open(library: Path) -> Callable[..., Any]:
 
     try:
         executable = tvm.runtime.load_module(str(library))
-        return relax.VirtualMachine(executable, tvm.cpu())["main"]  # type: ignore[no-any-return]
+        return relax.VirtualMachine(executable, tvm.cpu())["main"]
     except Exception as exc:  # TVM raises its own error types
         raise ArtifactError(f"{library}: TVM cannot load it ({exc})") from exc
 

@@ -65,7 +65,11 @@ def optimized(example: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
 
 
 @pytest.fixture(scope="module")
-def exported(optimized: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(
+    optimized: torch.fx.GraphModule,
+    example: tuple[torch.Tensor, ...],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
     return tilefx.export(optimized, example, tmp_path_factory.mktemp("artifact") / "convnet", recipe=RECIPE)
 
 
@@ -87,7 +91,9 @@ def test_round_trip_in_a_fresh_process_without_torch(
     exported: Path, optimized: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], tmp_path: Path
 ) -> None:
     np.save(tmp_path / "x.npy", example[0].numpy())
-    code = NO_TORCH + f"""
+    code = (
+        NO_TORCH
+        + f"""
 import numpy as np
 import tilefx.runtime
 model = tilefx.runtime.load({str(exported)!r})
@@ -95,6 +101,7 @@ np.save({str(tmp_path / "y.npy")!r}, model(np.load({str(tmp_path / "x.npy")!r}))
 loaded = sorted(m for m in sys.modules if m.split(".")[0] == "torch" or m.startswith("tilefx.passes."))
 assert loaded == ["tilefx.passes.infra", "tilefx.passes.infra.errors"], loaded
 """
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
     with torch.no_grad():
         expected = optimized(*example).numpy()
@@ -160,7 +167,9 @@ def _other_arch(path: Path) -> None:
 
 def _feature_the_host_lacks(path: Path) -> None:
     host = host_cpu_features()
-    lacking = next(f for f in ("amx-tile", "avx512fp16", "avx10.1-512", "sve2", "avx-fictional") if f not in host)
+    lacking = next(
+        f for f in ("amx-tile", "avx512fp16", "avx10.1-512", "sve2", "avx-fictional") if f not in host
+    )
     manifest = _manifest(path)
     _write_manifest(path, {**manifest, "cpu_features": [*manifest["cpu_features"], lacking]})
 
@@ -194,7 +203,9 @@ def test_a_bad_artifact_is_a_typed_error_at_load(artifact: Path, corrupt, messag
 
 def test_a_bad_artifact_fails_the_same_without_torch(artifact: Path) -> None:
     _flip_a_byte(artifact)
-    code = NO_TORCH + f"""
+    code = (
+        NO_TORCH
+        + f"""
 import tilefx.runtime
 from tilefx.passes.infra.errors import ArtifactError, OptimizeError
 try:
@@ -203,6 +214,7 @@ except ArtifactError as exc:
     assert isinstance(exc, OptimizeError)
     print("typed:", exc)
 """
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "typed:" in done.stdout and "sha256" in done.stdout

@@ -105,7 +105,9 @@ def _build(program: Any, target: Any, directory: Path) -> None:
         raise LoweringError(f"export: TVM could not build the model for {target}: {exc}") from exc
 
 
-def _outputs(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...] | np.ndarray:
+def _outputs(
+    gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]
+) -> tuple[np.ndarray, ...] | np.ndarray:
     with torch.no_grad():
         result = gm(*inputs)
     if isinstance(result, torch.Tensor):
@@ -138,7 +140,9 @@ def _manifest(
             spec(name, tuple(x.shape), str(x.detach().cpu().numpy().dtype)).to_json()
             for name, x in zip(program.input_names, inputs, strict=True)
         ],
-        "outputs": [spec(f"output_{i}", tuple(y.shape), str(y.dtype)).to_json() for i, y in enumerate(outputs)],
+        "outputs": [
+            spec(f"output_{i}", tuple(y.shape), str(y.dtype)).to_json() for i, y in enumerate(outputs)
+        ],
         "single_output": not isinstance(expected, tuple),
         "tilefx_version": tilefx.__version__,
         "tvm_version": tvm.__version__,

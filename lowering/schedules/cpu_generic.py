@@ -22,7 +22,7 @@ __all__ = ["ParallelLoops", "schedule_leftovers"]
 _MIN_PARALLEL = 64
 
 
-class ParallelLoops(dlight.ScheduleRule):  # type: ignore[misc]
+class ParallelLoops(dlight.ScheduleRule):
     """Outer spatial loops fused and parallel; reductions inside; the last spatial loop innermost."""
 
     def apply(self, func: Any, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
