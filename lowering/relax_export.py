@@ -170,7 +170,19 @@ class _Converters:
             "gelu.default": self.activation,
             "to.device": self.to_device,
             "scaled_dot_product_attention.default": self.attention,
+            "embedding.default": self.embedding,
         }
+
+    @staticmethod
+    def embedding(node: torch.fx.Node, importer: Any) -> relax.Expr:
+        """Rows of the table; an id out of range gives NaNs, not TVM's default segfault ("fast")."""
+        builder = importer.block_builder
+        table, ids = importer.env[node.args[0]], importer.env[node.args[1]]
+        ids_val = node.args[1].meta["val"]  # type: ignore[union-attr]
+        width = int(node.args[0].meta["val"].shape[-1])  # type: ignore[union-attr]
+        flat = builder.emit(relax.op.reshape(ids, (-1,)))
+        rows = builder.emit(relax.op.take(table, flat, axis=0, mode="nan"))
+        return builder.emit(relax.op.reshape(rows, (*(int(d) for d in ids_val.shape), width)))
 
     def attention(self, node: torch.fx.Node, importer: Any) -> relax.Expr:
         """``softmax(Q Kᵀ · scale + mask) V`` as matmuls, so a boolean mask works too.
@@ -251,6 +263,8 @@ class _Converters:
     def _why_not(self, node: torch.fx.Node, name: str, weight: str | None, bias: Any) -> str | None:
         if weight is None:
             return "its weight is computed in the graph"
+        if node.kwargs:
+            return f"keyword arguments {sorted(node.kwargs)}"
         if _arg(node, 2) is not None and bias is None:
             return "its bias is computed in the graph"
         if self.state[weight].dtype != torch.float32:

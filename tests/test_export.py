@@ -261,3 +261,26 @@ def test_an_unpruned_graph_runs_every_layer_at_full_density(tmp_path: Path) -> N
     assert all(layer["stored_blocks"] == layer["total_blocks"] for layer in layers)
     with torch.no_grad():
         assert relative_error(tilefx.runtime.load(path)(x.numpy()), model(x).numpy()) <= 1e-5
+
+
+def test_a_small_bert_round_trips(tmp_path: Path) -> None:
+    """Embeddings, a boolean attention mask through SDPA, GELU, layer norms: MiniLM's ops, tiny."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    mask[1, 10:] = 0
+    recipe = tilefx.Recipe(blocks=tilefx.BlockPruning(block=(16, 1), sparsity=0.5))
+    gm = tilefx.optimize(model, (ids, mask), recipe=recipe)
+    loaded = tilefx.runtime.load(tilefx.export(gm, (ids, mask), tmp_path / "bert"))
+    with torch.no_grad():
+        expected = [t.numpy() for t in torch.utils._pytree.tree_leaves(gm(ids, mask))]
+    got = loaded(ids.numpy(), mask.numpy())
+    assert len(got) == len(expected)
+    for actual, reference in zip(got, expected, strict=True):
+        assert relative_error(actual, reference) <= 1e-5
+    assert any(layer["pruned"] for layer in loaded.manifest["layers"])
