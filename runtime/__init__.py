@@ -10,3 +10,7 @@ rejects is a case of the lowering contract: a weight that cannot be packed as it
 ``BlockSparsity`` record says, or an input of a dtype or shape the layer was not lowered for.
 So a user catches the same type around ``tilefx.compile`` and around calls of what it returned.
 """
+
+from .artifact import Artifact, load
+
+__all__ = ["Artifact", "load"]

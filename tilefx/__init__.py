@@ -2,10 +2,21 @@
 
 ``optimize`` captures a model with torch.export and runs verified fx passes that prune and
 reorder it; ``compile`` lowers the result to TVM block-sparse kernels called from torch.
+
+The names below whose modules import torch are loaded on first use (PEP 562), so that
+``tilefx.runtime`` (which runs an exported artifact) can be imported where torch is not.
 """
 
-from tilefx.passes.coverage import CoverageWarning
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from tilefx.passes.infra.errors import (
+    ArtifactError,
+    ArtifactInputError,
     CaptureError,
     LoweringError,
     OptimizeError,
@@ -15,16 +26,22 @@ from tilefx.passes.infra.errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from tilefx.passes.training.dcp import DCPOptions  # importing DCP registers the channel criterion "dcp"
 
-from .api import compile, optimize
-from .capture import capture
-from .pipeline import default_pipeline
-from .recipe import BlockPruning, ChannelPruning, ConnectionPruning, Recipe, Recovery
+if TYPE_CHECKING:
+    from tilefx.passes.coverage import CoverageWarning
+    from tilefx.passes.training.dcp import DCPOptions
+
+    from .api import compile, optimize
+    from .capture import capture
+    from .export_artifact import export
+    from .pipeline import default_pipeline
+    from .recipe import BlockPruning, ChannelPruning, ConnectionPruning, Recipe, Recovery
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError",
+    "ArtifactInputError",
     "BlockPruning",
     "CaptureError",
     "ChannelPruning",
@@ -43,5 +60,52 @@ __all__ = [
     "capture",
     "compile",
     "default_pipeline",
+    "export",
     "optimize",
 ]
+
+#: Public names that need torch, and the module each comes from.
+_TORCH_SIDE = {
+    "BlockPruning": "tilefx.recipe",
+    "ChannelPruning": "tilefx.recipe",
+    "ConnectionPruning": "tilefx.recipe",
+    "CoverageWarning": "tilefx.passes.coverage",
+    "DCPOptions": "tilefx.passes.training.dcp",
+    "Recipe": "tilefx.recipe",
+    "Recovery": "tilefx.recipe",
+    "capture": "tilefx.capture",
+    "compile": "tilefx.api",
+    "default_pipeline": "tilefx.pipeline",
+    "export": "tilefx.export_artifact",
+    "optimize": "tilefx.api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _TORCH_SIDE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tilefx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TORCH_SIDE))
+
+
+class _Package(types.ModuleType):
+    """``tilefx.capture`` stays the function when its same-named module is imported.
+
+    Importing ``tilefx.capture`` (the module, as ``tilefx.api`` does) ends with the import system
+    setting the package attribute to that module; an eager ``from .capture import capture`` used
+    to rebind it afterwards, which a lazy package cannot do.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _TORCH_SIDE.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -7,6 +7,8 @@ one type. Messages name the pass, the node or parameter, and the fix.
 from __future__ import annotations
 
 __all__ = [
+    "ArtifactError",
+    "ArtifactInputError",
     "CaptureError",
     "LoweringError",
     "OptimizeError",
@@ -96,3 +98,11 @@ class LoweringError(OptimizeError):
 
 class WeightError(OptimizeError, ValueError):
     """A weight cannot be used as given (NaN or inf entries); the message names the parameter."""
+
+
+class ArtifactError(OptimizeError):
+    """An exported artifact cannot be loaded: missing, corrupted, or built for another TVM or CPU."""
+
+
+class ArtifactInputError(ArtifactError, ValueError):
+    """An artifact was called with inputs of the wrong number, shape or dtype; names the input."""
