@@ -4,6 +4,8 @@
 reorder it; ``compile`` lowers the result to TVM block-sparse kernels called from torch.
 """
 
+import sys as _sys
+
 from tilefx.passes.coverage import CoverageWarning
 from tilefx.passes.infra.errors import (
     CaptureError,
@@ -45,3 +47,10 @@ __all__ = [
     "default_pipeline",
     "optimize",
 ]
+
+# backend="tilefx" for torch.compile where the entry point is not installed (an editable checkout).
+# Only when torch is loaded already, so importing tilefx for the torch-free runtime never loads it.
+if "torch" in _sys.modules:
+    from .dynamo_backend import register as _register_dynamo_backend
+
+    _register_dynamo_backend()
