@@ -5,14 +5,16 @@ eager; the pruned model in torch eager (the reference for quality); ``tilefx.com
 pruned graph ("tilefx from torch"); the standalone artifact (``tilefx.export`` + ``runtime.load``,
 when this build has them); ``torch.compile(backend="tilefx")`` on the dense model with the same
 recipe; and ``torch.compile`` with its default backend (inductor) on the dense model. Ratios are
-against tilefx from torch (> 1 = slower than it). Quality: max relative error of each path's
+against tilefx from torch (> 1 = slower than it). The order of the paths is shuffled in every
+round. One thread by default: on a machine shared with other jobs, two threads' barriers wait
+for whichever thread is descheduled, which made the same torch graph vary by 1.6x between paths. Quality: max relative error of each path's
 output against the pruned torch model (the pruning itself is not recovered: MiniLM's weights are
 pruned one-shot, without fine-tuning, so its embeddings are far from the dense model's).
 
 Models: all-MiniLM-L6-v2 (real weights, ``tilefx.zoo.load_minilm``) and ResNet-18 (random
 weights: latency does not depend on their values) at 80% 16x1 blocks; ResNet-50 at 50% channels.
 
-    python benchmarks/deploy.py [--runs 20] [--models minilm,resnet18,resnet50] [--out benchmarks/results/deploy.md]
+    python benchmarks/deploy.py [--runs 20] [--threads 1] [--models minilm,resnet18,resnet50] [--out benchmarks/results/deploy.md]
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
+import random
 import statistics
 import sys
 import tempfile
@@ -94,16 +98,41 @@ def max_rel_error(out: Any, reference: torch.Tensor) -> float:
     return float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
 
 
+class LoweringLog(logging.Handler):
+    """Collects ``tilefx.lowering.build``'s "lowered N of M sparse layers" lines while active."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self.logger = logging.getLogger("tilefx.lowering.build")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("lowered "):
+            self.messages.append(record.getMessage())
+
+    def __enter__(self) -> LoweringLog:
+        self.level_before = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+
+
 def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 2) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
+        order = list(fns)
         for _ in range(runs):
-            for name, fn in fns.items():
+            random.shuffle(order)  # no path always runs right after the same other one
+            for name in order:
                 start = time.perf_counter()
-                fn()
+                fns[name]()
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -182,10 +211,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--models", default="minilm,resnet18,resnet50")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and TVM threads (1: stable ratios on a loaded machine)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "deploy.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
     torch.manual_seed(0)
+    random.seed(0)
     table = [
         "| model | path | median ms | vs tilefx from torch | max rel error vs pruned torch |",
         "|---|---|---|---|---|",
@@ -200,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\n".join(notes), flush=True)
         torch._dynamo.reset()
         gc.collect()
-    body = "\n".join(table) + "\n\n" + "\n\n".join(sections)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    shared = f"Load average at the end (1, 5, 15 min): {load}; on a shared machine other jobs ran alongside."
+    body = shared + "\n\n" + "\n".join(table) + "\n\n" + "\n\n".join(sections)
     save_result(args.out, "Deployment paths: eager, tilefx, artifact, torch.compile", body)
     print(body)
 
