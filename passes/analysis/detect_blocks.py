@@ -58,7 +58,7 @@ class DetectBlocksPass(PassBase):
     """Record the block sparsity each linear / conv / matmul weight already has.
 
     Requires: an ATen-level graph (checked: :class:`PreconditionError`).
-    Preserves: weights and graph (only metadata is added).
+    Changes no weight and no node: only records are added to the metadata.
     """
 
     candidates: tuple[tuple[int, int], ...] = CANDIDATES
