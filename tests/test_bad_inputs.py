@@ -415,65 +415,95 @@ def pruned() -> torch.fx.GraphModule:
     return tilefx.optimize(randomize_bn(ConvBN(bias=True)).eval(), (X,), recipe=BLOCKS)
 
 
-COMPILE_CASES: list[tuple[str, Callable[[Any], object], str]] = [
+COMPILE_CASES: list[tuple[str, Callable[[Any], object], type[Exception], str]] = [
     (
-        "compile/plain-module",
+        "compile/plain-module-without-inputs",
         lambda gm: tilefx.compile(ConvBN()),
-        "got ConvBN (a torch.nn.Module); run tilefx.optimize",
+        tilefx.LoweringError,
+        "got ConvBN (a torch.nn.Module) without example_inputs; pass example_inputs=(x,)",
     ),
-    ("compile/function", lambda gm: tilefx.compile(lambda x: x), "got function"),
-    ("compile/none", lambda gm: tilefx.compile(None), "got NoneType"),
+    ("compile/function", lambda gm: tilefx.compile(lambda x: x), tilefx.LoweringError, "got function"),
+    ("compile/none", lambda gm: tilefx.compile(None), tilefx.LoweringError, "got NoneType"),
     (
         "compile/unknown-option",
         lambda gm: tilefx.compile(gm, fallbak="never"),
+        tilefx.RecipeError,
         "unknown option 'fallbak'; did you mean 'fallback'",
     ),
     (
         "compile/unknown-option-far",
         lambda gm: tilefx.compile(gm, threads=4),
+        tilefx.RecipeError,
         "unknown option 'threads'; options: cache_dir",
     ),
     (
         "compile/fallback-unknown",
         lambda gm: tilefx.compile(gm, fallback="sometimes"),
+        tilefx.RecipeError,
         "unknown fallback 'sometimes'",
     ),
     (
         "compile/fuse-activations-string",
         lambda gm: tilefx.compile(gm, fuse_activations="yes"),
+        tilefx.RecipeError,
         "fuse_activations must be True or False",
     ),
-    ("compile/cache-dir-int", lambda gm: tilefx.compile(gm, cache_dir=3), "cache_dir must be a path"),
-    ("target/unknown-name", lambda gm: tilefx.compile(gm, target="metal"), "unknown target 'metal'"),
-    ("target/not-a-target", lambda gm: tilefx.compile(gm, target=3), "got 3"),
-    ("target/dict-without-kind", lambda gm: tilefx.compile(gm, target={"mcpu": "native"}), "unknown target"),
+    (
+        "compile/cache-dir-int",
+        lambda gm: tilefx.compile(gm, cache_dir=3),
+        tilefx.RecipeError,
+        "cache_dir must be a path",
+    ),
+    (
+        "target/unknown-name",
+        lambda gm: tilefx.compile(gm, target="metal"),
+        tilefx.LoweringError,
+        "unknown target 'metal'",
+    ),
+    ("target/not-a-target", lambda gm: tilefx.compile(gm, target=3), tilefx.LoweringError, "got 3"),
+    (
+        "target/dict-without-kind",
+        lambda gm: tilefx.compile(gm, target={"mcpu": "native"}),
+        tilefx.LoweringError,
+        "unknown target",
+    ),
 ]
 _NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there: cuda compiles")
 CUDA_CASES = [
     (
         "target/cuda-without-gpu",
         lambda gm: tilefx.compile(gm, target="cuda"),
+        tilefx.LoweringError,
         "target 'cuda': torch sees no CUDA device",
     ),
     (
         "target/cuda-dict-without-gpu",
         lambda gm: tilefx.compile(gm, target={"kind": "cuda"}),
+        tilefx.LoweringError,
+        "torch sees no CUDA device",
+    ),
+    (
+        "target/cuda-without-gpu-module-to-capture",
+        lambda gm: tilefx.compile(ConvBN(), (X,), target="cuda"),
+        tilefx.LoweringError,
         "torch sees no CUDA device",
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("call", "names"),
+    ("call", "error", "names"),
     [c[1:] for c in COMPILE_CASES] + [pytest.param(*c[1:], marks=_NO_GPU) for c in CUDA_CASES],
     ids=[c[0] for c in COMPILE_CASES + CUDA_CASES],
 )
-def test_bad_compile_input_is_a_lowering_error_before_anything_compiles(
-    pruned: torch.fx.GraphModule, call: Callable[[Any], object], names: str
+def test_bad_compile_input_is_a_typed_error_before_anything_compiles(
+    pruned: torch.fx.GraphModule, call: Callable[[Any], object], error: type[Exception], names: str
 ) -> None:
+    """Options are a RecipeError (as in optimize), the model and the target a LoweringError."""
     before = _snapshot(pruned)
-    with pytest.raises(tilefx.LoweringError) as info:
+    with pytest.raises(error) as info:
         call(pruned)
+    assert isinstance(info.value, tilefx.OptimizeError)
     assert names in str(info.value)
     assert _snapshot(pruned) == before
     assert "lowering_choices" not in pruned.meta

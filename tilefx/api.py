@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -15,11 +16,14 @@ from typing import Any
 import torch
 import torch.fx
 
+from tilefx.lowering.fallback import FALLBACKS
+from tilefx.passes.analysis.detect_blocks import DetectBlocksPass, has_sparsity_records
 from tilefx.passes.coverage import CoverageWarning, warn_coverage
-from tilefx.passes.infra.errors import LoweringError, RecipeError
+from tilefx.passes.infra.errors import LoweringError, PreconditionError, RecipeError
 from tilefx.passes.infra.instruments import Instrument, TimingInstrument
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.infra.pass_base import PassBase
+from tilefx.passes.infra.preconditions import require_aten_graph
 from tilefx.passes.metadata import get_metadata, set_metadata
 from tilefx.passes.training.calibration import Calibration
 
@@ -83,27 +87,39 @@ def optimize(
 
 
 def compile(
-    gm: torch.fx.GraphModule, target: str | dict[str, Any] = "llvm", **options: Any
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    target: str | dict[str, Any] = "llvm",
+    **options: Any,
 ) -> torch.nn.Module:  # noqa: A001
-    """Lower an optimized graph: sparse layers become TVM block-sparse kernels, the rest stays torch.
+    """Lower a block-sparse model: sparse layers become TVM block-sparse kernels, the rest stays torch.
 
+    ``model`` is what ``tilefx.optimize`` returns, or any ``nn.Module`` (a model pruned elsewhere,
+    a ``symbolic_trace`` graph), which is captured with ``example_inputs`` (``tilefx.capture``).
+    A graph with no sparsity records gets them from the zeros in its weights
+    (:class:`~tilefx.passes.analysis.detect_blocks.DetectBlocksPass`), so block sparsity made by
+    ``torch.ao.pruning``, Torch-Pruning or by hand is lowered too.
     A sparse layer whose kernel is not faster than dense torch for its shape stays torch
     (``fallback="measure"``, the default; ``fallback="never"`` always lowers): see
     ``tilefx.lowering.fallback``. Other options go to ``tilefx.lowering.build.compile_graph``.
-    Raises ``LoweringError`` before compiling for anything but a GraphModule, an unknown option,
-    an unknown target, or ``target="cuda"`` where torch sees no GPU (the model could not run).
-    Warns (``tilefx.CoverageWarning``) when it lowers nothing: no block-sparse layer in the graph,
-    or none whose kernel was faster; some layers kept dense by measurement is the design and is
-    only logged (``lowering_choices`` has each decision).
+    Raises, before compiling anything: ``RecipeError`` for an unknown or ill-typed option;
+    ``LoweringError`` for something that is not a model, a module that must be captured but has
+    no ``example_inputs``, an unknown target, or ``target="cuda"`` where torch sees no GPU;
+    ``CaptureError`` when capturing fails. Warns (``tilefx.CoverageWarning``) when it lowers
+    nothing: no block-sparse layer in the graph, or none whose kernel was faster; some layers kept
+    dense by measurement is the design and is only logged (``lowering_choices`` has each decision).
+    The model is never mutated. ``compile(gm, "llvm")`` (target second) still works, deprecated.
     """
     from tilefx.lowering import compat  # tvm is imported only here
     from tilefx.lowering.build import compile_graph, lowering_choices
 
-    if not isinstance(gm, torch.fx.GraphModule):
-        kind = "a torch.nn.Module" if isinstance(gm, torch.nn.Module) else "not a model"
+    if _is_target(example_inputs):  # the pre-example_inputs call compile(gm, "llvm")
+        warnings.warn("pass the target by keyword: compile(gm, target=...)", DeprecationWarning, stacklevel=2)
+        example_inputs, target = None, example_inputs  # type: ignore[assignment]
+    if not isinstance(model, torch.nn.Module):
         raise LoweringError(
-            f"tilefx.compile lowers the fx.GraphModule that tilefx.optimize returns, got "
-            f"{type(gm).__name__} ({kind}); run tilefx.optimize(model, example_inputs, recipe=...) first"
+            f"tilefx.compile lowers a torch.nn.Module or the fx.GraphModule that tilefx.optimize returns, "
+            f"got {type(model).__name__} (not a model)"
         )
     if "fuse_relu" in options:  # renamed when GELU joined ReLU in the epilogue
         warnings.warn("fuse_relu is now fuse_activations", DeprecationWarning, stacklevel=2)
@@ -120,9 +136,53 @@ def compile(
             f"target {target!r}: torch sees no CUDA device here (torch.cuda.is_available() is False), "
             "so the compiled model could not run; compile for 'llvm', or on a machine with a GPU"
         )
+    gm = _with_detected_blocks(_aten_graph(model, example_inputs))
     out = compile_graph(gm, target, **options)
     _warn_nothing_lowered(lowering_choices(out))
     return out
+
+
+def _is_target(value: object) -> bool:
+    return isinstance(value, (str, dict)) or type(value).__name__ == "Target"
+
+
+def _aten_graph(model: torch.nn.Module, example_inputs: Sequence[Any] | None) -> torch.fx.GraphModule:
+    """``model`` itself when it is an ATen-level graph, else its capture on ``example_inputs``."""
+    if isinstance(model, torch.fx.GraphModule) and _is_aten_graph(model):
+        return model
+    if example_inputs is None:
+        kind = (
+            "an fx.GraphModule that is not ATen-level"
+            if isinstance(model, torch.fx.GraphModule)
+            else "a torch.nn.Module"
+        )
+        raise LoweringError(
+            f"tilefx.compile got {type(model).__name__} ({kind}) without example_inputs; pass "
+            "example_inputs=(x,) so it can be captured, or run tilefx.optimize(model, example_inputs, recipe=...) first"
+        )
+    check_finite(model)
+    return capture(model, example_inputs)
+
+
+def _is_aten_graph(gm: torch.fx.GraphModule) -> bool:
+    try:
+        require_aten_graph("tilefx.compile", gm)
+    except PreconditionError:
+        return False
+    return True
+
+
+def _with_detected_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` as is when it has sparsity records, else a view of it with the block sparsity detected.
+
+    The view shares ``gm``'s parameters and copies its graph and metadata, so ``gm`` is untouched.
+    """
+    if has_sparsity_records(gm):
+        return gm
+    view = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    view.meta.update(gm.meta)
+    DetectBlocksPass()(view)
+    return view
 
 
 def _check_sequence(name: str, items: Sequence[object], kind: type) -> None:
@@ -181,22 +241,27 @@ def _check_compile_options(options: dict[str, Any], signature: inspect.Signature
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"options: {', '.join(known)}"
-            raise LoweringError(f"tilefx.compile: unknown option {key!r}; {hint}")
+            raise RecipeError(f"tilefx.compile: unknown option {key!r}; {hint}")
+    if options.get("fallback", "measure") not in FALLBACKS:
+        raise RecipeError(
+            f"tilefx.compile: unknown fallback {options['fallback']!r}; expected one of {', '.join(FALLBACKS)}"
+        )
     if not isinstance(options.get("fuse_activations", True), bool):
-        raise LoweringError(
+        raise RecipeError(
             f"tilefx.compile: fuse_activations must be True or False, got {options['fuse_activations']!r}"
         )
     cache_dir = options.get("cache_dir")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
-        raise LoweringError(f"tilefx.compile: cache_dir must be a path, got {type(cache_dir).__name__}")
+        raise RecipeError(f"tilefx.compile: cache_dir must be a path, got {type(cache_dir).__name__}")
 
 
 def _warn_nothing_lowered(choices: Sequence[Any]) -> None:
     if not choices:
         warnings.warn(
-            "tilefx.compile lowered nothing: no layer of the graph is block-sparse (or none has a kernel "
-            "for this target), so it runs as torch (block-prune with Recipe(blocks=...); optimize "
-            "warns about layers it left dense)",
+            "tilefx.compile lowered nothing: no layer of the graph is block-sparse (no sparsity record, "
+            "and no weight whose zeros form blocks of a detected shape; or none has a kernel for this "
+            "target), so it runs as torch (block-prune with Recipe(blocks=...); optimize warns about "
+            "layers it left dense)",
             CoverageWarning,
             stacklevel=3,
         )

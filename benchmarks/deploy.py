@@ -1,0 +1,252 @@
+"""Deployment paths side by side: eager, tilefx from torch, the standalone artifact, torch.compile.
+
+Per model, in one process, timed in rotation (medians of ``--runs``): the dense model in torch
+eager; the pruned model in torch eager (the reference for quality); ``tilefx.compile`` of the
+pruned graph ("tilefx from torch"); the standalone artifact (``tilefx.export`` + ``runtime.load``,
+when this build has them); ``torch.compile(backend="tilefx")`` on the dense model with the same
+recipe; and ``torch.compile`` with its default backend (inductor) on the dense model. Ratios are
+against tilefx from torch (> 1 = slower than it). The order of the paths is shuffled in every
+round. One thread by default: on a machine shared with other jobs, two threads' barriers wait
+for whichever thread is descheduled, which made the same torch graph vary by 1.6x between paths. Quality: max relative error of each path's
+output against the pruned torch model (the pruning itself is not recovered: MiniLM's weights are
+pruned one-shot, without fine-tuning, so its embeddings are far from the dense model's).
+
+Models: all-MiniLM-L6-v2 (real weights, ``tilefx.zoo.load_minilm``) and ResNet-18 (random
+weights: latency does not depend on their values) at 80% 16x1 blocks; ResNet-50 at 50% channels.
+
+    python benchmarks/deploy.py [--runs 20] [--threads 1] [--models minilm,resnet18,resnet50] [--out benchmarks/results/deploy.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import save_result  # noqa: E402
+
+import tilefx  # noqa: E402
+from tilefx.lowering.build import lowering_choices  # noqa: E402
+from tilefx.zoo import SENTENCES, load_minilm  # noqa: E402
+
+BLOCKS = tilefx.Recipe(blocks=tilefx.BlockPruning(block=(16, 1), sparsity=0.8, reorder="none"))
+CHANNELS = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5))
+
+
+@dataclass
+class Case:
+    name: str
+    model: torch.nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    recipe: tilefx.Recipe
+    what: str
+
+
+def cases(names: Sequence[str]) -> list[Case]:
+    out = []
+    if "minilm" in names:
+        minilm = load_minilm()
+        ids, mask = minilm.batches(list(SENTENCES), size=16, length=32)[0]
+        out.append(
+            Case(
+                "all-MiniLM-L6-v2",
+                minilm.model.eval(),
+                (ids, mask),
+                BLOCKS,
+                "80% 16x1 blocks, batch 16x32 tokens",
+            )
+        )
+    for name, recipe, what in (
+        ("resnet18", BLOCKS, "80% 16x1 blocks"),
+        ("resnet50", CHANNELS, "50% channels"),
+    ):
+        if name in names:
+            model = torchvision.models.get_model(name, weights=None).eval()
+            out.append(Case(name, model, (torch.randn(1, 3, 224, 224),), recipe, f"{what}, batch 1, 224x224"))
+    return out
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The model's main output: a tensor, ``last_hidden_state`` of a transformers output, or item 0."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, np.ndarray):
+        return torch.from_numpy(out)
+    if isinstance(out, dict) or hasattr(out, "last_hidden_state"):
+        return first_tensor(out["last_hidden_state"])
+    return first_tensor(out[0])
+
+
+def max_rel_error(out: Any, reference: torch.Tensor) -> float:
+    got = first_tensor(out).detach().float()
+    return float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+class LoweringLog(logging.Handler):
+    """Collects ``tilefx.lowering.build``'s "lowered N of M sparse layers" lines while active."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self.logger = logging.getLogger("tilefx.lowering.build")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("lowered "):
+            self.messages.append(record.getMessage())
+
+    def __enter__(self) -> LoweringLog:
+        self.level_before = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 2) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        order = list(fns)
+        for _ in range(runs):
+            random.shuffle(order)  # no path always runs right after the same other one
+            for name in order:
+                start = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def timed(label: str, build: Callable[[], Any], notes: list[str]) -> Any:
+    start = time.perf_counter()
+    result = build()
+    notes.append(f"{label}: {time.perf_counter() - start:.1f} s")
+    return result
+
+
+def artifact_call(
+    gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...], work: Path, notes: list[str]
+) -> Callable[[], Any] | None:
+    """The standalone artifact's callable on numpy inputs; None where this build cannot export."""
+    if not (hasattr(tilefx, "export") and hasattr(tilefx, "runtime") and hasattr(tilefx.runtime, "load")):
+        print("artifact: not available in this build", flush=True)
+        return None
+    path = timed("tilefx.export", lambda: tilefx.export(gm, inputs, work / "artifact", target="llvm"), notes)
+    run = tilefx.runtime.load(path)
+    arrays = [t.numpy() for t in inputs]
+    return lambda: run(*arrays)
+
+
+def measure(case: Case, runs: int, work: Path) -> tuple[list[str], list[str]]:
+    notes: list[str] = []
+    inputs = case.inputs
+    cache = str(work / "kernels")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = timed("tilefx.optimize", lambda: tilefx.optimize(case.model, inputs, case.recipe), notes)
+        compiled = timed("tilefx.compile", lambda: tilefx.compile(pruned, cache_dir=cache), notes)
+        artifact = artifact_call(pruned, inputs, work, notes)
+        backend = torch.compile(
+            case.model, backend="tilefx", options={"recipe": case.recipe, "cache_dir": cache}
+        )
+        with LoweringLog() as lowered:
+            timed("torch.compile(backend='tilefx') first call", lambda: backend(*inputs), notes)
+        graphs = "; ".join(lowered.messages) or "no graph compiled"
+        notes.append(f"torch.compile(backend='tilefx'), per Dynamo graph: {graphs}")
+        inductor = torch.compile(case.model)
+        with torch.no_grad():
+            timed("torch.compile (inductor) first call", lambda: inductor(*inputs), notes)
+    ours = {
+        str(w.message).splitlines()[0][:160] for w in caught if issubclass(w.category, tilefx.CoverageWarning)
+    }
+    notes += [f"warning: {m}" for m in sorted(ours)]
+    choices = lowering_choices(compiled)
+    notes.append(
+        f"tilefx.compile lowered {sum(c.lowered for c in choices)} of {len(choices)} block-sparse layers"
+    )
+    fns: dict[str, Callable[[], Any]] = {
+        "dense torch eager": lambda: case.model(*inputs),
+        "pruned, torch eager": lambda: pruned(*inputs),
+        "tilefx from torch": lambda: compiled(*inputs),
+    }
+    if artifact is not None:
+        fns["standalone artifact"] = artifact
+    fns["torch.compile(backend='tilefx')"] = lambda: backend(*inputs)
+    fns["torch.compile inductor (dense)"] = lambda: inductor(*inputs)
+    with torch.no_grad():
+        reference = first_tensor(pruned(*inputs)).float()
+        dense = first_tensor(case.model(*inputs)).float()
+        errors = {name: max_rel_error(fn(), reference) for name, fn in fns.items()}
+    medians = interleaved_medians(fns, runs)
+    base = medians["tilefx from torch"]
+    rows = [
+        f"| {case.name} | {name} | {ms:.2f} | {ms / base:.2f}x | {errors[name]:.1e} |"
+        for name, ms in medians.items()
+    ]
+    if artifact is None:
+        rows.append(f"| {case.name} | standalone artifact | artifact: not available in this build | | |")
+    rel = float((reference - dense).abs().max() / dense.abs().max())
+    notes.append(
+        f"pruned vs dense model (the pruning itself, one-shot, no recovery): max rel error {rel:.2e}"
+        + ("" if case.name.startswith("all-MiniLM") else " (random weights)")
+    )
+    return rows, notes
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--models", default="minilm,resnet18,resnet50")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and TVM threads (1: stable ratios on a loaded machine)"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "deploy.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+    torch.manual_seed(0)
+    random.seed(0)
+    table = [
+        "| model | path | median ms | vs tilefx from torch | max rel error vs pruned torch |",
+        "|---|---|---|---|---|",
+    ]
+    sections = []
+    for case in cases(args.models.split(",")):
+        with tempfile.TemporaryDirectory() as work:
+            rows, notes = measure(case, args.runs, Path(work))
+        table += rows
+        sections.append(f"**{case.name}** ({case.what}):\n" + "\n".join(f"- {n}" for n in notes))
+        print("\n".join(rows), flush=True)
+        print("\n".join(notes), flush=True)
+        torch._dynamo.reset()
+        gc.collect()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    shared = f"Load average at the end (1, 5, 15 min): {load}; on a shared machine other jobs ran alongside."
+    body = shared + "\n\n" + "\n".join(table) + "\n\n" + "\n\n".join(sections)
+    save_result(args.out, "Deployment paths: eager, tilefx, artifact, torch.compile", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
