@@ -43,6 +43,9 @@ __all__ = ["main"]
 
 log = logging.getLogger("tilefx.cli")
 
+#: Loggers whose INFO lines explain a result to its user, shown at the default level.
+EXPLAINED = "tilefx.passes.prune_channels"
+
 DTYPES = {
     "float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "float64": torch.float64, "int64": torch.int64, "long": torch.int64,
@@ -192,7 +195,13 @@ class Steps:
     """A tqdm bar over a command's steps, naming the one running (on a terminal, not with -q)."""
 
     def __init__(self, names: Sequence[str], quiet: bool) -> None:
-        self._bar = tqdm(total=len(names), disable=quiet or not sys.stderr.isatty(), unit="step", file=sys.stderr, leave=False)
+        self._bar = tqdm(
+            total=len(names),
+            disable=quiet or not sys.stderr.isatty(),
+            unit="step",
+            file=sys.stderr,
+            leave=False,
+        )
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -332,7 +341,13 @@ def _interleaved(
         for fn in candidates.values():
             for _ in range(warmup):
                 fn()
-        for _ in tqdm(range(repeats), desc="bench", disable=quiet or not sys.stderr.isatty(), file=sys.stderr, leave=False):
+        for _ in tqdm(
+            range(repeats),
+            desc="bench",
+            disable=quiet or not sys.stderr.isatty(),
+            file=sys.stderr,
+            leave=False,
+        ):
             for name, fn in candidates.items():
                 start = time.perf_counter()
                 fn()
@@ -434,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.quiet:  # which channel groups were frozen and why: the answer to "why so little pruning"
+        logging.getLogger(EXPLAINED).setLevel(min(level, logging.INFO))
     warnings.showwarning = _show_warning
     if args.quiet:
         warnings.simplefilter("ignore")
