@@ -94,7 +94,9 @@ def _propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple[Any, ...], root: P
     try:
         FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
     except Exception as exc:  # the saved inputs no longer fit the saved graph
-        raise CaptureError(f"{root}: the saved example inputs do not run the saved graph ({type(exc).__name__})") from exc
+        raise CaptureError(
+            f"{root}: the saved example inputs do not run the saved graph ({type(exc).__name__})"
+        ) from exc
 
 
 def load(directory: str | Path) -> SavedResult:
