@@ -16,6 +16,7 @@ from tilefx.passes.infra.errors import (
     VerificationError,
 )
 from tilefx.passes.training.dcp import DCPOptions  # importing DCP registers the channel criterion "dcp"
+from tilefx.passes.training.vrpge import VRPGEOptions  # registers the channel criterion "vrpge"
 
 from .api import compile, optimize
 from .capture import capture
@@ -39,6 +40,7 @@ __all__ = [
     "RecipeError",
     "Recovery",
     "UnsupportedOpError",
+    "VRPGEOptions",
     "VerificationError",
     "capture",
     "compile",
