@@ -130,14 +130,21 @@ class VRPGEOptions(CriterionOptions):
 def vrpge_gradient(
     losses: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor, estimator: Estimator = "code"
 ) -> torch.Tensor:
-    """``1/(K−1) Σ_k (L_k − L̄) ψ(m_k, s)`` for losses ``[K]``, masks ``[K, n]``, scores ``[n]``."""
-    if losses.dim() != 1 or masks.shape != (losses.shape[0], scores.shape[0]) or losses.shape[0] < 2:
-        raise RecipeError(f"vrpge_gradient: losses [K>=2], masks [K, n], scores [n]; got {masks.shape}")
+    """``1/(K−1) Σ_k (L_k − L̄) ψ(m_k, s)`` for losses ``[..., K]``, masks ``[..., K, n]``, scores ``[n]``.
+
+    Leading dimensions are independent estimates (a test averages many at once).
+    """
+    samples = losses.shape[-1] if losses.dim() else 0
+    if samples < 2 or masks.shape != (*losses.shape, scores.shape[-1]):
+        raise RecipeError(
+            f"vrpge_gradient: losses [..., K>=2], masks [..., K, n], scores [n]; got losses "
+            f"{tuple(losses.shape)}, masks {tuple(masks.shape)}, scores {tuple(scores.shape)}"
+        )
     s = scores.clamp(_EPS, 1 - _EPS)
     spread = s * (1 - s)
     psi = (masks - s) / (spread if estimator == "score" else spread.sqrt())
-    centred = (losses - losses.mean()).to(psi.dtype)
-    return (centred[:, None] * psi).sum(dim=0) / (losses.shape[0] - 1)
+    centred = (losses - losses.mean(dim=-1, keepdim=True)).to(psi.dtype)
+    return (centred[..., None] * psi).sum(dim=-2) / (samples - 1)
 
 
 def project_scores(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
