@@ -26,8 +26,9 @@ keeps the highest scores that fit the budget — every group keeps at least one 
 weights are fine-tuned with the mask fixed. :class:`~tilefx.passes.train_structure_params.TrainStructureParamsPass`
 runs all of this on a graph; the criterion "vrpge" registered here reads the result.
 
-Deviations: the scores start at ``score_init`` projected onto the budget (the code starts at 0.5
-whatever the budget); the bisection runs to float64 precision (the code: 20 steps, tolerance
+Deviations: the scores start at ``score_init`` projected onto the budget, by default at the kept
+fraction itself, so the budget binds from the first step (the code starts at 0.5 whatever the
+budget, and a budget above half is then slack until the loss pushes the scores up); the bisection runs to float64 precision (the code: 20 steps, tolerance
 1e-3), so the budget is met exactly; weights train with the loop's optimiser and schedule.
 """
 
@@ -84,7 +85,7 @@ class VRPGEOptions(CriterionOptions):
 
     steps / lr / optimizer: the search (weights and scores together) on the one loop, cosine
     decay. finetune_steps / finetune_lr: the masked fine-tune after the mask is fixed.
-    score_lr: Adam on the scores. samples: K masks (forward passes) per step, at least 2.
+    score_lr: Adam on the scores. score_init: the scores' start (None: the kept fraction). samples: K masks (forward passes) per step, at least 2.
     final_batches: training batches the "sample" choice scores each candidate mask on.
     """
 
@@ -94,7 +95,7 @@ class VRPGEOptions(CriterionOptions):
     finetune_steps: int = 100
     finetune_lr: float = 0.001
     score_lr: float = 0.05
-    score_init: float = 0.5
+    score_init: float | None = None
     score_clip: float | None = 3.0
     samples: int = 2
     estimator: Estimator = "code"
@@ -113,7 +114,7 @@ class VRPGEOptions(CriterionOptions):
             )
         if not (self.lr > 0 and self.finetune_lr > 0 and self.score_lr > 0):
             raise RecipeError(f"VRPGEOptions: lr, finetune_lr and score_lr must be positive: {self}")
-        if not 0 < self.score_init <= 1:
+        if self.score_init is not None and not 0 < self.score_init <= 1:
             raise RecipeError(f"VRPGEOptions.score_init must be in (0, 1], got {self.score_init!r}")
         if self.score_clip is not None and not self.score_clip > 0:
             raise RecipeError(f"VRPGEOptions.score_clip must be positive or None, got {self.score_clip!r}")
@@ -224,7 +225,8 @@ class StructureSearch(LoopHook):
         self.sizes = [w.group.units for w in wrapped]
         self.costs = torch.cat(list(costs)).double()
         self.budget = keep * float(self.costs.sum())
-        start = torch.full((sum(self.sizes),), options.score_init, dtype=torch.float64)
+        init = keep if options.score_init is None else options.score_init
+        start = torch.full((sum(self.sizes),), init, dtype=torch.float64)
         self.scores = nn.Parameter(project_scores(start, self.costs, self.budget))
         self.optimizer = torch.optim.Adam([self.scores], lr=options.score_lr)
         self._estimates: list[torch.Tensor] = []
