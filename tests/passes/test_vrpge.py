@@ -229,3 +229,16 @@ def test_recipe_loads_vrpge_options_from_toml_and_checks_them() -> None:
     with pytest.raises(RecipeError, match="calibration"):
         tilefx.optimize(TinyCNN().eval(), (torch.randn(2, 1, 5, 5),),
                         recipe=tilefx.Recipe(channels=tilefx.ChannelPruning(criterion="vrpge")))  # fmt: skip
+
+
+def test_the_pruned_model_compiles_and_matches_its_torch_form() -> None:
+    pytest.importorskip("tvm")
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 1, 5, 5), torch.randint(0, 3, (8,))) for _ in range(2)]
+    options = VRPGEOptions(steps=4, finetune_steps=0)
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="vrpge", vrpge=options))
+    out = tilefx.optimize(TinyCNN().eval(), (data[0][0][:2],), recipe=recipe, calibration=data)
+    with pytest.warns(tilefx.CoverageWarning):  # smaller dense layers: nothing block-sparse to lower
+        compiled = tilefx.compile(out, "llvm")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(data[1][0]), out(data[1][0]))
