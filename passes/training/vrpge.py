@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.fx
 import torch.nn as nn
 
@@ -55,7 +56,7 @@ from ..analysis.importance import (
 from ..graph_utils import attr_tensor, get_attr_users
 from ..infra.errors import RecipeError
 from .calibration import Calibration
-from .loop import LoopHook, LoopOptions, train
+from .loop import LoopHook, LoopOptions, broadcast_from_rank0, train
 from .structure_masks import WrappedGroup
 
 __all__ = [
@@ -209,6 +210,8 @@ class StructureSearch(LoopHook):
     ``objective`` runs ``samples`` forward passes, each with freshly drawn masks, and returns
     their mean loss (the loop backpropagates it for the weights); ``after_step`` turns the
     recorded losses and masks into the score gradient, steps Adam and projects onto the budget.
+    Under torch.distributed the ranks share rank 0's masks and average their score estimates,
+    so the scores stay identical everywhere.
     """
 
     name = "vrpge"
@@ -237,7 +240,10 @@ class StructureSearch(LoopHook):
             w.mask.set_mask(mask)
 
     def draw(self) -> torch.Tensor:
-        return torch.bernoulli(self.scores.detach()).float()
+        """A mask ~ Bernoulli(s); under torch.distributed every rank takes rank 0's."""
+        mask = torch.bernoulli(self.scores.detach()).float()
+        broadcast_from_rank0(mask)  # the loop seeds every rank alike; this makes it a guarantee
+        return mask
 
     # ---- the loop's pieces -----------------------------------------------------------------
     def objective(self, model: nn.Module, inputs: tuple[Any, ...], labels: Any) -> torch.Tensor:
@@ -256,8 +262,12 @@ class StructureSearch(LoopHook):
     def after_step(self, step: int) -> None:
         if not self._estimates:
             return
-        self.scores.grad = torch.stack(self._estimates).mean(dim=0)
+        estimate = torch.stack(self._estimates).mean(dim=0)
         self._estimates.clear()
+        if dist.is_available() and dist.is_initialized():  # ranks saw different batches: average
+            dist.all_reduce(estimate)
+            estimate /= dist.get_world_size()
+        self.scores.grad = estimate
         if self.options.score_clip is not None:
             nn.utils.clip_grad_norm_([self.scores], self.options.score_clip)
         self.optimizer.step()
