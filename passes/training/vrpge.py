@@ -379,7 +379,7 @@ def vrpge_criterion(
     mask and :class:`~tilefx.passes.materialize_masks.MaterializeChannelMasksPass` folds it into
     the weights, so a unit it dropped has every slice exactly zero. Each group keeps its live
     units (``ChannelScores.keep``); scores are the units' L1 norms over all slices. A graph with no
-    dead unit was not trained by VR-PGE: RecipeError (``tilefx.optimize`` runs both passes first).
+    dead unit (not trained by VR-PGE, or ratio 0) keeps everything, with a logged warning.
     """
     scores, keep = {}, {}
     for group in groups:
@@ -389,10 +389,10 @@ def vrpge_criterion(
             if tensor.is_floating_point():
                 score += unit_rows(tensor.detach().double(), piece).abs().sum(dim=1)
         scores[group.id], keep[group.id] = score, max(int((score > 0).sum()), 1)
-    if groups and all(keep[g.id] == g.units for g in groups):
-        raise RecipeError(
-            'criterion "vrpge" reads the channel mask that TrainStructureParamsPass trained and '
-            "MaterializeChannelMasksPass folded into the weights, and finds no masked channel: run "
-            'those passes first (tilefx.optimize does, with ChannelPruning(criterion="vrpge"))'
+    if groups and all(keep[g.id] == g.units for g in groups):  # ratio 0 does this too: not an error
+        log.warning(
+            'criterion "vrpge" finds no masked channel: it reads the mask TrainStructureParamsPass '
+            "trained and MaterializeChannelMasksPass folded into the weights, so nothing is pruned "
+            'unless those passes ran first (tilefx.optimize runs them for ChannelPruning(criterion="vrpge"))'
         )
     return ChannelScores("vrpge", scores, keep)

@@ -157,12 +157,22 @@ def test_wrapped_graph_is_refused_by_passes_that_need_aten() -> None:
         PruneChannelsPass()(gm, example_inputs=x)
 
 
-def test_vrpge_criterion_on_an_untrained_graph_is_a_recipe_error() -> None:
+def test_vrpge_criterion_on_an_untrained_graph_keeps_everything_and_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     x = (torch.randn(2, 1, 5, 5),)
     gm = capture(TinyCNN().eval(), x)
     groups = ChannelGroupsAnalysis().run(gm, AnalysisManager(gm, x))
-    with pytest.raises(RecipeError, match="no masked channel"):
-        score_groups(gm, groups, "vrpge")
+    scores = score_groups(gm, groups, "vrpge")
+    assert all(scores.keep[g.id] == g.units for g in groups.prunable())
+    assert "no masked channel" in caplog.text
+
+
+def test_ratio_zero_prunes_nothing() -> None:
+    data = [(torch.randn(8, 1, 5, 5), torch.randint(0, 3, (8,)))]
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.0, criterion="vrpge"))
+    out = tilefx.optimize(TinyCNN().eval(), (data[0][0][:2],), recipe=recipe, calibration=data)
+    assert out.get_parameter("conv2.bias").shape == (6,)
 
 
 def test_flops_costs_are_the_units_multiply_accumulates() -> None:
