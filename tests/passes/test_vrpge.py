@@ -15,19 +15,29 @@ from tests.models import Informative, informative_data
 from tilefx.capture import capture
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.analysis.importance import ChannelImportance, score_groups
+from tilefx.passes.analysis.shapes import Shapes
 from tilefx.passes.infra.analysis_manager import AnalysisManager
 from tilefx.passes.infra.errors import PreconditionError, RecipeError
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.materialize_masks import MaterializeChannelMasksPass
 from tilefx.passes.prune_channels import PruneChannelsPass
 from tilefx.passes.train_structure_params import TrainStructureParamsPass
+from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.structure_masks import (
     MASKS_MODULE,
     ChannelMask,
     channel_masks,
     wrap_channel_masks,
 )
-from tilefx.passes.training.vrpge import VRPGEOptions, project_scores, unit_costs, vrpge_gradient
+from tilefx.passes.training.vrpge import (
+    StructureSearch,
+    VRPGEOptions,
+    final_mask,
+    project_scores,
+    search_structure,
+    unit_costs,
+    vrpge_gradient,
+)
 
 # ---- the estimator ---------------------------------------------------------------------------
 
@@ -179,8 +189,6 @@ def test_flops_costs_are_the_units_multiply_accumulates() -> None:
     x = (torch.randn(2, 1, 5, 5),)
     gm = capture(TinyCNN().eval(), x)
     am = AnalysisManager(gm, x)
-    from tilefx.passes.analysis.shapes import Shapes
-
     shapes = am.get(Shapes())
     groups = {g.units: g for g in ChannelGroupsAnalysis().run(gm, am).prunable()}
     costs = [unit_costs(gm, g, "flops", shapes) for g in groups.values()]
@@ -252,3 +260,22 @@ def test_the_pruned_model_compiles_and_matches_its_torch_form() -> None:
         compiled = tilefx.compile(out, "llvm")
     with torch.no_grad():
         torch.testing.assert_close(compiled(data[1][0]), out(data[1][0]))
+
+
+@pytest.mark.parametrize("budget", ["channels", "flops"])
+def test_scores_stay_on_the_budget_and_the_top_mask_fits_it(budget: str) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(2, 1, 5, 5),)
+    gm = capture(TinyCNN().eval(), x)
+    am = AnalysisManager(gm, x)
+    groups = [g for g in ChannelGroupsAnalysis().run(gm, am).prunable() if g.units > 1]
+    costs = [unit_costs(gm, g, budget, am.get(Shapes())) for g in groups]  # type: ignore[arg-type]
+    wrapped = wrap_channel_masks(gm, groups)
+    data = Calibration([(torch.randn(8, 1, 5, 5), torch.randint(0, 3, (8,))) for _ in range(2)])
+    options = VRPGEOptions(steps=5, finetune_steps=0, final="top", budget=budget)  # type: ignore[arg-type]
+    search = search_structure(gm, wrapped, costs, 0.4, data, options)
+    assert isinstance(search, StructureSearch)
+    spent = float(search.costs @ search.scores.detach())
+    assert abs(spent - search.budget) <= 1e-9 * search.budget
+    mask = final_mask(search, gm, data).double()
+    assert float(search.costs @ mask) <= search.budget + 1e-9
