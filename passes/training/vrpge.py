@@ -66,6 +66,7 @@ __all__ = [
     "VRPGEOptions",
     "final_mask",
     "project_scores",
+    "search_structure",
     "unit_costs",
     "vrpge_criterion",
     "vrpge_gradient",
