@@ -30,6 +30,7 @@ from tilefx.passes.infra.errors import (
 if TYPE_CHECKING:
     from tilefx.passes.coverage import CoverageWarning
     from tilefx.passes.training.dcp import DCPOptions
+    from tilefx.passes.training.vrpge import VRPGEOptions
 
     from .api import compile, optimize
     from .capture import capture
@@ -56,6 +57,7 @@ __all__ = [
     "RecipeError",
     "Recovery",
     "UnsupportedOpError",
+    "VRPGEOptions",
     "VerificationError",
     "capture",
     "compile",
@@ -73,6 +75,7 @@ _TORCH_SIDE = {
     "DCPOptions": "tilefx.passes.training.dcp",
     "Recipe": "tilefx.recipe",
     "Recovery": "tilefx.recipe",
+    "VRPGEOptions": "tilefx.passes.training.vrpge",
     "capture": "tilefx.capture",
     "compile": "tilefx.api",
     "default_pipeline": "tilefx.pipeline",

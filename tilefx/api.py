@@ -70,7 +70,7 @@ def optimize(
     inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
     if recipe.channels is not None:
         _check_protect(gm, recipe.channels.protect)
-    if recipe.channels is not None and recipe.channels.criterion in ("taylor", "dcp"):
+    if recipe.channels is not None and recipe.channels.criterion in ("taylor", "dcp", "vrpge"):
         _check_calibration(calibration, inputs)
     pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)
     timing = TimingInstrument()

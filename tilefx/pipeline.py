@@ -16,13 +16,16 @@ from tilefx.passes.analysis.tetris_planner import TetrisPlanner
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
 from tilefx.passes.infra.pass_base import PassBase
+from tilefx.passes.materialize_masks import MaterializeChannelMasksPass
 from tilefx.passes.prune_blocks import PruneBlocksPass
 from tilefx.passes.prune_channels import PruneChannelsPass
 from tilefx.passes.prune_connections import PruneConnectionsPass
 from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.reorder_dims import ReorderDimsPass
+from tilefx.passes.train_structure_params import TrainStructureParamsPass
 from tilefx.passes.training.calibration import as_calibration
 from tilefx.passes.training.dcp import DCPOptions
+from tilefx.passes.training.vrpge import VRPGEOptions
 
 from .recipe import BlockPruning, ChannelPruning, Recipe, Recovery
 
@@ -54,7 +57,11 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
         passes.append(FoldBatchNormPass())
     passes.append(EliminateDeadCodePass())
     if channels is not None and not channels_first:
-        passes += [_channel_pass(channels, recipe.skip, calibration), EliminateDeadCodePass()]
+        passes += [
+            *_structure_passes(channels, recipe.skip, calibration),
+            _channel_pass(channels, recipe.skip, calibration),
+            EliminateDeadCodePass(),
+        ]
     if connections is not None and not connections_first:
         passes.append(PruneConnectionsPass(sparsity=connections.sparsity, criterion=connections.criterion))
     if recipe.blocks is not None:
@@ -100,6 +107,17 @@ def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: A
         attention=options.attention,
         scores=scores,
     )
+
+
+def _structure_passes(options: ChannelPruning, skip: tuple[str, ...], calibration: Any) -> list[PassBase]:
+    """VR-PGE trains a channel mask into wrappers, which are folded before the channels go."""
+    if options.criterion != "vrpge":
+        return []
+    data = as_calibration(calibration, 'ChannelPruning(criterion="vrpge")')
+    train = TrainStructureParamsPass(
+        options.ratio, data, options.vrpge or VRPGEOptions(), skip, options.protect, options.attention
+    )
+    return [train, MaterializeChannelMasksPass()]
 
 
 def _block_passes(options: BlockPruning, skip: tuple[str, ...]) -> list[PassBase]:

@@ -19,12 +19,13 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.training.dcp import DCPOptions, SGDOptions
 from tilefx.passes.training.loop import LoopOptions
+from tilefx.passes.training.vrpge import VRPGEOptions
 
 __all__ = ["BlockPruning", "ChannelPruning", "ConnectionPruning", "Recipe", "Recovery"]
 
 T = TypeVar("T")
 
-ChannelCriterion = Literal["l1", "l2", "bn_scale", "taylor", "dcp"]
+ChannelCriterion = Literal["l1", "l2", "bn_scale", "taylor", "dcp", "vrpge"]
 ConnectionCriterion = Literal["synaptic_strength", "l1"]
 
 
@@ -161,6 +162,9 @@ class ChannelPruning:
     code variant, heads, λ, auxiliary fine-tune budget, and ``epsilon`` for DCP-Adapt, whose
     selection then decides how many channels each DCP-scored layer keeps. Its ``rate`` is
     always ``ratio``.
+    vrpge: VR-PGE's options for ``criterion="vrpge"`` (a ``VRPGEOptions`` or a dict of its fields):
+    search and fine-tune steps, estimator form, budget ("channels" or "flops"); the budget keeps
+    ``1 - ratio`` of it globally, so ``scope`` does not apply. Needs calibration batches.
     """
 
     ratio: float = 0.3
@@ -170,6 +174,7 @@ class ChannelPruning:
     round_to: int = 1
     attention: Literal["head_dims", "heads"] = "head_dims"
     dcp: DCPOptions | None = None
+    vrpge: VRPGEOptions | None = None
 
     def __post_init__(self) -> None:
         _fraction("ChannelPruning", "ratio", self.ratio)
@@ -182,11 +187,28 @@ class ChannelPruning:
             )
         if self.dcp is not None and self.criterion != "dcp":
             raise RecipeError(f'ChannelPruning.dcp is only read with criterion="dcp", not {self.criterion!r}')
+        self._check_vrpge()
         _choice("ChannelPruning", "attention", self.attention, ("head_dims", "heads"))
-        _choice("ChannelPruning", "criterion", self.criterion, ("l1", "l2", "bn_scale", "taylor", "dcp"))
+        _choice(
+            "ChannelPruning", "criterion", self.criterion, ("l1", "l2", "bn_scale", "taylor", "dcp", "vrpge")
+        )
         _choice("ChannelPruning", "scope", self.scope, ("layer", "global"))
         if self.round_to < 1:
             raise RecipeError(f"ChannelPruning.round_to must be a positive integer, got {self.round_to!r}")
+
+    def _check_vrpge(self) -> None:
+        if isinstance(self.vrpge, Mapping):
+            _check_options("ChannelPruning.vrpge", VRPGEOptions, self.vrpge)
+            _check_types("ChannelPruning.vrpge", VRPGEOptions, self.vrpge)
+            object.__setattr__(self, "vrpge", VRPGEOptions(**self.vrpge))
+        if self.vrpge is not None and not isinstance(self.vrpge, VRPGEOptions):
+            raise RecipeError(
+                f"ChannelPruning.vrpge must be a VRPGEOptions or a dict, got {type(self.vrpge).__name__}"
+            )
+        if self.vrpge is not None and self.criterion != "vrpge":
+            raise RecipeError(
+                f'ChannelPruning.vrpge is only read with criterion="vrpge", not {self.criterion!r}'
+            )
 
 
 @_strict

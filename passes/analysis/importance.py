@@ -20,6 +20,8 @@ Criteria, each a pure function of the graph (and calibration data where stated):
   Only parameters enter (buffers such as running statistics have no gradient here).
 - ``"dcp"``: discrimination-aware channel selection, see :mod:`tilefx.passes.training.dcp`,
   which registers it.
+- ``"vrpge"``: the channel mask VR-PGE trained (read back from the weights after
+  ``MaterializeChannelMasksPass``), see :mod:`tilefx.passes.training.vrpge`, which registers it.
 
 Criteria are looked up by name in a registry (:func:`register_criterion`): the four above are
 registered here, others from their own modules, so this module imports none of them. Importing
