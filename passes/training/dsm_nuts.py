@@ -4,7 +4,7 @@ NumPyro and JAX are an optional extra (``pip install tilefx[bayes]``), imported 
 :func:`sample_mlp_posterior` runs. The model follows the paper's Stan files: non-centred first
 layer ``W1 = z · s0 · τ · λ̃_j · sqrt(φ_ij)``, other weights and biases ``N(0, 1/sqrt(H))``
 (horseshoe) or ``N(0, 1)`` (Student-t and Gaussian), Gaussian likelihood for regression with
-``σ ~ LogNormal(0, 0.5)``, Bernoulli-logit for binary classification.
+``σ ~ LogNormal(0, 0.5)`` (``InvGamma(3, 2)`` for Student-t), Bernoulli-logit for binary classification.
 """
 
 from __future__ import annotations
@@ -109,7 +109,9 @@ def _model(
         if task == "classification":
             numpyro.sample("y", dist.Bernoulli(logits=f), obs=y)
             return
-        sigma = numpyro.sample("sigma", dist.LogNormal(0.0, 0.5))
+        student = prior is not None and prior.kind == "student_t"
+        noise = dist.InverseGamma(3.0, 2.0) if student else dist.LogNormal(0.0, 0.5)
+        sigma = numpyro.sample("sigma", noise)
         numpyro.sample("y", dist.Normal(f, sigma), obs=y)
 
     return model
