@@ -98,16 +98,12 @@ def test_token_id_inputs_file_and_quiet(tmp_path: Path, capsys: pytest.CaptureFi
     assert torch.equal(saved.load(out).example_inputs[0], ids)
 
 
-@pytest.mark.skipif(
-    not hasattr(tilefx.report, "write_report"), reason="tilefx.report.write_report not merged yet"
-)
 def test_report_writes_html(tmp_path: Path) -> None:
     assert main(["optimize", "tests.models:ConvBN", "--input", "1x3x8x8", "-q", "-o", str(tmp_path)]) == 0
     assert main(["report", str(tmp_path), "--no-measure", "-q"]) == 0
     assert (tmp_path / "report.html").stat().st_size > 0
 
 
-@pytest.mark.skipif(not hasattr(tilefx, "export"), reason="tilefx.export not merged yet")
 def test_export_writes_an_artifact(tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(BLOCKS)

@@ -154,11 +154,3 @@ def test_bad_file_is_one_line_and_exit_2(
 ) -> None:
     key, _, words = FILE_CASES[case]
     assert_one_line_error(outcomes[case], str(files[key]), *words)
-
-
-def test_export_without_tilefx_export_names_it(files: dict[str, Path]) -> None:
-    import tilefx
-
-    if hasattr(tilefx, "export"):
-        pytest.skip("tilefx.export exists: the happy path covers export")
-    assert_one_line_error(run("export", str(files["dir"]), "-o", "x"), "not available in this build")

@@ -283,26 +283,20 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    export = getattr(tilefx, "export", None)
-    if export is None:
-        raise UsageError("export: tilefx.export is not available in this build")
     result = saved.load(args.directory)
     steps = Steps(["export"], args.quiet)
     with steps.step("export"):
-        path = export(result.optimized, result.example_inputs, args.output, target=args.target)
+        path = tilefx.export(result.optimized, result.example_inputs, args.output, target=args.target)
     steps.close()
     _say(args, f"wrote {path}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    write_report = getattr(tilefx.report, "write_report", None)
-    if write_report is None:
-        raise UsageError("report: tilefx.report.write_report is not available in this build")
     result = saved.load(args.directory)
     steps = Steps(["report"], args.quiet)
     with steps.step("report"):
-        path = write_report(
+        path = tilefx.report.write_report(
             Path(args.directory), result.optimized, result.example_inputs,
             dense=result.dense, timings=list(result.timings), measure=not args.no_measure,
         )  # fmt: skip
