@@ -147,7 +147,7 @@ def run_row(
     if not args.no_compile:
         from tilefx.lowering.build import lowering_choices  # imports tvm
 
-        compiled = tilefx.compile(pruned, "llvm")
+        compiled = tilefx.compile(pruned, target="llvm")
         choices = lowering_choices(compiled)
         lowered = f"{sum(c.lowered for c in choices)}/{len(choices)}"
         x = held[0]

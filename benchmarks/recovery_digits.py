@@ -200,7 +200,7 @@ def main() -> int:
             dense, example, tilefx.Recipe(blocks=blocks, recovery=recovery), calibration=train_batches
         )
         seconds = time.perf_counter() - start
-        compiled = tilefx.compile(recovered, "llvm")
+        compiled = tilefx.compile(recovered, target="llvm")
         x = test[0][0]
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), recovered(x), rtol=1e-3, atol=1e-3)

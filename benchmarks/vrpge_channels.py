@@ -102,7 +102,7 @@ def check_compiled(gm: torch.fx.GraphModule, split: Split) -> str:
     """tilefx.compile the pruned model and compare it with its torch form on the test set."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "nothing lowered": channel pruning needs no sparse kernel
-        compiled = tilefx.compile(gm, "llvm")
+        compiled = tilefx.compile(gm, target="llvm")
     with torch.no_grad():
         expected, got = gm(split.x_test), compiled(split.x_test)
     error = float((expected - got).abs().max())

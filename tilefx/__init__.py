@@ -14,6 +14,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from tilefx._version import __version__ as __version__
 from tilefx.passes.infra.errors import (
     ArtifactError,
     ArtifactInputError,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from .pipeline import default_pipeline
     from .recipe import BlockPruning, ChannelPruning, ConnectionPruning, Recipe, Recovery
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",

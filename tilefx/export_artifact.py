@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from tilefx._version import __version__
 from tilefx.passes.infra.errors import LoweringError, VerificationError
 from tilefx.runtime import artifact as runtime_artifact
 from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear
@@ -127,8 +128,6 @@ def _manifest(
     import tvm
     from tvm.target import codegen
 
-    import tilefx
-
     outputs = expected if isinstance(expected, tuple) else (expected,)
     spec = runtime_artifact.TensorSpec
     library = runtime_artifact.LIBRARY
@@ -144,7 +143,7 @@ def _manifest(
             spec(f"output_{i}", tuple(y.shape), str(y.dtype)).to_json() for i, y in enumerate(outputs)
         ],
         "single_output": not isinstance(expected, tuple),
-        "tilefx_version": tilefx.__version__,
+        "tilefx_version": __version__,
         "tvm_version": tvm.__version__,
         "target": str(target),
         "arch": platform.machine(),

@@ -101,8 +101,9 @@ class LoopHook:
     """A piece of a training method that runs inside the loop; every method is a no-op by default.
 
     Order within one optimiser step: ``before_step`` → (forward, ``regularizer``, backward) per
-    micro-batch → ``after_backward`` → optimiser step → ``after_step``. ``state_dict`` /
-    ``load_state_dict`` carry what a checkpoint must restore (masks, scores).
+    micro-batch → ``after_backward`` → optimiser step, then each hook's ``optimizers`` →
+    ``after_step``. ``state_dict`` / ``load_state_dict`` carry what a checkpoint must restore
+    (masks, scores).
     """
 
     name: str = ""
@@ -117,8 +118,16 @@ class LoopHook:
     def after_backward(self, step: int) -> None:
         """Gradients of the whole step are ready (all-reduced under DDP)."""
 
+    def optimizers(self) -> Sequence[torch.optim.Optimizer]:
+        """Optimisers of parameters the hook owns (not the model's, e.g. structure scores).
+
+        The loop steps them right after the model's optimiser, from the gradients the hook set
+        by ``after_backward``, so that every optimiser step of tilefx is taken here.
+        """
+        return ()
+
     def after_step(self, step: int) -> None:
-        """After the optimiser update (e.g. project: re-apply masks)."""
+        """After the optimiser updates (e.g. project: re-apply masks)."""
 
     def progress(self) -> dict[str, float]:
         """Numbers to show beside the loss in the progress bar."""
@@ -258,6 +267,10 @@ class _Run:
             nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        for hook in self.hooks:
+            for optimizer in hook.optimizers():
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         for hook in self.hooks:
             hook.after_step(step)
         if self.ddp:

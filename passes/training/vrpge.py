@@ -260,7 +260,7 @@ class StructureSearch(LoopHook):
         )
         return torch.stack(losses).mean()
 
-    def after_step(self, step: int) -> None:
+    def after_backward(self, step: int) -> None:
         if not self._estimates:
             return
         estimate = torch.stack(self._estimates).mean(dim=0)
@@ -271,7 +271,11 @@ class StructureSearch(LoopHook):
         self.scores.grad = estimate
         if self.options.score_clip is not None:
             nn.utils.clip_grad_norm_([self.scores], self.options.score_clip)
-        self.optimizer.step()
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]  # the loop steps it with the estimate set in after_backward
+
+    def after_step(self, step: int) -> None:
         with torch.no_grad():
             self.scores.copy_(project_scores(self.scores, self.costs, self.budget))
 

@@ -496,7 +496,7 @@ def test_hand_over_is_built_in_not_switched_on_and_can_be_declined() -> None:
 def test_fuse_relu_still_works_but_warns_it_was_renamed() -> None:
     gm, x = _pruned_ffn()
     with pytest.warns(DeprecationWarning, match="fuse_activations"):
-        out = tilefx.compile(gm, "llvm", fallback="never", fuse_relu=False)
+        out = tilefx.compile(gm, target="llvm", fallback="never", fuse_relu=False)
     targets = {str(n.target) for n in out.graph.nodes if n.op == "call_function"}
     assert "aten.gelu.default" in targets  # fusion off: torch still runs the GELU
     torch.testing.assert_close(out(x), gm(x), rtol=1e-4, atol=1e-4)

@@ -167,6 +167,6 @@ def test_cnn_recovery_through_optimize_and_compile(labelled: bool) -> None:
         weight = gm.get_parameter(name).detach()
         assert int((~record.mask).sum()) == math.floor(0.75 * record.mask.numel())
         assert torch.count_nonzero(weight[~record.element_mask(weight.shape)]) == 0
-    compiled = tilefx.compile(gm, "llvm", fallback="never")
+    compiled = tilefx.compile(gm, target="llvm", fallback="never")
     with torch.no_grad():
         torch.testing.assert_close(compiled(images[1]), gm(images[1]), rtol=1e-4, atol=1e-4)

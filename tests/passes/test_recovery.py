@@ -218,7 +218,7 @@ def test_recovery_end_to_end_through_optimize_and_compile(labelled: bool) -> Non
     for name, record in _pruned(gm).items():
         weight = gm.get_parameter(name).detach()
         assert torch.count_nonzero(weight[~record.element_mask(weight.shape)]) == 0
-    compiled = tilefx.compile(gm, "llvm", fallback="never")
+    compiled = tilefx.compile(gm, target="llvm", fallback="never")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), gm(x), rtol=1e-4, atol=1e-4)
     for parameter in model.parameters():  # the caller's model is untouched

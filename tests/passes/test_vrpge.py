@@ -257,7 +257,7 @@ def test_the_pruned_model_compiles_and_matches_its_torch_form() -> None:
     recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="vrpge", vrpge=options))
     out = tilefx.optimize(TinyCNN().eval(), (data[0][0][:2],), recipe=recipe, calibration=data)
     with pytest.warns(tilefx.CoverageWarning):  # smaller dense layers: nothing block-sparse to lower
-        compiled = tilefx.compile(out, "llvm")
+        compiled = tilefx.compile(out, target="llvm")
     with torch.no_grad():
         torch.testing.assert_close(compiled(data[1][0]), out(data[1][0]))
 
