@@ -96,5 +96,5 @@ def test_the_target_given_second_still_works_with_a_deprecation_warning() -> Non
     _zero_16x1_blocks(model.fc1, 0.9)
     gm = tilefx.capture(model, (X,))
     with pytest.warns(DeprecationWarning, match="target by keyword"):
-        compiled = tilefx.compile(gm, target="llvm", fallback="never")
+        compiled = tilefx.compile(gm, "llvm", fallback="never")
     assert [c.lowered for c in lowering_choices(compiled)] == [True]
