@@ -15,6 +15,7 @@ from typing import Any
 import tvm
 from tvm import s_tir
 from tvm.s_tir import dlight
+from tvm.s_tir.dlight.base import try_inline
 
 __all__ = ["ParallelLoops", "schedule_leftovers"]
 
@@ -23,7 +24,8 @@ _MIN_PARALLEL = 64
 
 
 class ParallelLoops(dlight.ScheduleRule):
-    """Outer spatial loops fused and parallel; reductions inside; the last spatial loop innermost."""
+    """Producers inlined; outer spatial loops fused and parallel; reductions inside; the last
+    spatial loop innermost."""
 
     def apply(self, func: Any, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tvm.tirx.PrimFunc):
@@ -32,6 +34,8 @@ class ParallelLoops(dlight.ScheduleRule):
         infos = dlight.analysis.normalize_prim_func(sch)
         if infos is None:
             return None
+        # A fused chain of reshapes and transposes otherwise copies the tensor once per op.
+        infos = try_inline(sch, infos)
         for info in infos:
             _schedule_block(sch, info)
         return sch
