@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -152,14 +153,38 @@ def timed(label: str, build: Callable[[], Any], notes: list[str]) -> Any:
     return result
 
 
+#: Runs in a fresh interpreter where ``import torch`` fails: loads the artifact, runs it on the saved
+#: inputs and saves its first output.
+_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # any import of torch now raises ImportError
+import numpy as np
+import tilefx.runtime
+artifact, inputs, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
+y = tilefx.runtime.load(artifact)(*[np.load(p) for p in inputs])
+np.save(out, y[0] if isinstance(y, tuple) else y)
+assert "torch" not in {name.split(".")[0] for name, m in sys.modules.items() if m is not None}
+"""
+
+
+def error_without_torch(path: Path, inputs: tuple[torch.Tensor, ...], reference: torch.Tensor) -> float:
+    """Max relative error of the artifact run in a fresh process that cannot import torch."""
+    files = [path.parent / f"input_{i}.npy" for i in range(len(inputs))]
+    for file, tensor in zip(files, inputs, strict=True):
+        np.save(file, tensor.numpy())
+    out = path.parent / "output.npy"
+    subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(path), *map(str, files), str(out)], check=True)
+    return max_rel_error(np.load(out), reference)
+
+
 def artifact_call(
     gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...], work: Path, notes: list[str]
-) -> Callable[[], Any]:
-    """The standalone artifact's callable on numpy inputs."""
+) -> tuple[Path, Callable[[], Any]]:
+    """The standalone artifact's directory and its callable on numpy inputs."""
     path = timed("tilefx.export", lambda: tilefx.export(gm, inputs, work / "artifact", target="llvm"), notes)
     run = tilefx.runtime.load(path)
     arrays = [t.numpy() for t in inputs]
-    return lambda: run(*arrays)
+    return path, lambda: run(*arrays)
 
 
 def measure(case: Case, runs: int, work: Path) -> tuple[list[str], list[str]]:
@@ -170,7 +195,7 @@ def measure(case: Case, runs: int, work: Path) -> tuple[list[str], list[str]]:
         warnings.simplefilter("always")
         pruned = timed("tilefx.optimize", lambda: tilefx.optimize(case.model, inputs, case.recipe), notes)
         compiled = timed("tilefx.compile", lambda: tilefx.compile(pruned, cache_dir=cache), notes)
-        artifact = artifact_call(pruned, inputs, work, notes)
+        artifact_path, artifact = artifact_call(pruned, inputs, work, notes)
         backend = torch.compile(
             case.model, backend="tilefx", options={"recipe": case.recipe, "cache_dir": cache}
         )
@@ -208,6 +233,10 @@ def measure(case: Case, runs: int, work: Path) -> tuple[list[str], list[str]]:
         for name, ms in medians.items()
     ]
     rel = float((reference - dense).abs().max() / dense.abs().max())
+    notes.append(
+        "artifact round trip in a fresh process that cannot import torch: max rel error "
+        f"{error_without_torch(artifact_path, inputs, reference):.1e} vs pruned torch"
+    )
     if case.name.startswith("all-MiniLM"):
         notes.append(f"quality: {sentence_cosine(reference, dense, inputs[1]):.3f} mean sentence-embedding cosine "
                      "to the dense model on the batch's 16 sentences (one-shot pruning, no recovery)")  # fmt: skip

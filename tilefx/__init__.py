@@ -116,7 +116,7 @@ sys.modules[__name__].__class__ = _Package
 
 # backend="tilefx" for torch.compile where the entry point is not installed (an editable checkout).
 # Only when torch is loaded already, so importing tilefx for the torch-free runtime never loads it.
-if "torch" in sys.modules:
+if sys.modules.get("torch") is not None:
     from tilefx.dynamo_backend import register as _register_dynamo_backend
 
     _register_dynamo_backend()
