@@ -34,7 +34,7 @@ from ..passes.infra.errors import LoweringError
 from ..passes.metadata import BlockSparsity, get_metadata
 from .kernels.spec import Activation
 
-__all__ = ["Plan", "SparseLayer", "plan_graph"]
+__all__ = ["Plan", "SparseLayer", "conv_pair", "plan_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def _plan_conv(
     where: str,
 ) -> SparseLayer:
     args = [*node.args, *([None] * 7)][:7]
-    stride, padding, dilation = _pair(args[3], 1), _pair(args[4], 0), _pair(args[5], 1)
+    stride, padding, dilation = conv_pair(args[3], 1), conv_pair(args[4], 0), conv_pair(args[5], 1)
     if isinstance(args[4], str):
         raise LoweringError(
             f"{where}: string padding {args[4]!r} is not supported; export with explicit padding"
@@ -292,7 +292,8 @@ def _fusable_activation(node: torch.fx.Node) -> tuple[str, Activation] | None:
     return None
 
 
-def _pair(value: Any, default: int) -> tuple[int, int]:
+def conv_pair(value: Any, default: int) -> tuple[int, int]:
+    """A conv's stride/padding/dilation argument as (h, w): None, an int, or a 1- or 2-list."""
     if value is None:
         return (default, default)
     if isinstance(value, int):

@@ -39,7 +39,7 @@ from ..passes.infra.errors import CaptureError, LoweringError, UnsupportedOpErro
 from ..runtime.packing import pack_bsr
 from . import compat
 from .kernels.spec import Activation, Conv2dGeometry, KernelSpec
-from .plan import plan_graph
+from .plan import conv_pair, plan_graph
 from .schedules.cpu import cpu_kernel
 from .schedules.cpu_generic import schedule_leftovers
 
@@ -350,9 +350,9 @@ class _Converters:
             h,
             w,
             (int(weight.shape[2]), int(weight.shape[3])),
-            _pair(_arg(node, 3), 1),
-            _pair(_arg(node, 4), 0),
-            _pair(_arg(node, 5), 1),
+            conv_pair(_arg(node, 3), 1),
+            conv_pair(_arg(node, 4), 0),
+            conv_pair(_arg(node, 5), 1),
         )
 
     def _kernel(self, spec: KernelSpec, importer: Any) -> tvm.ir.GlobalVar:
@@ -384,12 +384,3 @@ def _const(tensor: torch.Tensor) -> relax.Constant:
 
 def _arg(node: torch.fx.Node, index: int, default: Any = None) -> Any:
     return node.args[index] if len(node.args) > index else default
-
-
-def _pair(value: Any, default: int) -> tuple[int, int]:
-    if value is None:
-        return (default, default)
-    if isinstance(value, int):
-        return (value, value)
-    items = [int(v) for v in value]
-    return (items[0], items[0]) if len(items) == 1 else (items[0], items[1])

@@ -104,3 +104,15 @@ def tiny_bert(heads: int = 4) -> nn.Module:
         vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=64
     )
     return transformers.BertModel(config, add_pooling_layer=False).eval()
+
+
+class MLP(nn.Module):
+    """Two linears with a ReLU: the smallest model with block-sparse-able layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))

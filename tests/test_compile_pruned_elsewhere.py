@@ -10,20 +10,11 @@ import torch.nn as nn
 from torch.ao.pruning import WeightNormSparsifier
 
 import tilefx
+from tests.models import MLP
 from tilefx.lowering.build import lowering_choices
 from tilefx.passes.metadata import BlockSparsity, get_metadata
 
 X = torch.randn(4, 64)
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(64, 128)
-        self.fc2 = nn.Linear(128, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def _zero_16x1_blocks(layer: nn.Linear, sparsity: float) -> None:

@@ -11,24 +11,14 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-import torch.nn as nn
 
 import tilefx
+from tests.models import MLP
 from tilefx import dynamo_backend
 from tilefx.runtime.sparse_modules import BsrLinear
 
 X = torch.randn(4, 64)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(64, 128)
-        self.fc2 = nn.Linear(128, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def _block_pruned(dtype: torch.dtype = torch.float32) -> MLP:
