@@ -160,6 +160,8 @@ class Metadata:
     recipe: Any = None
     #: Mean loss per training step of the recovery pass, when it ran (the report plots it).
     recovery_losses: tuple[float, ...] = ()
+    #: How ``tilefx.optimize`` verified each modifying pass (``PassCheck``s; the report lists them).
+    verification: tuple[Any, ...] = ()
 
     def of(self, name: str, kind: type[A]) -> list[A]:
         return [a for a in self.params.get(name, ()) if isinstance(a, kind)]

@@ -84,3 +84,15 @@ def test_recovery_loss_history_is_plotted(tmp_path: Path) -> None:
     page = write_report(tmp_path, gm, (x,), measure=False)
     assert 'src="recovery.png"' in page.read_text(encoding="utf-8")
     _assert_complete(page)
+
+
+def test_each_modifying_pass_verification_is_recorded_and_listed(tmp_path: Path) -> None:
+    x = torch.randn(4, 32)
+    recipe = tilefx.Recipe(blocks=tilefx.BlockPruning(block=(16, 1), sparsity=0.5))
+    gm = tilefx.optimize(_Mlp(), (x,), recipe)
+    checks = tilefx.passes.metadata.get_metadata(gm).verification
+    pruning = [c for c in checks if c.pass_name == "PruneBlocksPass"]
+    assert len(pruning) == 1 and pruning[0].reference == "the masked reference of PruneBlocksPass"
+    assert all(0.0 <= c.relative_error <= 1e-5 for c in checks)
+    text = write_report(tmp_path, gm, (x,), measure=False).read_text(encoding="utf-8")
+    assert "<h2>Verification</h2>" in text and "the masked reference of PruneBlocksPass" in text

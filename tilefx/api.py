@@ -79,7 +79,7 @@ def optimize(
     manager = PassManager(pipeline, instruments, verify=recipe.verify, tolerance=recipe.tolerance)
     result = manager.run(gm, inputs)
     out = result.graph_module
-    set_metadata(out, dataclasses.replace(get_metadata(out), recipe=recipe))
+    set_metadata(out, dataclasses.replace(get_metadata(out), recipe=recipe, verification=result.checks))
     log.info("optimize: ran %s", ", ".join(f"{n}{'*' if m else ''}" for n, m in result.ran))
     if report is not None:
         write_report(report, out, inputs, dense=gm, timings=timing.timings)

@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from tilefx.passes.analysis.weight_layers import layer_of
 from tilefx.passes.infra.instruments import PassTiming
+from tilefx.passes.infra.verify import PassCheck
 from tilefx.passes.metadata import (
     BlockSparsity,
     ChannelSelection,
@@ -176,6 +177,7 @@ def write_report(
         _pictures_section(pictures),
         _speedup_section(out, rows, _speedup_sweep(optimized_gm) if measure else {}),
         _timings_section(out, timings or ()),
+        _verification_section(get_metadata(optimized_gm).verification),
         _recovery_section(out, get_metadata(optimized_gm).recovery_losses),
     ]
     page = out / "report.html"
@@ -414,6 +416,21 @@ def _timings_section(out: Path, timings: Sequence[PassTiming]) -> str:
         [[t.name, "yes" if t.modified else "no", f"{t.seconds:.3f}"] for t in timings],
     )
     return f'<h2>Pass timings</h2><img src="timings.png" alt="pass timings">{table}'
+
+
+def _verification_section(checks: Sequence[PassCheck]) -> str:
+    """Each modifying pass's output comparison, as the verification instrument made it."""
+    if not checks:
+        return "<h2>Verification</h2><p>Not recorded (verification off, or a graph not made by optimize).</p>"
+    table = _table(
+        ["pass", "compared with", "max relative error", "decided in"],
+        [[c.pass_name, c.reference, f"{c.relative_error:.2e}", c.precision] for c in checks],
+    )
+    return (
+        "<h2>Verification</h2><p>After every modifying pass its outputs on the example inputs were "
+        "compared with what the pass claims: the unchanged model for exact passes, the model with the "
+        "pruned weights zeroed for pruning passes (error relative to the largest output).</p>" + table
+    )
 
 
 def _recovery_section(out: Path, losses: Sequence[float]) -> str:

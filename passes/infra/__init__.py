@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .manager import PassManager, PipelineResult
     from .pass_base import Numerics, PassBase, PassResult
     from .preconditions import require_aten_graph
-    from .verify import VerifyInstrument, assert_outputs_close, lint, run_checked
+    from .verify import PassCheck, VerifyInstrument, assert_outputs_close, lint, run_checked
 
 __all__ = [
     "Analysis",
@@ -55,6 +55,7 @@ __all__ = [
     "TimingInstrument",
     "UnsupportedOpError",
     "VerificationError",
+    "PassCheck",
     "VerifyInstrument",
     "assert_outputs_close",
     "lint",
@@ -76,6 +77,7 @@ _LAZY = {
     "PassBase": "pass_base",
     "PassResult": "pass_base",
     "require_aten_graph": "preconditions",
+    "PassCheck": "verify",
     "VerifyInstrument": "verify",
     "assert_outputs_close": "verify",
     "lint": "verify",

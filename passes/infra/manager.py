@@ -15,7 +15,7 @@ from .analysis_manager import AnalysisManager
 from .errors import PassError, VerificationError
 from .instruments import Instrument
 from .pass_base import PassBase, PassResult
-from .verify import VerifyInstrument
+from .verify import PassCheck, VerifyInstrument
 
 __all__ = ["PassManager", "PipelineResult"]
 
@@ -25,6 +25,7 @@ class PipelineResult:
     graph_module: torch.fx.GraphModule
     modified: bool
     ran: tuple[tuple[str, bool], ...]  # (pass name, modified) in run order
+    checks: tuple[PassCheck, ...] = ()  # the verification of each modifying pass, in run order
 
 
 class PassManager:
@@ -44,7 +45,8 @@ class PassManager:
         tolerance: float = 1e-5,
     ) -> None:
         self.passes = list(passes)
-        self.instruments = ([VerifyInstrument(tolerance)] if verify else []) + list(instruments)
+        self.verifier = VerifyInstrument(tolerance) if verify else None
+        self.instruments = ([self.verifier] if self.verifier else []) + list(instruments)
 
     def run(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any] = ()) -> PipelineResult:
         """The passes' result on a copy of ``gm``; ``gm`` itself (graph, weights, metadata) is untouched."""
@@ -60,7 +62,8 @@ class PassManager:
                 raise PassError.wrap(pass_.name, [name for name, _ in ran], exc) from exc
             gm = result.graph_module
             ran.append((pass_.name, result.modified))
-        return PipelineResult(gm, any(m for _, m in ran), tuple(ran))
+        checks = tuple(self.verifier.checks) if self.verifier else ()
+        return PipelineResult(gm, any(m for _, m in ran), tuple(ran), checks)
 
     def _run_one(self, pass_: PassBase, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         snapshot = copy.deepcopy(gm) if any(i.wants_snapshot(pass_) for i in self.instruments) else None

@@ -33,7 +33,7 @@ from .pass_base import PassBase, PassResult
 if TYPE_CHECKING:
     from .analysis_manager import AnalysisManager
 
-__all__ = ["VerifyInstrument", "assert_outputs_close", "lint", "run_checked", "run_float64"]
+__all__ = ["PassCheck", "VerifyInstrument", "assert_outputs_close", "lint", "run_checked", "run_float64"]
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,14 @@ def run_checked(gm: torch.fx.GraphModule, inputs: Sequence[Any], where: str = "g
     return list(pytree.tree_leaves(out))
 
 
-def assert_outputs_close(actual: list[Any], expected: list[Any], tolerance: float, what: str) -> None:
-    """max |actual − expected| ≤ tolerance × max |expected| for every output tensor."""
+def assert_outputs_close(actual: list[Any], expected: list[Any], tolerance: float, what: str) -> float:
+    """max |actual − expected| ≤ tolerance × max |expected| for every output tensor.
+
+    Returns the largest of those ratios (0 when every output is equal or not a float tensor).
+    """
     if len(actual) != len(expected):
         raise VerificationError(f"{what}: {len(actual)} outputs, expected {len(expected)}")
+    worst = 0.0
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         if not isinstance(e, torch.Tensor):
             if a != e:
@@ -117,6 +121,8 @@ def assert_outputs_close(actual: list[Any], expected: list[Any], tolerance: floa
             raise VerificationError(
                 f"{what}: output {i} differs by {error:.3g} (allowed {tolerance:.1g} × output scale {scale:.3g})"
             )
+        worst = max(worst, error / scale)
+    return worst
 
 
 class _Float64Interpreter(torch.fx.Interpreter):
@@ -158,6 +164,16 @@ class _Reference:
     wide: list[Any] | None = None  # its float64 outputs, computed the first time they are needed
 
 
+@dataclass(frozen=True)
+class PassCheck:
+    """One passed output comparison: which pass, against what, the error, and in which precision."""
+
+    pass_name: str
+    reference: str  # "the pipeline input", "the masked reference of PruneBlocksPass", ...
+    relative_error: float  # max |out − reference| / max |reference| over the outputs
+    precision: str  # "float32", or "float64" when float32 rounding alone exceeded the tolerance
+
+
 @dataclass
 class VerifyInstrument(Instrument):
     """Lints and runs the input, then after every modifying pass: lint, shapes, declared numerics.
@@ -167,6 +183,8 @@ class VerifyInstrument(Instrument):
     """
 
     tolerance: float = 1e-5
+    #: The comparisons of the current run, in pass order (the report shows them).
+    checks: list[PassCheck] = field(default_factory=list, init=False)
     _reference: _Reference | None = field(default=None, init=False, repr=False)
 
     def wants_snapshot(self, pass_: PassBase) -> bool:
@@ -176,6 +194,7 @@ class VerifyInstrument(Instrument):
         lint(am.gm, "input graph")
         outputs = run_checked(am.gm, am.example_inputs, "input graph")
         self._reference = _Reference("the pipeline input", original, outputs)
+        self.checks = []
 
     def after_pass(
         self, pass_: PassBase, before: torch.fx.GraphModule | None, result: PassResult, am: AnalysisManager
@@ -186,22 +205,21 @@ class VerifyInstrument(Instrument):
         lint(gm, where)
         outputs = run_checked(gm, am.example_inputs, where)
         if pass_.numerics == "exact":
-            self._check_exact(gm, outputs, am, where)
+            reference = self._current()
+            error, precision = self._check(
+                gm, outputs, reference, am, f"{where} (declared exact, vs {reference.source}"
+            )
+            self.checks.append(PassCheck(pass_.name, reference.source, error, precision))
         elif pass_.numerics == "masked":
             assert before is not None
-            reference = pass_.masked_reference(before, gm, am.example_inputs)
-            expected = run_checked(reference, am.example_inputs, f"{where} masked reference")
-            masked = _Reference(f"the masked reference of {pass_.name}", reference, expected)
-            self._check(gm, outputs, masked, am, f"{where} (vs {masked.source}")
+            graph = pass_.masked_reference(before, gm, am.example_inputs)
+            expected = run_checked(graph, am.example_inputs, f"{where} masked reference")
+            masked = _Reference(f"the masked reference of {pass_.name}", graph, expected)
+            error, precision = self._check(gm, outputs, masked, am, f"{where} (vs {masked.source}")
+            self.checks.append(PassCheck(pass_.name, masked.source, error, precision))
             self._reference = masked
         else:
             self._reference = _Reference(f"the output of {pass_.name}", copy.deepcopy(gm), outputs)
-
-    def _check_exact(
-        self, gm: torch.fx.GraphModule, outputs: list[Any], am: AnalysisManager, where: str
-    ) -> None:
-        reference = self._current()
-        self._check(gm, outputs, reference, am, f"{where} (declared exact, vs {reference.source}")
 
     def _check(
         self,
@@ -210,11 +228,15 @@ class VerifyInstrument(Instrument):
         reference: _Reference,
         am: AnalysisManager,
         what: str,
-    ) -> None:
-        """In float32 first; a failure is decided in float64, where only a real mistake remains."""
+    ) -> tuple[float, str]:
+        """In float32 first; a failure is decided in float64, where only a real mistake remains.
+
+        Returns the relative error and the precision that decided it.
+        """
         try:
-            assert_outputs_close(outputs, reference.outputs, self.tolerance, f"{what}, in float32)")
-            return
+            return assert_outputs_close(
+                outputs, reference.outputs, self.tolerance, f"{what}, in float32)"
+            ), "float32"
         except VerificationError as narrow:
             try:
                 if reference.wide is None:
@@ -222,8 +244,9 @@ class VerifyInstrument(Instrument):
                 wide = run_float64(gm, am.example_inputs)
             except Exception as exc:  # an op without a float64 kernel, or a float32-only module
                 raise VerificationError(f"{narrow}; float64 cannot decide: {_summary(exc)}") from exc
-        assert_outputs_close(wide, reference.wide, self.tolerance, f"{what}, in float64)")
+        error = assert_outputs_close(wide, reference.wide, self.tolerance, f"{what}, in float64)")
         log.info("%s: float32 rounding exceeded the tolerance, float64 agrees", what)
+        return error, "float64"
 
     def _current(self) -> _Reference:
         if self._reference is None:
