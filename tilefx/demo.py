@@ -66,7 +66,9 @@ def _section(title: str) -> None:
 def resnet50_demo() -> None:
     import torchvision
 
-    _section("ResNet-50 (torchvision): fold BN, prune 50% of channels, verified")
+    _section(
+        "ResNet-50 (torchvision architecture, random weights: speed only): fold BN, prune 50% of channels"
+    )
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
     _randomize_batchnorm(model)
@@ -169,7 +171,8 @@ def resnet18_blocks_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8
     from tilefx.lowering.build import lowering_choices
 
     _section(
-        f"ResNet-18 (torchvision): TETRIS + {block[0]}x{block[1]} blocks at {sparsity:.0%} -> TVM conv kernels"
+        f"ResNet-18 (torchvision architecture, random weights: speed only): TETRIS + {block[0]}x{block[1]} "
+        f"blocks at {sparsity:.0%} -> TVM conv kernels"
     )
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
