@@ -144,6 +144,9 @@ def magnitude_mask(importance: torch.Tensor, sparsity: float) -> torch.Tensor:
 class DSMPriorHook(LoopHook):
     """The DSM prior as a MAP regulariser on one ``nn.Linear``'s weight inside the training loop.
 
+    ``layer`` is the ``nn.Linear`` or its 2-D ``[out, in]`` weight itself (a captured graph holds
+    parameters, not modules).
+
     Trainable latents (pass :meth:`parameters` to the loop alongside the model's): log τ,
     log λ_j, log c_j², and softmax logits of φ_j. The regulariser is
     ``-(log p(W, latents) + log|Jacobian|) / examples``: the prior of a posterior over ``examples``
@@ -153,13 +156,14 @@ class DSMPriorHook(LoopHook):
 
     name = "dsm_prior"
 
-    def __init__(self, layer: nn.Linear, settings: DSMSettings, examples: int) -> None:
-        if not isinstance(layer, nn.Linear):
-            raise RecipeError(f"DSMPriorHook needs an nn.Linear, got {type(layer).__name__}")
-        hidden, inputs = layer.weight.shape
-        self.layer, self.settings, self.examples = layer, settings, examples
+    def __init__(self, layer: nn.Linear | nn.Parameter, settings: DSMSettings, examples: int) -> None:
+        weight = layer.weight if isinstance(layer, nn.Linear) else layer
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            raise RecipeError(f"DSMPriorHook needs an nn.Linear or a 2-D weight, got {type(layer).__name__}")
+        hidden, inputs = weight.shape
+        self.weight, self.settings, self.examples = weight, settings, examples
         self.tau0 = global_tau_scale(settings.p0, inputs, examples)
-        device = layer.weight.device
+        device = weight.device
         self.log_tau = nn.Parameter(torch.tensor(math.log(self.tau0), device=device))
         self.log_lam = nn.Parameter(torch.zeros(hidden, device=device))
         self.log_c2 = nn.Parameter(
@@ -182,7 +186,7 @@ class DSMPriorHook(LoopHook):
         """log p(W, latents) plus the log-Jacobian of the unconstrained parameterisation."""
         latents = self.latents()
         jacobian = self.log_tau + self.log_lam.sum() + self.log_c2.sum() + latents.phi.log().sum()
-        return dsm_log_prior(self.layer.weight, latents, self.settings, self.tau0) + jacobian
+        return dsm_log_prior(self.weight, latents, self.settings, self.tau0) + jacobian
 
     def regularizer(self) -> torch.Tensor:
         return -self.log_density() / self.examples
