@@ -5,7 +5,8 @@ Dirichlet scale mixture prior on the first layer ``W1`` and prunes ``W1`` by pos
 This pass is the scalable form of that recipe on a captured graph:
 
 1. the chosen linear weights (the first linear in graph order, the paper's ``W1``, unless
-   ``layers`` names others) each get a :class:`DSMPriorHook`, whose ``-log p(W, latents) / N`` the
+   ``layers`` names others) each get a :class:`DSMPriorHook` (by default in the sampler's
+   non-centred coordinates, latents started from the weights), whose ``-log p / N`` the
    one training loop (:mod:`.training.loop`) adds to the task loss of the labelled calibration
    batches; every floating parameter of the model trains, the prior's latents with them;
 2. each chosen weight then keeps its ``1 − sparsity`` largest ``|w|`` (exactly
@@ -38,7 +39,7 @@ from .infra.pass_base import Numerics, PassBase, PassResult
 from .infra.preconditions import require_aten_graph
 from .metadata import BlockSparsity, apply_masks, get_metadata, set_metadata
 from .training.calibration import Calibration
-from .training.dsm_prior import DSMPriorHook, DSMSettings, magnitude_mask
+from .training.dsm_prior import DSMPriorHook, DSMSettings, MapForm, magnitude_mask
 from .training.loop import LoopOptions, train
 
 __all__ = ["TrainDSMPriorPass", "count_examples"]
@@ -53,6 +54,8 @@ class TrainDSMPriorPass(PassBase):
     layers: parameter names (``"fc1.weight"``) or module names (``"fc1"``) of ``aten.linear``
     weights; empty means the first linear in graph order. examples: N in the prior's τ₀ and in the
     regulariser's scale; None counts the calibration inputs (one pass over the batches).
+    form: the density the MAP fit maximises (:class:`DSMPriorHook`); the latents start at the
+    scales the weights entering the pass imply (``init="weights"``).
     Requires: an ATen-level graph; labelled calibration batches shaped like the example inputs.
     """
 
@@ -62,6 +65,7 @@ class TrainDSMPriorPass(PassBase):
     sparsity: float = 0.8
     layers: tuple[str, ...] = ()
     examples: int | None = None
+    form: MapForm = "non_centred"
 
     numerics: ClassVar[Numerics] = "masked"
 
@@ -78,7 +82,12 @@ class TrainDSMPriorPass(PassBase):
         _check_batches(self.calibration, am.example_inputs)
         chosen = self.chosen(gm)
         examples = self.examples or count_examples(self.calibration)
-        hooks = [DSMPriorHook(gm.get_parameter(layer.param), self.settings, examples) for layer in chosen]
+        hooks = [
+            DSMPriorHook(
+                gm.get_parameter(layer.param), self.settings, examples, form=self.form, init="weights"
+            )
+            for layer in chosen
+        ]
         trainable = [p for p in gm.parameters() if p.is_floating_point()]
         flags = [p.requires_grad for p in trainable]
         for p in trainable:

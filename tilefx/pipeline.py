@@ -144,6 +144,7 @@ def _prior_pass(prior: DirichletScaleMixture, calibration: Any) -> PassBase:
         sparsity=prior.sparsity,
         layers=prior.layers,
         examples=prior.examples,
+        form=prior.form,
     )
 
 

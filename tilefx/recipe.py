@@ -363,6 +363,9 @@ class DirichletScaleMixture:
     code's by default: Dirichlet α, expected relevant inputs p₀, InvGamma(a, b) slab, t's degrees
     of freedom). examples: N in τ₀ = p₀/(P − p₀)/√N and in the prior's weight 1/N; None counts
     the calibration examples. steps, lr, optimizer, weight_decay, decay, seed, progress: the loop's.
+    form: "non_centred" (default) maximises the prior density of ``W/σ``, the sampler's
+    coordinates; "centred" that of W, which tends to collapse every weight to zero
+    (``DSMPriorHook``).
     """
 
     kind: Literal["horseshoe", "student_t"] = "horseshoe"
@@ -381,9 +384,11 @@ class DirichletScaleMixture:
     decay: Literal["constant", "linear", "cosine"] = "constant"
     seed: int = 0
     progress: bool = True
+    form: Literal["non_centred", "centred"] = "non_centred"
 
     def __post_init__(self) -> None:
         owner = "DirichletScaleMixture"
+        _choice(owner, "form", self.form, ("non_centred", "centred"))
         _choice(owner, "kind", self.kind, ("horseshoe", "student_t"))
         _fraction(owner, "sparsity", self.sparsity)
         object.__setattr__(self, "layers", tuple(self.layers))
