@@ -119,3 +119,12 @@ def test_prior_loads_from_toml() -> None:
     )
     with pytest.raises(tilefx.RecipeError, match="DirichletScaleMixture: unknown option 'kinds'"):
         tilefx.Recipe.from_dict({"prior": {"kinds": "horseshoe"}})
+
+
+def test_channel_pruning_runs_before_the_prior() -> None:
+    model, x = MLP(), torch.randn(8, 12)
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.25), prior=_prior(sparsity=0.5))
+    gm = tilefx.optimize(model, (x,), recipe, calibration=_batches(2))
+    record = _records(gm)["fc1.weight"]
+    assert tuple(gm.get_parameter("fc1.weight").shape) == (12, 12)  # 16 hidden units, a quarter removed
+    assert int((~record.mask).sum()) == 72
