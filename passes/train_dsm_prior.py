@@ -37,7 +37,7 @@ from .infra.analysis_manager import AnalysisManager
 from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
 from .infra.preconditions import require_aten_graph
-from .metadata import BlockSparsity, apply_masks, get_metadata, set_metadata
+from .metadata import BlockSparsity, Metadata, apply_masks, get_metadata, set_metadata
 from .training.calibration import Calibration
 from .training.dsm_prior import DSMPriorHook, DSMSettings, MapForm, magnitude_mask
 from .training.loop import LoopOptions, train
@@ -81,6 +81,12 @@ class TrainDSMPriorPass(PassBase):
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         _check_batches(self.calibration, am.example_inputs)
         chosen = self.chosen(gm)
+        trained = self._train(gm, chosen)
+        pruned = self._prune(gm, chosen) if self.sparsity > 0 else False
+        return PassResult(gm, trained or pruned)
+
+    def _train(self, gm: torch.fx.GraphModule, chosen: list[WeightLayer]) -> bool:
+        """Every floating parameter and the prior's latents, on the one loop; True if a step ran."""
         examples = self.examples or count_examples(self.calibration)
         hooks = [
             DSMPriorHook(
@@ -93,23 +99,30 @@ class TrainDSMPriorPass(PassBase):
         for p in trainable:
             p.requires_grad_(True)
         latents = [p for hook in hooks for p in hook.parameters()]
-        result = train(
-            gm, _TaskLoss(self.calibration), self.calibration, self.loop, hooks, params=[*trainable, *latents]
-        )
-        for p, flag in zip(trainable, flags, strict=True):
-            p.requires_grad_(flag)
-        metadata = get_metadata(gm)
+        try:
+            result = train(
+                gm, _TaskLoss(self.calibration), self.calibration, self.loop, hooks, [*trainable, *latents]
+            )
+        finally:
+            for p, flag in zip(trainable, flags, strict=True):
+                p.requires_grad_(flag)
+        if result.losses:
+            log.info("%s: loss %.4g -> %.4g", self.name, result.losses[0], result.losses[-1])
+        return bool(result.losses)
+
+    def _prune(self, gm: torch.fx.GraphModule, chosen: list[WeightLayer]) -> bool:
+        """Zero each chosen weight's smallest |w| and record (1, 1) blocks; True if anything changed."""
+        metadata, changed = get_metadata(gm), False
         for layer in chosen:
             weight = gm.get_parameter(layer.param)
             keep = magnitude_mask(weight.detach().abs().cpu(), self.sparsity)
+            changed |= bool(weight.detach().cpu()[~keep].any()) or not _recorded(metadata, layer.param, keep)
             with torch.no_grad():
                 weight.mul_(keep.to(weight.device, weight.dtype))
             metadata = metadata.with_annotation(layer.param, BlockSparsity((1, 1), keep))
             log.info("%s: %s keeps %d of %d weights", self.name, layer.param, int(keep.sum()), keep.numel())
         set_metadata(gm, metadata)
-        if result.losses:
-            log.info("%s: loss %.4g -> %.4g", self.name, result.losses[0], result.losses[-1])
-        return PassResult(gm, True)
+        return changed
 
     def masked_reference(
         self, before: torch.fx.GraphModule, after: torch.fx.GraphModule, example_inputs: Sequence[Any]
@@ -136,6 +149,11 @@ class TrainDSMPriorPass(PassBase):
                 )
             found.append(layer)
         return found
+
+
+def _recorded(metadata: Metadata, name: str, keep: torch.Tensor) -> bool:
+    records = metadata.of(name, BlockSparsity)
+    return bool(records) and records[-1].block == (1, 1) and torch.equal(records[-1].mask.cpu(), keep)
 
 
 def _check_batches(data: Calibration, example_inputs: Sequence[Any]) -> None:

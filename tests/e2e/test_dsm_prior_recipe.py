@@ -11,7 +11,10 @@ import torch.nn as nn
 import tilefx
 from tilefx.lowering.build import lowering_choices
 from tilefx.passes.metadata import BlockSparsity, get_metadata
+from tilefx.passes.train_dsm_prior import TrainDSMPriorPass
 from tilefx.passes.training.calibration import Calibration
+from tilefx.passes.training.dsm_prior import DSMSettings
+from tilefx.passes.training.loop import LoopOptions
 
 
 class MLP(nn.Module):
@@ -128,3 +131,14 @@ def test_channel_pruning_runs_before_the_prior() -> None:
     record = _records(gm)["fc1.weight"]
     assert tuple(gm.get_parameter("fc1.weight").shape) == (12, 12)  # 16 hidden units, a quarter removed
     assert int((~record.mask).sum()) == 72
+
+
+def test_pruning_again_without_training_reports_no_change() -> None:
+    x = torch.randn(8, 12)
+    gm = tilefx.capture(MLP(), (x,))
+    prune_only = TrainDSMPriorPass(
+        DSMSettings(), LoopOptions(steps=0, progress=False), Calibration(_batches(2)), sparsity=0.5
+    )
+    assert prune_only(gm, example_inputs=(x,)).modified
+    assert not prune_only(gm, example_inputs=(x,)).modified
+    assert int((gm.get_parameter("fc1.weight") == 0).sum()) == 96
