@@ -92,6 +92,8 @@ def test_prior_options_are_checked() -> None:
         (lambda: _prior(alpha=0), "DirichletScaleMixture.alpha"),
         (lambda: _prior(steps=0), "DirichletScaleMixture.steps"),
         (lambda: _prior(steps="10"), "DirichletScaleMixture.steps"),
+        (lambda: _prior(form="mean_field"), "DirichletScaleMixture.form"),
+        (lambda: _prior(layers="fc1"), "DirichletScaleMixture.layers"),
         (lambda: _prior(sparsty=0.5), "did you mean 'sparsity'"),
         (lambda: tilefx.Recipe(prior=_prior(), recovery=tilefx.Recovery()), "Recipe.prior"),
         (lambda: tilefx.Recipe(prior="horseshoe"), "Recipe.prior"),  # type: ignore[arg-type]
