@@ -37,7 +37,14 @@ if TYPE_CHECKING:
     from .capture import capture
     from .export_artifact import export
     from .pipeline import default_pipeline
-    from .recipe import BlockPruning, ChannelPruning, ConnectionPruning, Recipe, Recovery
+    from .recipe import (
+        BlockPruning,
+        ChannelPruning,
+        ConnectionPruning,
+        DirichletScaleMixture,
+        Recipe,
+        Recovery,
+    )
 
 
 __all__ = [
@@ -49,6 +56,7 @@ __all__ = [
     "ConnectionPruning",
     "CoverageWarning",
     "DCPOptions",
+    "DirichletScaleMixture",
     "LoweringError",
     "OptimizeError",
     "PassError",
@@ -73,6 +81,7 @@ _TORCH_SIDE = {
     "ConnectionPruning": "tilefx.recipe",
     "CoverageWarning": "tilefx.passes.coverage",
     "DCPOptions": "tilefx.passes.training.dcp",
+    "DirichletScaleMixture": "tilefx.recipe",
     "Recipe": "tilefx.recipe",
     "Recovery": "tilefx.recipe",
     "VRPGEOptions": "tilefx.passes.training.vrpge",

@@ -72,6 +72,8 @@ def optimize(
         _check_protect(gm, recipe.channels.protect)
     if recipe.channels is not None and recipe.channels.criterion in ("taylor", "dcp", "vrpge"):
         _check_calibration(calibration, inputs)
+    if recipe.prior is not None:
+        _check_calibration(calibration, inputs)
     pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)
     timing = TimingInstrument()
     if report is not None:

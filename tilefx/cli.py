@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sparsity metadata) to -o DIR.\n\n  tilefx optimize torchvision.models:resnet18 --input 1x3x224x224 "
         "--recipe r.toml -o out/\n  tilefx optimize tilefx.models:minilm --input input_ids:1x128:int64 "
         "--input attention_mask:1x128:int64 -o out/\n\nRecipe TOML: Recipe fields with [channels], "
-        "[connections], [blocks], [recovery] tables, e.g.\n  [blocks]\n  block = [16, 1]\n  sparsity = 0.8",
+        "[connections], [blocks], [recovery], [prior] tables, e.g.\n  [blocks]\n  block = [16, 1]\n  sparsity = 0.8",
     )  # fmt: skip
     optimize.add_argument("factory", help="MODULE:FACTORY, called with no arguments, returning an nn.Module")
     optimize.add_argument("--input", action="append", metavar="[NAME:]SHAPE[:DTYPE]",

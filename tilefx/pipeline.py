@@ -22,12 +22,13 @@ from tilefx.passes.prune_channels import PruneChannelsPass
 from tilefx.passes.prune_connections import PruneConnectionsPass
 from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.reorder_dims import ReorderDimsPass
+from tilefx.passes.train_dsm_prior import TrainDSMPriorPass
 from tilefx.passes.train_structure_params import TrainStructureParamsPass
 from tilefx.passes.training.calibration import as_calibration
 from tilefx.passes.training.dcp import DCPOptions
 from tilefx.passes.training.vrpge import VRPGEOptions
 
-from .recipe import BlockPruning, ChannelPruning, Recipe, Recovery
+from .recipe import BlockPruning, ChannelPruning, DirichletScaleMixture, Recipe, Recovery
 
 __all__ = ["default_pipeline"]
 
@@ -40,6 +41,7 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
     criterion scores the folded graph, the one it prunes. With ``recipe.recovery`` the block (or
     connection) pruning pass becomes a :class:`RecoverSparsityPass`, which prunes while training;
     TETRIS orders are still chosen once, on the dense weights, and folded before it.
+    ``recipe.prior`` (the DSM prior) trains and prunes its layers after any channel pruning.
     """
     if recipe.recovery is not None:
         return _recovery_pipeline(recipe, recipe.recovery, calibration)
@@ -62,6 +64,8 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
             _channel_pass(channels, recipe.skip, calibration),
             EliminateDeadCodePass(),
         ]
+    if recipe.prior is not None:
+        passes.append(_prior_pass(recipe.prior, calibration))
     if connections is not None and not connections_first:
         passes.append(PruneConnectionsPass(sparsity=connections.sparsity, criterion=connections.criterion))
     if recipe.blocks is not None:
@@ -129,6 +133,19 @@ def _block_passes(options: BlockPruning, skip: tuple[str, ...]) -> list[PassBase
             ReorderDimsPass(planner=TetrisPlanner(options.block, options.sparsity, preset), skip=skip)
         )
     return [*passes, PruneBlocksPass(block=options.block, sparsity=options.sparsity)]
+
+
+def _prior_pass(prior: DirichletScaleMixture, calibration: Any) -> PassBase:
+    """The DSM prior trains on the folded graph, after any channel pruning, then prunes by |w|."""
+    return TrainDSMPriorPass(
+        settings=prior.settings(),
+        loop=prior.loop_options(),
+        calibration=as_calibration(calibration, "Recipe.prior"),
+        sparsity=prior.sparsity,
+        layers=prior.layers,
+        examples=prior.examples,
+        form=prior.form,
+    )
 
 
 def _recovery_pipeline(recipe: Recipe, recovery: Recovery, calibration: Any) -> list[PassBase]:

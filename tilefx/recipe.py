@@ -18,10 +18,18 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.training.dcp import DCPOptions, SGDOptions
+from tilefx.passes.training.dsm_prior import DSMSettings
 from tilefx.passes.training.loop import LoopOptions
 from tilefx.passes.training.vrpge import VRPGEOptions
 
-__all__ = ["BlockPruning", "ChannelPruning", "ConnectionPruning", "Recipe", "Recovery"]
+__all__ = [
+    "BlockPruning",
+    "ChannelPruning",
+    "ConnectionPruning",
+    "DirichletScaleMixture",
+    "Recipe",
+    "Recovery",
+]
 
 T = TypeVar("T")
 
@@ -341,11 +349,88 @@ class Recovery:
 
 @_strict
 @dataclass(frozen=True)
+class DirichletScaleMixture:
+    """Train under a Dirichlet scale mixture prior, then prune the prior's layers by ``|w|``.
+
+    The node-wise DSM prior of Arnstad et al. (2026) in its MAP form (docs/methods.md §4): the
+    one training loop fits the model to the labelled calibration batches (their loss:
+    cross-entropy, or a ``Calibration``'s own) plus ``-log p(W, latents) / N`` on each chosen
+    linear weight, then each keeps its ``1 - sparsity`` largest ``|w|``; the zeros are recorded as
+    (1, 1) blocks, which ``tilefx.compile`` lowers to block-sparse kernels. Needs calibration.
+    kind: "horseshoe" (node scales λ ~ C⁺) or "student_t" (λ ~ t₃⁺). layers: parameter or module
+    names of ``nn.Linear`` layers; empty means the first linear in graph order (the paper's
+    first layer). alpha, p0, slab_a, slab_b, student_df: the prior's hyperparameters (the paper's
+    code's by default: Dirichlet α, expected relevant inputs p₀, InvGamma(a, b) slab, t's degrees
+    of freedom). examples: N in τ₀ = p₀/(P − p₀)/√N and in the prior's weight 1/N; None counts
+    the calibration examples. steps, lr, optimizer, weight_decay, decay, seed, progress: the loop's.
+    form: "non_centred" (default) maximises the prior density of ``W/σ``, the sampler's
+    coordinates; "centred" that of W, which tends to collapse every weight to zero
+    (``DSMPriorHook``).
+    """
+
+    kind: Literal["horseshoe", "student_t"] = "horseshoe"
+    sparsity: float = 0.8
+    steps: int = 500
+    lr: float = 1e-2
+    layers: tuple[str, ...] = ()
+    alpha: float = 0.1
+    p0: float = 4.0
+    slab_a: float = 2.0
+    slab_b: float = 4.0
+    student_df: float = 3.0
+    examples: int | None = None
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    decay: Literal["constant", "linear", "cosine"] = "constant"
+    seed: int = 0
+    progress: bool = True
+    form: Literal["non_centred", "centred"] = "non_centred"
+
+    def __post_init__(self) -> None:
+        owner = "DirichletScaleMixture"
+        _choice(owner, "form", self.form, ("non_centred", "centred"))
+        _choice(owner, "kind", self.kind, ("horseshoe", "student_t"))
+        _fraction(owner, "sparsity", self.sparsity)
+        object.__setattr__(self, "layers", tuple(self.layers))
+        for name in ("steps", "examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RecipeError(f"{owner}.{name} must be an integer >= 1, got {value!r}")
+        if self.seed < 0:
+            raise RecipeError(f"{owner}.seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("lr", "alpha", "p0", "slab_a", "slab_b", "student_df"):
+            if not getattr(self, name) > 0:
+                raise RecipeError(f"{owner}.{name} must be positive, got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise RecipeError(f"{owner}.weight_decay must be >= 0, got {self.weight_decay!r}")
+        _choice(owner, "optimizer", self.optimizer, ("adamw", "sgd"))
+        _choice(owner, "decay", self.decay, ("constant", "linear", "cosine"))
+
+    def settings(self) -> DSMSettings:
+        """The prior's hyperparameters."""
+        return DSMSettings(self.kind, self.alpha, self.p0, self.slab_a, self.slab_b, self.student_df)
+
+    def loop_options(self) -> LoopOptions:
+        """The training loop's options for the MAP fit."""
+        return LoopOptions(
+            steps=self.steps,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            decay=self.decay,
+            seed=self.seed,
+            progress=self.progress,
+        )
+
+
+@_strict
+@dataclass(frozen=True)
 class Recipe:
     """The whole optimisation request. The default folds batch norms and cleans up (exact only).
 
     tolerance: allowed max abs error relative to the output scale in verification.
     recovery: train while pruning (see :class:`Recovery`); needs calibration batches.
+    prior: train under a DSM prior and prune its layers (see :class:`DirichletScaleMixture`).
     """
 
     fold_batchnorm: bool = True
@@ -356,6 +441,7 @@ class Recipe:
     verify: bool = True
     tolerance: float = 1e-5
     recovery: Recovery | None = None
+    prior: DirichletScaleMixture | None = None
 
     def __post_init__(self) -> None:
         for name, kind in (
@@ -363,6 +449,7 @@ class Recipe:
             ("connections", ConnectionPruning),
             ("blocks", BlockPruning),
             ("recovery", Recovery),
+            ("prior", DirichletScaleMixture),
         ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
@@ -374,6 +461,8 @@ class Recipe:
             raise RecipeError(f"Recipe.tolerance must be in (0, 1), got {self.tolerance!r}")
         if self.recovery is not None:
             self._check_recovery()
+        if self.prior is not None:
+            self._check_prior()
 
     def _check_recovery(self) -> None:
         """Recovery trains block (or connection) masks; the combinations it does not cover yet fail here."""
@@ -390,6 +479,15 @@ class Recipe:
                 'Recipe.recovery prunes connections gradually by magnitude: use ConnectionPruning(criterion="l1")'
             )
 
+    def _check_prior(self) -> None:
+        """The prior prunes the layers it trains; other sparsity on top of it is not composed yet."""
+        others = [name for name in ("connections", "blocks", "recovery") if getattr(self, name) is not None]
+        if others:
+            raise RecipeError(
+                f"Recipe.prior prunes the layers it trains and is not combined with {', '.join(others)} "
+                "yet: drop one of them (channel pruning may run before the prior)"
+            )
+
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> Recipe:
         """Build from plain data (a parsed TOML file); sections become the option dataclasses."""
@@ -400,6 +498,7 @@ class Recipe:
             "connections": ConnectionPruning,
             "blocks": BlockPruning,
             "recovery": Recovery,
+            "prior": DirichletScaleMixture,
         }
         fields: dict[str, Any] = {}
         for key, value in data.items():

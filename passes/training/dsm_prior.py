@@ -14,7 +14,8 @@ heavy-tailed λ_j shrinks whole nodes; τ shrinks everything.
 :class:`DSMPriorHook` is the scalable form: the latents (τ, λ, c², φ) become trainable
 unconstrained parameters and ``-log p(W, latents)`` (with the log-Jacobians of the transforms)
 divided by the number of training examples is added to the loss — a MAP fit of the same joint
-density the NUTS sampler explores. This departs from the paper, which samples the full posterior.
+density the NUTS sampler explores (in W's coordinates, or in the sampler's non-centred ones,
+``form``). This departs from the paper, which samples the full posterior.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ __all__ = [
     "DSMLatents",
     "DSMPriorHook",
     "DSMSettings",
+    "MapForm",
     "dsm_log_prior",
     "global_tau_scale",
     "magnitude_mask",
 ]
 
 Kind = Literal["horseshoe", "student_t"]
+MapForm = Literal["centred", "non_centred"]
 
 
 @dataclass(frozen=True)
@@ -144,28 +147,74 @@ def magnitude_mask(importance: torch.Tensor, sparsity: float) -> torch.Tensor:
 class DSMPriorHook(LoopHook):
     """The DSM prior as a MAP regulariser on one ``nn.Linear``'s weight inside the training loop.
 
+    ``layer`` is the ``nn.Linear`` or its 2-D ``[out, in]`` weight itself (a captured graph holds
+    parameters, not modules).
+
     Trainable latents (pass :meth:`parameters` to the loop alongside the model's): log τ,
     log λ_j, log c_j², and softmax logits of φ_j. The regulariser is
     ``-(log p(W, latents) + log|Jacobian|) / examples``: the prior of a posterior over ``examples``
     data points whose likelihood is the mean loss. The Dirichlet log-Jacobian of the softmax is
     ``Σ_i log φ_ij`` (over P − 1 free coordinates, up to a constant).
+
+    form: "centred" takes the density of W itself. It is unbounded as a weight and its scale go
+    to zero together (each weight adds ``-log σ_ij``), so from the prior's tiny initial scales the
+    MAP fit collapses to W = 0 (the DSM-horseshoe did on breast cancer, benchmarks/dsm_prior.py).
+    "non_centred" takes the density of ``z = W / σ`` — the coordinates the NUTS model samples in
+    (``w = z·σ``): the centred density plus ``Σ log σ_ij``, bounded. Profiling φ out of it leaves
+    a per-node ``(Σ_i |w_ij|)² / 2s_j²``, an L1 across each node's inputs, which is what prunes.
+    init: "prior" starts the latents at the prior's scale (τ = τ₀, λ = 1, uniform φ); "weights"
+    at the scales the current weights imply (σ_ij = |w_ij|: φ_j ∝ w_j², node scales = ‖w_j‖, τ
+    from their median, c² raised where the slab would bind), for fitting from trained weights.
     """
 
     name = "dsm_prior"
 
-    def __init__(self, layer: nn.Linear, settings: DSMSettings, examples: int) -> None:
-        if not isinstance(layer, nn.Linear):
-            raise RecipeError(f"DSMPriorHook needs an nn.Linear, got {type(layer).__name__}")
-        hidden, inputs = layer.weight.shape
-        self.layer, self.settings, self.examples = layer, settings, examples
+    def __init__(
+        self,
+        layer: nn.Linear | nn.Parameter,
+        settings: DSMSettings,
+        examples: int,
+        *,
+        form: MapForm = "centred",
+        init: Literal["prior", "weights"] = "prior",
+    ) -> None:
+        weight = layer.weight if isinstance(layer, nn.Linear) else layer
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            raise RecipeError(f"DSMPriorHook needs an nn.Linear or a 2-D weight, got {type(layer).__name__}")
+        if form not in ("centred", "non_centred") or init not in ("prior", "weights"):
+            raise RecipeError(
+                f"DSMPriorHook: form 'centred'/'non_centred', init 'prior'/'weights'; got {form!r}, {init!r}"
+            )
+        self.form = form
+        hidden, inputs = weight.shape
+        self.weight, self.settings, self.examples = weight, settings, examples
         self.tau0 = global_tau_scale(settings.p0, inputs, examples)
-        device = layer.weight.device
+        device = weight.device
         self.log_tau = nn.Parameter(torch.tensor(math.log(self.tau0), device=device))
         self.log_lam = nn.Parameter(torch.zeros(hidden, device=device))
         self.log_c2 = nn.Parameter(
             torch.full((hidden,), math.log(settings.slab_b / (settings.slab_a + 1)), device=device)
         )
         self.phi_logits = nn.Parameter(torch.zeros(hidden, inputs, device=device))
+        if init == "weights":
+            self._init_from_weights()
+
+    def _init_from_weights(self) -> None:
+        """Latents with ``weight_scale() ≈ |W|`` (entries of φ floored at 1e-6)."""
+        w = self.weight.detach().double()
+        node = w.pow(2).sum(1).sqrt().clamp_min(1e-8)  # ‖w_j‖ = s0 · τ · λ̃_j
+        median = node.median().clamp_min(1e-8)
+        tau = float(median) / self.settings.base_scale(*w.shape)
+        lam_tilde = node / median
+        floor = self.settings.slab_b / (self.settings.slab_a + 1)
+        c2 = (4 * (tau * lam_tilde) ** 2).clamp_min(floor)  # the slab then bends λ̃ little
+        lam2 = lam_tilde**2 * c2 / (c2 - tau**2 * lam_tilde**2)  # inverts λ̃² = c²λ²/(c² + τ²λ²)
+        phi = (w.pow(2) / node[:, None] ** 2).clamp_min(1e-6)
+        with torch.no_grad():
+            self.log_tau.fill_(math.log(tau))
+            self.log_lam.copy_(0.5 * lam2.log())
+            self.log_c2.copy_(c2.log())
+            self.phi_logits.copy_(phi.log() - phi.log().mean(1, keepdim=True))
 
     def parameters(self) -> list[nn.Parameter]:
         return [self.log_tau, self.log_lam, self.log_c2, self.phi_logits]
@@ -179,10 +228,13 @@ class DSMPriorHook(LoopHook):
         )
 
     def log_density(self) -> torch.Tensor:
-        """log p(W, latents) plus the log-Jacobian of the unconstrained parameterisation."""
+        """log p(W, latents) (or of ``z = W/σ``, non-centred) plus the log-Jacobian of the
+        unconstrained parameterisation of the latents."""
         latents = self.latents()
         jacobian = self.log_tau + self.log_lam.sum() + self.log_c2.sum() + latents.phi.log().sum()
-        return dsm_log_prior(self.layer.weight, latents, self.settings, self.tau0) + jacobian
+        if self.form == "non_centred":
+            jacobian = jacobian + latents.weight_scale(self.settings).log().sum()
+        return dsm_log_prior(self.weight, latents, self.settings, self.tau0) + jacobian
 
     def regularizer(self) -> torch.Tensor:
         return -self.log_density() / self.examples

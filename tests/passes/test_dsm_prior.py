@@ -122,3 +122,21 @@ def test_hook_state_round_trip() -> None:
         hook.log_lam.add_(1.0)
     hook.load_state_dict(state)
     torch.testing.assert_close(hook.log_lam.detach(), state["log_lam"])
+
+
+@pytest.mark.parametrize("kind", ["horseshoe", "student_t"])
+def test_weights_init_gives_scales_equal_to_the_weights(kind: str) -> None:
+    weight = nn.Parameter(torch.randn(5, 8, generator=torch.Generator().manual_seed(3)))
+    hook = DSMPriorHook(weight, DSMSettings(kind=kind), examples=100, init="weights")  # type: ignore[arg-type]
+    scale = hook.latents().weight_scale(hook.settings).detach()
+    torch.testing.assert_close(scale, weight.detach().abs(), rtol=2e-3, atol=2e-3)
+
+
+def test_non_centred_density_is_the_centred_one_plus_the_log_scales() -> None:
+    weight = nn.Parameter(torch.randn(4, 6, dtype=torch.float64) * 0.1)
+    centred = DSMPriorHook(weight, DSMSettings(), examples=30)
+    non_centred = DSMPriorHook(weight, DSMSettings(), examples=30, form="non_centred")
+    scales = centred.latents().weight_scale(centred.settings)
+    torch.testing.assert_close(non_centred.log_density(), centred.log_density() + scales.log().sum())
+    with pytest.raises(RecipeError, match="form"):
+        DSMPriorHook(weight, DSMSettings(), examples=30, form="half")  # type: ignore[arg-type]
