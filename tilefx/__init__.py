@@ -30,11 +30,13 @@ from tilefx.passes.infra.errors import (
 if TYPE_CHECKING:
     from tilefx.passes.coverage import CoverageWarning
     from tilefx.passes.training.dcp import DCPOptions
+    from tilefx.passes.training.gan_compression import GANCompressionOptions
     from tilefx.passes.training.vrpge import VRPGEOptions
 
     from .api import compile, optimize
     from .capture import capture
     from .export_artifact import export
+    from .gan import compress_gan
     from .pipeline import default_pipeline
     from .recipe import BlockPruning, ChannelPruning, ConnectionPruning, Recipe, Recovery
 
@@ -49,6 +51,7 @@ __all__ = [
     "ConnectionPruning",
     "CoverageWarning",
     "DCPOptions",
+    "GANCompressionOptions",
     "LoweringError",
     "OptimizeError",
     "PassError",
@@ -61,6 +64,7 @@ __all__ = [
     "VerificationError",
     "capture",
     "compile",
+    "compress_gan",
     "default_pipeline",
     "export",
     "optimize",
@@ -73,11 +77,13 @@ _TORCH_SIDE = {
     "ConnectionPruning": "tilefx.recipe",
     "CoverageWarning": "tilefx.passes.coverage",
     "DCPOptions": "tilefx.passes.training.dcp",
+    "GANCompressionOptions": "tilefx.passes.training.gan_compression",
     "Recipe": "tilefx.recipe",
     "Recovery": "tilefx.recipe",
     "VRPGEOptions": "tilefx.passes.training.vrpge",
     "capture": "tilefx.capture",
     "compile": "tilefx.api",
+    "compress_gan": "tilefx.gan",
     "default_pipeline": "tilefx.pipeline",
     "export": "tilefx.export_artifact",
     "optimize": "tilefx.api",
