@@ -62,6 +62,7 @@ __all__ = [
     "GANLosses",
     "GANPlayers",
     "Granularity",
+    "StepCallback",
     "compress_generator",
     "consistency_losses",
     "gan_losses",
@@ -73,6 +74,7 @@ __all__ = [
 
 Granularity = Literal["element", "filter"]
 LatentSampler = Callable[[int], torch.Tensor]
+StepCallback = Callable[[int, "GANPlayers", GradualBlockPruning], None]
 
 _PRUNABLE = (nn.Linear, nn.Conv2d)
 
@@ -224,6 +226,16 @@ def prunable_weights(
     return names
 
 
+class _OnStep(LoopHook):
+    """Calls the user's ``on_step`` after each step (it runs after the mask hooks)."""
+
+    def __init__(self, callback: StepCallback, players: GANPlayers, pruning: GradualBlockPruning) -> None:
+        self.callback, self.players, self.pruning = callback, players, pruning
+
+    def after_step(self, step: int) -> None:
+        self.callback(step, self.players, self.pruning)
+
+
 class _FilterBiases(LoopHook):
     """Zero the bias of every dropped filter whenever the filter masks are (re)applied."""
 
@@ -247,12 +259,14 @@ class GANCompressionResult:
     """The trained copies and what was pruned.
 
     generator: ``G_C``, its dropped weights (and, for filters, biases) exact zeros.
+    discriminator: the adapted copy of ``D``; teacher: the frozen dense copy ``G_O``.
     masks: per weight name, the kept blocks (1×1 for elements, one row per filter).
     losses: the loop's mean loss per step (the objective's total).
     """
 
     generator: nn.Module
     discriminator: nn.Module
+    teacher: nn.Module
     granularity: Granularity
     masks: dict[str, BlockSparsity] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
@@ -273,12 +287,15 @@ def compress_generator(
     real: Iterable[torch.Tensor],
     latent: LatentSampler,
     options: GANCompressionOptions,
+    *,
+    on_step: StepCallback | None = None,
 ) -> GANCompressionResult:
     """Train a sparse copy of ``generator`` (see the module docstring); the inputs stay untouched.
 
     real: batches of real samples (a list of tensors, re-iterated in a seeded order);
     latent: ``latent(n)`` draws a batch of ``n`` generator inputs (called inside the loop's
-    seeded RNG, so a run is reproducible).
+    seeded RNG, so a run is reproducible). on_step: called after every optimiser step, once the
+    masks are re-applied, with the step, the players being trained and the pruning hook.
     """
     student, teacher = copy.deepcopy(generator), copy.deepcopy(generator)
     critic = copy.deepcopy(discriminator)
@@ -288,6 +305,8 @@ def compress_generator(
     names = prunable_weights(student, options.granularity, options.protect)
     pruning, hooks = _pruning_hooks(student, names, options)
     players = GANPlayers(student, critic)
+    if on_step is not None:
+        hooks.append(_OnStep(on_step, players, pruning))
     data = _real_batches(real)
     losses: list[float] = []
     if options.steps:
@@ -308,7 +327,7 @@ def compress_generator(
     masks = {w.name: pruning.record(w) for w in pruning.weights}
     student.requires_grad_(False)
     critic.requires_grad_(False)
-    return GANCompressionResult(student.eval(), critic.eval(), options.granularity, masks, losses)
+    return GANCompressionResult(student.eval(), critic.eval(), teacher, options.granularity, masks, losses)
 
 
 def train_gan(
@@ -365,13 +384,12 @@ def _pruning_hooks(
     pruning = GradualBlockPruning(weights, options.sparsity_schedule(), "magnitude")
     hooks: list[LoopHook] = [pruning]
     if options.granularity == "filter":
-        biases = {}
+        biases: dict[str, torch.Tensor] = {}
         for name in names:
-            module = student.get_submodule(name.rpartition(".")[0])
-            if getattr(module, "bias", None) is not None:
-                biases[name] = module.bias
-        filter_biases = _FilterBiases(pruning, biases)
-        hooks.append(filter_biases)
+            bias = getattr(student.get_submodule(name.rpartition(".")[0]), "bias", None)
+            if isinstance(bias, torch.Tensor):
+                biases[name] = bias
+        hooks.append(_FilterBiases(pruning, biases))
     return pruning, hooks
 
 
