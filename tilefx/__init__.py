@@ -31,11 +31,13 @@ from tilefx.passes.infra.errors import (
 if TYPE_CHECKING:
     from tilefx.passes.coverage import CoverageWarning
     from tilefx.passes.training.dcp import DCPOptions
+    from tilefx.passes.training.gan_compression import GANCompressionOptions
     from tilefx.passes.training.vrpge import VRPGEOptions
 
     from .api import compile, optimize
     from .capture import capture
     from .export_artifact import export
+    from .gan import compress_gan
     from .pipeline import default_pipeline
     from .recipe import (
         BlockPruning,
@@ -57,6 +59,7 @@ __all__ = [
     "CoverageWarning",
     "DCPOptions",
     "DirichletScaleMixture",
+    "GANCompressionOptions",
     "LoweringError",
     "OptimizeError",
     "PassError",
@@ -69,6 +72,7 @@ __all__ = [
     "VerificationError",
     "capture",
     "compile",
+    "compress_gan",
     "default_pipeline",
     "export",
     "optimize",
@@ -82,11 +86,13 @@ _TORCH_SIDE = {
     "CoverageWarning": "tilefx.passes.coverage",
     "DCPOptions": "tilefx.passes.training.dcp",
     "DirichletScaleMixture": "tilefx.recipe",
+    "GANCompressionOptions": "tilefx.passes.training.gan_compression",
     "Recipe": "tilefx.recipe",
     "Recovery": "tilefx.recipe",
     "VRPGEOptions": "tilefx.passes.training.vrpge",
     "capture": "tilefx.capture",
     "compile": "tilefx.api",
+    "compress_gan": "tilefx.gan",
     "default_pipeline": "tilefx.pipeline",
     "export": "tilefx.export_artifact",
     "optimize": "tilefx.api",

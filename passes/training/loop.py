@@ -87,6 +87,7 @@ class LoopOptions:
     progress: bool = True
     log_every: int = 50
     distributed: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's; GANs train with β₁ = 0.5
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.accumulate < 1 or self.checkpoint_every < 1 or self.log_every < 1:
@@ -390,7 +391,9 @@ def _optimizer(params: list[torch.Tensor], options: LoopOptions) -> torch.optim.
     fused = all(
         p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params
     )
-    return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay, fused=fused)
+    return torch.optim.AdamW(
+        params, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay, fused=fused
+    )
 
 
 def _lr_factor(options: LoopOptions) -> Callable[[int], float]:
