@@ -46,7 +46,7 @@ from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
 from .metadata import BlockSparsity, apply_masks, get_metadata, set_metadata
 from .prune_blocks import PruneBlocksPass
-from .training.calibration import Calibration
+from .training.calibration import Calibration, check_batch_shapes
 from .training.distill import DistillLoss, OutputLoss
 from .training.gradual_pruning import GradualBlockPruning, MaskedWeight, Score
 from .training.loop import LoopHook, LoopOptions, LoopResult, train
@@ -103,7 +103,7 @@ class RecoverSparsityPass(PassBase):
             )
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
-        _check_shapes(self.calibration, am.example_inputs)
+        check_batch_shapes(self.calibration, am.example_inputs, "recovery")
         _check_token_mask(self.token_mask, am.example_inputs)
         masked = self._masked_weights(gm)
         if not masked and self.loop.steps == 0:
@@ -256,17 +256,4 @@ def _check_token_mask(index: int | None, example_inputs: Sequence[Any]) -> None:
         raise RecipeError(
             f"token_mask={index} must be the position of a [batch, sequence] tensor among the "
             f"{len(flat)} flattened example inputs (a tokenizer's attention mask)"
-        )
-
-
-def _check_shapes(data: Calibration, example_inputs: Sequence[Any]) -> None:
-    first = next(iter(data), None)
-    if first is None:
-        raise RecipeError("recovery needs calibration batches, got none")
-    got = [tuple(t.shape) for t in pytree.tree_leaves(first[0]) if isinstance(t, torch.Tensor)]
-    want = [tuple(t.shape) for t in pytree.tree_leaves(tuple(example_inputs)) if isinstance(t, torch.Tensor)]
-    if got != want:
-        raise RecipeError(
-            f"calibration inputs have shapes {got} but the example inputs {want}: the captured graph "
-            "is static, so give batches shaped like the example inputs (same batch size and length)"
         )

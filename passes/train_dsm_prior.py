@@ -38,7 +38,7 @@ from .infra.errors import RecipeError
 from .infra.pass_base import Numerics, PassBase, PassResult
 from .infra.preconditions import require_aten_graph
 from .metadata import BlockSparsity, Metadata, apply_masks, get_metadata, set_metadata
-from .training.calibration import Calibration
+from .training.calibration import Calibration, check_batch_shapes
 from .training.dsm_prior import DSMPriorHook, DSMSettings, MapForm, magnitude_mask
 from .training.loop import LoopOptions, train
 
@@ -79,7 +79,7 @@ class TrainDSMPriorPass(PassBase):
         require_aten_graph(self.name, gm)
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
-        _check_batches(self.calibration, am.example_inputs)
+        check_batch_shapes(self.calibration, am.example_inputs, "DirichletScaleMixture")
         chosen = self.chosen(gm)
         trained = self._train(gm, chosen)
         pruned = self._prune(gm, chosen) if self.sparsity > 0 else False
@@ -154,20 +154,6 @@ class TrainDSMPriorPass(PassBase):
 def _recorded(metadata: Metadata, name: str, keep: torch.Tensor) -> bool:
     records = metadata.of(name, BlockSparsity)
     return bool(records) and records[-1].block == (1, 1) and torch.equal(records[-1].mask.cpu(), keep)
-
-
-def _check_batches(data: Calibration, example_inputs: Sequence[Any]) -> None:
-    """The captured graph is static: batch 0 must be labelled and shaped like the example inputs."""
-    first = next(iter(data), None)
-    if first is None:
-        raise RecipeError("DirichletScaleMixture needs calibration batches, got none")
-    got = [tuple(t.shape) for t in pytree.tree_leaves(first[0]) if isinstance(t, torch.Tensor)]
-    want = [tuple(t.shape) for t in pytree.tree_leaves(tuple(example_inputs)) if isinstance(t, torch.Tensor)]
-    if got != want:
-        raise RecipeError(
-            f"DirichletScaleMixture: calibration inputs have shapes {got} but the example inputs {want}; "
-            "the captured graph is static, so give batches shaped like the example inputs"
-        )
 
 
 def count_examples(data: Calibration) -> int:

@@ -17,7 +17,15 @@ import torch.utils._pytree as pytree
 
 from ..infra.errors import RecipeError
 
-__all__ = ["Batch", "Calibration", "LossFn", "as_calibration", "default_loss", "first_tensor"]
+__all__ = [
+    "Batch",
+    "Calibration",
+    "LossFn",
+    "as_calibration",
+    "check_batch_shapes",
+    "default_loss",
+    "first_tensor",
+]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 Batch = tuple[tuple[Any, ...], Any]
@@ -78,6 +86,20 @@ def as_calibration(data: Any, what: str) -> Calibration:
             f"{what}: calibration must be an iterable of (inputs, labels) batches, got {type(data).__name__}"
         )
     return Calibration(data)
+
+
+def check_batch_shapes(data: Calibration, example_inputs: Any, who: str) -> None:
+    """Training runs the captured (static-shape) graph: batch 0 must exist and match the example inputs."""
+    first = next(iter(data), None)
+    if first is None:
+        raise RecipeError(f"{who} needs calibration batches, got none")
+    got = [tuple(t.shape) for t in pytree.tree_leaves(first[0]) if isinstance(t, torch.Tensor)]
+    want = [tuple(t.shape) for t in pytree.tree_leaves(tuple(example_inputs)) if isinstance(t, torch.Tensor)]
+    if got != want:
+        raise RecipeError(
+            f"{who}: calibration inputs have shapes {got} but the example inputs {want}; the captured "
+            "graph is static, so give batches shaped like the example inputs (same batch size and length)"
+        )
 
 
 def _split(batch: Any, index: int) -> Batch:
