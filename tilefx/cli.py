@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import math
-import statistics
 import sys
 import time
 import tomllib
@@ -37,7 +35,7 @@ import tilefx
 import tilefx.report
 from tilefx import saved
 from tilefx.passes.infra import CaptureError, OptimizeError, RecipeError, TimingInstrument
-from tilefx.report import count_parameters, max_relative_error, pass_table
+from tilefx.report import count_parameters, interleaved_medians_ms, max_relative_error, pass_table
 
 __all__ = ["main"]
 
@@ -318,35 +316,12 @@ def _bench(args: argparse.Namespace) -> int:
             compiled = _compile_saved(args, result)
         steps.close()
         candidates["compiled"] = lambda: compiled(*inputs)
-    times = _interleaved(candidates, args.repeats, args.warmup, args.quiet)
+    times = interleaved_medians_ms(candidates, args.repeats, args.warmup, progress=not args.quiet)
     base = times.get("dense eager", times["optimized"])
     _say(args, f"{'model':<12} {'median ms':>10} {'speedup':>8}   ({args.repeats} interleaved runs each)")
     for name, ms in times.items():
         _say(args, f"{name:<12} {ms:>10.3f} {base / ms:>7.2f}x")
     return 0
-
-
-def _interleaved(
-    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int, quiet: bool
-) -> dict[str, float]:
-    """Median ms of each candidate, run round-robin so machine noise hits them all alike."""
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    with torch.no_grad():
-        for fn in candidates.values():
-            for _ in range(warmup):
-                fn()
-        for _ in tqdm(
-            range(repeats),
-            desc="bench",
-            disable=quiet or not sys.stderr.isatty(),
-            file=sys.stderr,
-            leave=False,
-        ):
-            for name, fn in candidates.items():
-                start = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) if values else math.nan for name, values in samples.items()}
 
 
 def _say(args: argparse.Namespace, text: str) -> None:

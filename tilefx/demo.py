@@ -21,7 +21,13 @@ import torch
 
 import tilefx
 from tilefx.passes.infra import TimingInstrument
-from tilefx.report import count_parameters, embedding_quality, max_relative_error, median_ms, pass_table
+from tilefx.report import (
+    count_parameters,
+    embedding_quality,
+    interleaved_medians_ms,
+    max_relative_error,
+    pass_table,
+)
 
 __all__ = ["main"]
 
@@ -84,8 +90,9 @@ def resnet50_demo() -> None:
     print("\nverified: BN folding exact against the model; channel pruning equal to the model with the")
     print("removed channels zeroed (both checked by the verification instrument after each pass)")
     print(f"parameters: {count_parameters(model):,} -> {count_parameters(optimized):,}")
-    dense, ours = median_ms(lambda: model(x)), median_ms(lambda: optimized(x))
-    print(f"eager latency (median of 20): {dense:.1f} ms -> {ours:.1f} ms ({dense / ours:.2f}x)")
+    times = interleaved_medians_ms({"dense": lambda: model(x), "ours": lambda: optimized(x)})
+    dense, ours = times["dense"], times["ours"]
+    print(f"eager latency (median of 20 interleaved): {dense:.1f} ms -> {ours:.1f} ms ({dense / ours:.2f}x)")
 
 
 def minilm_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8, steps: int = DEMO_STEPS) -> None:
@@ -142,14 +149,16 @@ def minilm_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8, steps: 
     dense = minilm.embed(minilm.model, held, count)
     before = embedding_quality(dense, minilm.embed(oneshot, held, count))
     after = embedding_quality(dense, minilm.embed(compiled, held, count))
-    dense_ms = median_ms(lambda: minilm.model(*inputs))
-    compiled_ms = median_ms(lambda: compiled(*inputs))
+    times = interleaved_medians_ms(
+        {"dense": lambda: minilm.model(*inputs), "compiled": lambda: compiled(*inputs)}
+    )
+    dense_ms, compiled_ms = times["dense"], times["compiled"]
     print(
         f"quality on {count} held-out sentences (vs dense): one-shot cosine {before[0]:.3f}, nearest-neighbour "
         f"agreement {before[1]:.0%}; recovered cosine {after[0]:.3f}, agreement {after[1]:.0%}"
     )
     print(
-        f"speed (median of 20, one batch of {inputs[0].shape[0]}x{inputs[0].shape[1]} tokens): dense torch "
+        f"speed (median of 20 interleaved, one batch of {inputs[0].shape[0]}x{inputs[0].shape[1]} tokens): dense torch "
         f"{dense_ms:.1f} ms, tilefx compiled {compiled_ms:.1f} ms ({dense_ms / compiled_ms:.2f}x vs dense)"
     )
     print(
@@ -191,11 +200,12 @@ def resnet18_blocks_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8
     with torch.no_grad():
         error = max_relative_error(compiled(x), pruned(x))
     print(f"verified: compiled vs pruned torch model, max relative error {error:.2e}")
-    dense_ms = median_ms(lambda: model(x))
-    pruned_ms = median_ms(lambda: pruned(x))
-    compiled_ms = median_ms(lambda: compiled(x))
+    times = interleaved_medians_ms(
+        {"dense": lambda: model(x), "pruned": lambda: pruned(x), "compiled": lambda: compiled(x)}
+    )
+    dense_ms, pruned_ms, compiled_ms = times["dense"], times["pruned"], times["compiled"]
     print(
-        f"latency (median of 20, batch 1, 224x224): dense torch {dense_ms:.1f} ms, pruned torch {pruned_ms:.1f} ms, "
+        f"latency (median of 20 interleaved, batch 1, 224x224): dense torch {dense_ms:.1f} ms, pruned torch {pruned_ms:.1f} ms, "
         f"tilefx compiled {compiled_ms:.1f} ms ({dense_ms / compiled_ms:.2f}x vs dense)"
     )
 
