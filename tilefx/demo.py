@@ -32,7 +32,7 @@ from tilefx.report import (
 __all__ = ["main"]
 
 # Recovery budget of the demo (a few minutes on 2 cores); benchmarks/recovery.py runs the full one.
-DEMO_STEPS = 400
+DEMO_STEPS = 800
 FULL_STEPS = 2700  # ~15 minutes of recovery on 2 quiet cores (0.33 s a step)
 
 
