@@ -72,6 +72,8 @@ def recipe(
     recovery = tilefx.Recovery(
         steps=steps,
         lr=args.lr,
+        schedule=args.schedule,
+        reconstruct=args.reconstruct,
         distill=args.distill,
         output_loss=args.output_loss,
         score=args.score,
@@ -196,6 +198,13 @@ def parse() -> argparse.Namespace:
     budget.add_argument("--steps", type=int, default=None, help="optimiser steps per row")
     budget.add_argument("--minutes", type=float, default=None, help="recovery wall time per row")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--schedule", default="gradual", choices=["gradual", "oneshot"])
+    parser.add_argument(
+        "--reconstruct",
+        type=int,
+        default=0,
+        help="calibration batches for layer-wise reconstruction (oneshot)",
+    )
     parser.add_argument("--distill", default="hidden", choices=["output", "hidden"])
     parser.add_argument("--output-loss", default="pooled", choices=["cosine", "pooled", "mse", "kl"])
     parser.add_argument("--hidden-taps", default="norms", choices=["inputs", "outputs", "norms"])

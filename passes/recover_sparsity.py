@@ -17,6 +17,9 @@ teacher (Zhu & Gupta 2017; nn_pruning; oBERT); this pass does the same inside th
    Gupta's cubic ramp over the first ``ramp`` of the steps, re-selected every ``every`` steps
    from the current weights, see :mod:`.training.gradual_pruning`) and are re-applied after every
    optimiser step; sparsity records already in the metadata (an earlier pass's) are held too;
+   With ``reconstruct=N`` (one-shot only) the masks are instead chosen, and the kept weights
+   refit, layer by layer on N calibration batches before training (:mod:`.training.reconstruct`):
+   training then starts from a model that already matches the dense one layer by layer;
 4. the final masks are recorded as :class:`BlockSparsity` exactly as ``PruneBlocksPass`` records
    them, so lowering is unchanged.
 
@@ -49,7 +52,8 @@ from .prune_blocks import PruneBlocksPass
 from .training.calibration import Calibration, check_batch_shapes
 from .training.distill import DistillLoss, OutputLoss
 from .training.gradual_pruning import GradualBlockPruning, MaskedWeight, Score
-from .training.loop import LoopHook, LoopOptions, LoopResult, train
+from .training.loop import LoopHook, LoopOptions, LoopResult, checkpoint_path, train
+from .training.reconstruct import reconstruct
 from .training.sparsity_schedule import SparsitySchedule
 from .training.taps import Tapped
 
@@ -88,6 +92,7 @@ class RecoverSparsityPass(PassBase):
     hidden_taps: HiddenTaps = "norms"
     token_mask: int | None = None
     trainable: Literal["all", "layers"] = "all"
+    reconstruct: int = 0
     selection: LayerSelection = field(default_factory=LayerSelection)
 
     numerics: ClassVar[Numerics] = "masked"
@@ -95,6 +100,11 @@ class RecoverSparsityPass(PassBase):
     def __post_init__(self) -> None:
         if not 0 <= self.ramp <= 1 or self.every < 1:
             raise RecipeError(f"RecoverSparsityPass: ramp in [0, 1] and every >= 1 needed, got {self}")
+        if self.reconstruct and (self.schedule != "oneshot" or self.block is None):
+            raise RecipeError(
+                "RecoverSparsityPass: reconstruct prunes every layer to its target before training, "
+                f'so it needs schedule="oneshot" and a block; got schedule={self.schedule!r}, block={self.block}'
+            )
         if self.block is not None:
             PruneBlocksPass(self.block, self.sparsity, self.selection)  # validates block and sparsity
         if self.hidden_taps not in ("inputs", "outputs", "norms"):
@@ -110,6 +120,18 @@ class RecoverSparsityPass(PassBase):
             return PassResult(gm, False)
         teacher = copy.deepcopy(gm).requires_grad_(False)
         pruning = GradualBlockPruning(masked, self._schedule(), self.score)
+        if self.reconstruct and not self._resuming():
+            keep = reconstruct(
+                gm,
+                teacher,
+                masked,
+                self.calibration,
+                self.reconstruct,
+                self.token_mask,
+                progress=self.loop.progress,
+            )
+            pruning.start_from(keep)
+            log.info("RecoverSparsityPass: reconstructed %d of %d pruned layers", len(keep), len(masked))
         hooks: list[LoopHook] = [pruning, _HeldSparsity(gm)]
         result = self._train(gm, teacher, hooks) if self.loop.steps else None
         pruning.finish()
@@ -128,6 +150,11 @@ class RecoverSparsityPass(PassBase):
     ) -> torch.fx.GraphModule:
         """The pass's own output with its recorded sparsity applied (trained weights are new)."""
         return apply_masks(copy.deepcopy(after), after)
+
+    def _resuming(self) -> bool:
+        """A checkpoint will overwrite the weights and masks: reconstructing first would be wasted."""
+        path = checkpoint_path(self.loop)
+        return self.loop.steps > 0 and path is not None and path.exists()
 
     def _schedule(self) -> SparsitySchedule:
         end = round(self.ramp * self.loop.steps) if self.schedule == "gradual" else 0

@@ -174,6 +174,7 @@ def _recovery_pipeline(recipe: Recipe, recovery: Recovery, calibration: Any) -> 
             trainable=recovery.trainable,
             hidden_taps=recovery.hidden_taps,
             token_mask=recovery.token_mask,
+            reconstruct=recovery.reconstruct,
         )
     )
     return passes

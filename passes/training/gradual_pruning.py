@@ -104,6 +104,15 @@ class GradualBlockPruning(LoopHook):
             self.current[w.name] = sparsities[w.name]
         self.apply()
 
+    def start_from(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Take ``masks`` (block keep-masks at each weight's final target, e.g. from layer-wise
+        reconstruction) as already pruned; a later re-selection keeps them (dropped ranks first)."""
+        for name, keep in masks.items():
+            self.masks[name] = keep.to(self.masks[name].device, torch.bool)
+            self.elements.pop(name, None)
+            self.current[name] = next(w.sparsity for w in self.weights if w.name == name)
+        self.apply()
+
     def finish(self) -> None:
         """Bring every mask to its final target (a run shorter than the schedule's ramp)."""
         if any(self.current[w.name] != w.sparsity for w in self.weights):

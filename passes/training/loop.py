@@ -46,6 +46,7 @@ __all__ = [
     "LoopResult",
     "Objective",
     "broadcast_from_rank0",
+    "checkpoint_path",
     "is_main_process",
     "train",
 ]
@@ -151,6 +152,11 @@ class LoopResult:
     resumed_from: int | None = None
 
 
+def checkpoint_path(options: LoopOptions) -> Path | None:
+    """Where a run with ``options`` saves and resumes (None: no checkpoints)."""
+    return Path(options.checkpoint_dir) / CHECKPOINT_NAME if options.checkpoint_dir else None
+
+
 def is_main_process() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
@@ -219,7 +225,7 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(options))
         self.stream = _BatchStream(data, options.seed, options.shuffle)
         self.device = params[0].device
-        self.checkpoint = Path(options.checkpoint_dir) / CHECKPOINT_NAME if options.checkpoint_dir else None
+        self.checkpoint = checkpoint_path(options)
 
     def run(self) -> LoopResult:
         start = self._resume()

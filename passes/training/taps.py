@@ -32,21 +32,33 @@ class Tapped:
     instead of computing them: everything only they needed is dropped from the graph. A method
     that re-runs the tail of a network many times on a fixed prefix (DCP's per-layer selection)
     computes the prefix once.
+
+    ``outputs=False`` returns the taps alone and drops everything they do not need: the graph
+    runs only as far as its taps (layer-wise reconstruction reads one layer's input at a time).
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, taps: Sequence[str] = (), cut: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        taps: Sequence[str] = (),
+        cut: Sequence[str] = (),
+        outputs: bool = True,
+    ) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}
         missing = [t for t in (*taps, *cut) if t not in nodes]
         if missing:
             raise VerificationError(f"cannot tap or cut nodes {missing}: not in the graph")
         graph = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
-        outputs = graph.graph_copy(gm.graph, env)
-        graph.output((*pytree.tree_leaves(outputs), *(env[nodes[t]] for t in taps)))
+        copied = pytree.tree_leaves(graph.graph_copy(gm.graph, env))
+        model_outputs = copied if outputs else []
+        graph.output((*model_outputs, *(env[nodes[t]] for t in taps)))
         _cut(graph, [env[nodes[c]] for c in cut])
+        if not outputs:
+            graph.eliminate_dead_code()
         self.module = torch.fx.GraphModule(gm, graph)
         self.taps = tuple(taps)
-        self._outputs = len(pytree.tree_leaves(outputs))
+        self._outputs = len(model_outputs)
 
     def __call__(
         self,

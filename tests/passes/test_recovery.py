@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import tilefx
+from tilefx.passes import recover_sparsity
 from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.metadata import BlockSparsity, get_metadata
 from tilefx.passes.training import loop as loop_module
@@ -141,9 +142,16 @@ def test_distilling_from_an_unpruned_copy_starts_at_zero_loss() -> None:
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def test_resume_from_a_checkpoint_gives_the_same_final_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "start", [{}, {"schedule": "oneshot", "reconstruct": 3}], ids=["gradual", "reconstructed"]
+)
+def test_resume_from_a_checkpoint_gives_the_same_final_weights(
+    tmp_path: Path, start: dict[str, object]
+) -> None:
     model, x, data = MLP(), torch.randn(8, 16), _batches(False)
-    whole = tilefx.optimize(model, (x,), _recipe(checkpoint_dir=str(tmp_path / "a")), calibration=data)
+    whole = tilefx.optimize(
+        model, (x,), _recipe(checkpoint_dir=str(tmp_path / "a"), **start), calibration=data
+    )
 
     class Killed(Exception):
         pass
@@ -155,13 +163,15 @@ def test_resume_from_a_checkpoint_gives_the_same_final_weights(tmp_path: Path) -
             raise Killed
         return original(self, step, *args)  # type: ignore[arg-type]
 
-    resumed_recipe = _recipe(checkpoint_dir=str(tmp_path / "b"), checkpoint_every=3)
+    resumed_recipe = _recipe(checkpoint_dir=str(tmp_path / "b"), checkpoint_every=3, **start)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop_module._Run, "_step", dies_at_step_7)
         with pytest.raises(tilefx.PassError):
             tilefx.optimize(model, (x,), resumed_recipe, calibration=data)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 6
-    resumed = tilefx.optimize(model, (x,), resumed_recipe, calibration=data)
+    with pytest.MonkeyPatch.context() as patch:  # the checkpoint holds the weights: no second refit
+        patch.setattr(recover_sparsity, "reconstruct", lambda *a, **k: pytest.fail("reconstructed again"))
+        resumed = tilefx.optimize(model, (x,), resumed_recipe, calibration=data)
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert all(torch.equal(_pruned(whole)[n].mask, r.mask) for n, r in _pruned(resumed).items())
