@@ -55,7 +55,7 @@ class Tapped:
         graph.output((*model_outputs, *(env[nodes[t]] for t in taps)))
         _cut(graph, [env[nodes[c]] for c in cut])
         if not outputs:
-            graph.eliminate_dead_code()
+            _keep_only_what_the_output_needs(graph)
         self.module = torch.fx.GraphModule(gm, graph)
         self.taps = tuple(taps)
         self._outputs = len(model_outputs)
@@ -84,3 +84,21 @@ def _cut(graph: torch.fx.Graph, nodes: Sequence[torch.fx.Node]) -> None:
         node.replace_all_uses_with(given)
         last = [given]
     graph.eliminate_dead_code()
+
+
+def _keep_only_what_the_output_needs(graph: torch.fx.Graph) -> None:
+    """Erase every node the output does not depend on (placeholders stay, the signature is kept).
+
+    Unlike ``eliminate_dead_code`` this also drops nodes fx deems impure (an exported graph's
+    ``dropout`` at the end of a model would otherwise keep the whole model alive).
+    """
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    needed, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    for node in reversed(list(graph.nodes)):
+        if node not in needed and node.op != "placeholder":
+            graph.erase_node(node)
