@@ -1,8 +1,9 @@
 """`make demo`: the main job end to end on real models, printing what each stage did.
 
 1. all-MiniLM-L6-v2 with its real pretrained weights (the bundled real model): TETRIS-reordered
-   block pruning of every linear layer while distilling from the dense model on offline English
-   text (a short budget), verified; lowered to TVM block-sparse kernels called from torch,
+   block pruning of every linear layer, each layer refit by least squares to the dense one on
+   calibration text, then distilled from the dense model on offline English text (a short budget),
+   verified; lowered to TVM block-sparse kernels called from torch,
    verified again; held-out sentence-embedding quality and latency against the dense model.
 2. torchvision ResNet-18: TETRIS + block pruning of every conv, lowered to TVM block-sparse conv
    kernels where they measure faster, verified, latency against dense torch.
@@ -32,19 +33,23 @@ from tilefx.report import (
 __all__ = ["main"]
 
 # Recovery budget of the demo (a few minutes on 2 cores); benchmarks/recovery.py runs the full one.
-DEMO_STEPS = 800
-FULL_STEPS = 2700  # ~15 minutes of recovery on 2 quiet cores (0.33 s a step)
+DEMO_STEPS = 600
+FULL_STEPS = 2200  # ~15 minutes of recovery on 2 quiet cores (0.36 s a step, after ~2 min of reconstruction)
+RECONSTRUCT_BATCHES = 32
 
 
 def minilm_recovery(steps: int) -> tilefx.Recovery:
-    """What measured best on MiniLM (benchmarks/results/recovery_minilm_16x1_80_full.md): match the
-    residual stream (every layer norm's output) and the mean-pooled sentence embedding, with padding
-    left out of the loss (the attention mask is input 1), at a constant learning rate."""
+    """What measured best on MiniLM (docs/recovery.md): prune every layer at once and refit what it
+    keeps by least squares on 32 calibration batches (layer-wise reconstruction), then distil the
+    residual stream (every layer norm's output) and the mean-pooled sentence embedding, padding left
+    out of the loss (the attention mask is input 1), lr 1e-3 decaying linearly to 0."""
     return tilefx.Recovery(
         steps=steps,
-        lr=3e-4,
+        lr=1e-3,
+        schedule="oneshot",
+        reconstruct=RECONSTRUCT_BATCHES,
         warmup=0.0,
-        decay="constant",
+        decay="linear",
         output_loss="pooled",
         hidden_taps="norms",
         token_mask=1,
@@ -102,7 +107,7 @@ def minilm_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8, steps: 
 
     _section(
         f"all-MiniLM-L6-v2 (real weights): TETRIS + {block[0]}x{block[1]} blocks at {sparsity:.0%}, "
-        f"recovered by distillation, -> TVM kernels"
+        f"reconstructed and distilled, -> TVM kernels"
     )
     minilm = load_minilm()
     training, held_out = english_sentences()
@@ -116,7 +121,7 @@ def minilm_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8, steps: 
     blocks = tilefx.BlockPruning(block=block, sparsity=sparsity)
     start = time.perf_counter()
     oneshot = tilefx.optimize(minilm.model, inputs, tilefx.Recipe(blocks=blocks))
-    print(f"one-shot pruning (no training): {time.perf_counter() - start:.1f} s")
+    print(f"one-shot magnitude pruning (no data, no training): {time.perf_counter() - start:.1f} s")
     recipe = tilefx.Recipe(blocks=blocks, recovery=minilm_recovery(steps))
     timing = TimingInstrument()
     start = time.perf_counter()
@@ -170,7 +175,8 @@ def minilm_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8, steps: 
         f"this demo recovers for a short budget ({steps} steps); for the full one ({FULL_STEPS} steps, about 15 "
         "minutes on 2 cores) run\n"
         f"  .venv/bin/python benchmarks/recovery.py --blocks {block[0]}x{block[1]} --sparsities {sparsity} "
-        f"--reorders tetris --steps {FULL_STEPS} --warmup 0 --decay constant"
+        f"--reorders tetris --steps {FULL_STEPS} --lr 1e-3 --warmup 0 --decay linear --schedule oneshot "
+        f"--reconstruct {RECONSTRUCT_BATCHES}"
     )
 
 
