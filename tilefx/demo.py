@@ -34,7 +34,7 @@ __all__ = ["main"]
 
 # Recovery budget of the demo (a few minutes on 2 cores); benchmarks/recovery.py runs the full one.
 DEMO_STEPS = 600
-FULL_STEPS = 2200  # ~15 minutes of recovery on 2 quiet cores (0.36 s a step, after ~2 min of reconstruction)
+FULL_STEPS = 2200  # ~14.5 minutes of recovery on 2 quiet cores (0.33 s a step after ~70 s of reconstruction)
 RECONSTRUCT_BATCHES = 32
 
 
