@@ -74,6 +74,15 @@ class WeightLayer:
         return arg
 
     @property
+    def conv_geometry(self) -> tuple[object, object, object]:
+        """A conv's ``(stride, padding, dilation)`` as the node gives them (aten.conv2d's defaults
+        when absent)."""
+        return tuple(
+            _arg(self.node, i, name, d)
+            for i, name, d in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))
+        )  # type: ignore[return-value]
+
+    @property
     def bias(self) -> torch.fx.Node | None:
         """The bias node (addmm's added term, a linear's / conv's bias), None without one."""
         arg = self.node.args[0] if self.node.target == _ADDMM else _arg(self.node, 2, "bias", None)

@@ -27,7 +27,7 @@ from ..metadata import BlockSparsity, matrix_view
 from .loop import LoopHook, broadcast_from_rank0
 from .sparsity_schedule import SparsitySchedule
 
-__all__ = ["GradualBlockPruning", "MaskedWeight"]
+__all__ = ["GradualBlockPruning", "MaskedWeight", "lowest_block_mask"]
 
 Score = Literal["magnitude", "movement"]
 
@@ -137,16 +137,25 @@ class GradualBlockPruning(LoopHook):
         return dropped / max(total, 1)
 
     def _select(self, w: MaskedWeight, sparsity: float) -> torch.Tensor:
-        rows, cols = w.block
         source = self.movement.get(w.name)
         values = matrix_view(w.weight.detach()).abs().double() if source is None else source
-        out, rest = values.shape
-        scores = values.reshape(out // rows, rows, rest // cols, cols).sum((1, 3)).flatten()
-        scores = scores.masked_fill(~self.masks[w.name].flatten(), -math.inf)  # dropped stays dropped
-        count = num_pruned_blocks(scores.numel(), sparsity)
-        keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-        keep[torch.argsort(scores, stable=True)[:count]] = False
-        return keep.reshape(self.masks[w.name].shape)
+        return lowest_block_mask(values, w.block, sparsity, kept=self.masks[w.name])
+
+
+def lowest_block_mask(
+    values: torch.Tensor, block: tuple[int, int], sparsity: float, kept: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keep-mask over the block grid of a ``[out, rest]`` score matrix: the ``floor(sparsity ·
+    #blocks)`` blocks of lowest summed score dropped, ties to the lowest flat index. Blocks that
+    ``kept`` (a previous keep-mask) already drops rank first, so masks only grow."""
+    rows, cols = block
+    out, rest = values.shape
+    scores = values.reshape(out // rows, rows, rest // cols, cols).sum((1, 3)).flatten()
+    if kept is not None:
+        scores = scores.masked_fill(~kept.flatten(), -math.inf)
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[torch.argsort(scores, stable=True)[: num_pruned_blocks(scores.numel(), sparsity)]] = False
+    return keep.reshape(out // rows, rest // cols)
 
 
 def _grid(w: MaskedWeight) -> torch.Tensor:

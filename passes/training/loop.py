@@ -48,6 +48,7 @@ __all__ = [
     "broadcast_from_rank0",
     "checkpoint_path",
     "is_main_process",
+    "show_progress",
     "train",
 ]
 
@@ -157,6 +158,11 @@ def checkpoint_path(options: LoopOptions) -> Path | None:
     return Path(options.checkpoint_dir) / CHECKPOINT_NAME if options.checkpoint_dir else None
 
 
+def show_progress(enabled: bool) -> bool:
+    """Draw a tqdm bar: asked for, stderr is a terminal, and this is rank 0."""
+    return enabled and sys.stderr.isatty() and is_main_process()
+
+
 def is_main_process() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
@@ -235,7 +241,7 @@ class _Run:
         bar = tqdm(
             total=self.options.steps,
             initial=start,
-            disable=not (self.options.progress and sys.stderr.isatty() and is_main_process()),
+            disable=not show_progress(self.options.progress),
             desc="recovery",
             dynamic_ncols=True,
         )

@@ -25,22 +25,21 @@ caller's magnitude selection. Rows are tokens: with a token mask, padding positi
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from itertools import islice
 
 import torch
 import torch.fx
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from tqdm import tqdm
 
-from ..analysis.block_selection import num_pruned_blocks
 from ..analysis.weight_layers import WeightLayer, weight_layers
 from ..graph_utils import param_node
 from ..metadata import matrix_view
 from .calibration import Calibration
-from .gradual_pruning import MaskedWeight
-from .loop import broadcast_from_rank0, is_main_process
+from .gradual_pruning import MaskedWeight, lowest_block_mask
+from .loop import broadcast_from_rank0, show_progress
 from .taps import Tapped
 
 __all__ = ["reconstruct"]
@@ -74,15 +73,14 @@ def reconstruct(
     bar = tqdm(
         sorted(groups.items(), key=lambda item: order[item[0]]),
         desc="reconstruct",
-        disable=not (progress and sys.stderr.isatty() and is_main_process()),
+        disable=not show_progress(progress),
         dynamic_ncols=True,
     )
     for node, group in bar:
-        layer = group[0][1]
         h_ss, h_sd = _grams(
             Tapped(student, [node], outputs=False),
             Tapped(teacher, [node], outputs=False),
-            layer,
+            group[0][1],  # the group's layers read the same input
             data_batches,
             token_mask,
         )
@@ -107,22 +105,19 @@ def _grams(
     rows = 0
     with torch.no_grad():
         for inputs in batches:
-            mask = None if token_mask is None else torch.utils._pytree.tree_leaves(tuple(inputs))[token_mask]
+            mask = None if token_mask is None else pytree.tree_leaves(tuple(inputs))[token_mask]
             x_s = _rows(student(inputs)[1][0], layer, mask)
             x_d = _rows(teacher(inputs)[1][0], layer, mask)
             h_ss = h_ss + x_s.T @ x_s
             h_sd = h_sd + x_s.T @ x_d
             rows += x_s.shape[0]
-    for h in (h_ss, h_sd):
-        broadcast_from_rank0(h)
     return h_ss / max(rows, 1), h_sd / max(rows, 1)
 
 
 def _rows(x: torch.Tensor, layer: WeightLayer, mask: torch.Tensor | None) -> torch.Tensor:
     """The layer's input as a ``[rows, matrix-view columns (+1)]`` float64 matrix."""
     if layer.kind == "conv":
-        args = layer.node.args
-        stride, padding, dilation = (args[i] if len(args) > i else d for i, d in ((3, 1), (4, 0), (5, 1)))
+        stride, padding, dilation = layer.conv_geometry
         x = F.unfold(x, layer.shape[2:], dilation=dilation, padding=padding, stride=stride)  # type: ignore[arg-type]
         x = x.transpose(1, 2)  # [N, L, C·kh·kw]
     elif mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
@@ -176,10 +171,4 @@ def _refit(
 def _select(weight: torch.Tensor, h: torch.Tensor, block: tuple[int, int], sparsity: float) -> torch.Tensor:
     """Block keep-mask: the ``floor(sparsity · #blocks)`` blocks of lowest summed OBS saliency dropped."""
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    saliency = weight.pow(2) / u.diagonal().pow(2)
-    out, columns = weight.shape
-    rows, cols = block
-    scores = saliency.reshape(out // rows, rows, columns // cols, cols).sum((1, 3)).flatten()
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
-    keep[torch.argsort(scores, stable=True)[: num_pruned_blocks(scores.numel(), sparsity)]] = False
-    return keep.reshape(out // rows, columns // cols)
+    return lowest_block_mask(weight.pow(2) / u.diagonal().pow(2), block, sparsity)

@@ -19,6 +19,7 @@ from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.gradual_pruning import MaskedWeight
 from tilefx.passes.training.loop import LoopOptions
 from tilefx.passes.training.reconstruct import reconstruct
+from tilefx.passes.training.taps import Tapped
 
 
 class Net(nn.Module):
@@ -100,8 +101,6 @@ def test_the_refit_is_the_least_squares_optimum_of_each_layer(param: str) -> Non
 def _node_values(
     gm: torch.fx.GraphModule, name: str, data: list[tuple[tuple[torch.Tensor], None]]
 ) -> list[torch.Tensor]:
-    from tilefx.passes.training.taps import Tapped
-
     tapped = Tapped(gm, [name], outputs=False)
     with torch.no_grad():
         return [tapped(inputs)[1][0] for inputs, _ in data]
