@@ -33,11 +33,11 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m exhaustive -n $(TEST_JOBS) --dist loadgroup --durations=15
 
 lint: $(STAMP)
-	$(PY) -m ruff check tilefx passes lowering runtime tests benchmarks
-	$(PY) -m ruff format --check tilefx passes lowering runtime tests benchmarks
+	$(PY) -m ruff check tilefx tests benchmarks
+	$(PY) -m ruff format --check tilefx tests benchmarks
 
 typecheck: $(STAMP)
-	$(PY) -m mypy tilefx passes lowering runtime
+	$(PY) -m mypy tilefx
 
 bench: $(STAMP)
 	$(PY) benchmarks/kernel_speed.py

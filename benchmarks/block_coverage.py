@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import channel_coverage  # noqa: E402
 
 import tilefx  # noqa: E402
+from tilefx.errors import LoweringError  # noqa: E402
 from tilefx.lowering.plan import plan_graph  # noqa: E402
 from tilefx.passes.analysis.weight_layers import WeightLayer, weight_layers  # noqa: E402
-from tilefx.passes.infra.errors import LoweringError  # noqa: E402
 from tilefx.passes.metadata import BlockSparsity, get_metadata  # noqa: E402
 
 BLOCK = (16, 1)

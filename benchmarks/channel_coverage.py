@@ -123,7 +123,7 @@ def error_row(exc: BaseException) -> dict[str, Any]:
 def run_tilefx(model: nn.Module, inputs: tuple[Any, ...], reference: torch.Tensor) -> dict[str, Any]:
     """Capture once (timed with the channel-groups analysis: tilefx's dependency graph), then
     optimize the captured graph densely (BN folded: the params baseline) and at each ratio."""
-    from tilefx.capture import capture
+    from tilefx.graph_capture import capture
     from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
     from tilefx.passes.infra.analysis_manager import AnalysisManager
 

@@ -55,9 +55,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tilefx.errors import RecipeError
 from tilefx.passes.analysis.block_selection import block_sums, lowest_blocks
 from tilefx.passes.analysis.tetris import BEST, FAITHFUL, FAST, TetrisResult, tetris_weight
-from tilefx.passes.infra.errors import RecipeError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tetris_experiments import assignment_weight, refined_weight  # noqa: E402

@@ -27,7 +27,7 @@ import torch.fx
 
 import tilefx
 from tests.random_models import Attention, Concat, Layer, ModelSpec, Residual, Split, build
-from tilefx.capture import capture
+from tilefx.graph_capture import capture
 from tilefx.lowering.build import lowering_choices
 from tilefx.lowering.plan import plan_graph
 from tilefx.passes.analysis.block_selection import block_sums

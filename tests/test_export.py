@@ -207,7 +207,7 @@ def test_a_bad_artifact_fails_the_same_without_torch(artifact: Path) -> None:
         NO_TORCH
         + f"""
 import tilefx.runtime
-from tilefx.passes.infra.errors import ArtifactError, OptimizeError
+from tilefx.errors import ArtifactError, OptimizeError
 try:
     tilefx.runtime.load({str(artifact)!r})
 except ArtifactError as exc:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import importlib
 import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from tilefx._version import __version__ as __version__
-from tilefx.passes.infra.errors import (
+from tilefx.errors import (
     ArtifactError,
     ArtifactInputError,
     CaptureError,
@@ -35,9 +34,9 @@ if TYPE_CHECKING:
     from tilefx.passes.training.vrpge import VRPGEOptions
 
     from .api import compile, optimize
-    from .capture import capture
     from .export_artifact import export
     from .gan import compress_gan
+    from .graph_capture import capture
     from .pipeline import default_pipeline
     from .recipe import (
         BlockPruning,
@@ -90,7 +89,7 @@ _TORCH_SIDE = {
     "Recipe": "tilefx.recipe",
     "Recovery": "tilefx.recipe",
     "VRPGEOptions": "tilefx.passes.training.vrpge",
-    "capture": "tilefx.capture",
+    "capture": "tilefx.graph_capture",
     "compile": "tilefx.api",
     "compress_gan": "tilefx.gan",
     "default_pipeline": "tilefx.pipeline",
@@ -110,23 +109,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_TORCH_SIDE))
-
-
-class _Package(types.ModuleType):
-    """``tilefx.capture`` stays the function when its same-named module is imported.
-
-    Importing ``tilefx.capture`` (the module, as ``tilefx.api`` does) ends with the import system
-    setting the package attribute to that module; an eager ``from .capture import capture`` used
-    to rebind it afterwards, which a lazy package cannot do.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _TORCH_SIDE.get(name) == value.__name__:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 # backend="tilefx" for torch.compile where the entry point is not installed (an editable checkout).

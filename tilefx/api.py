@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.fx
 
+from tilefx.errors import LoweringError, PreconditionError, RecipeError
 from tilefx.lowering.fallback import FALLBACKS
 from tilefx.passes.analysis.detect_blocks import DetectBlocksPass, has_sparsity_records
 from tilefx.passes.coverage import CoverageWarning, warn_coverage
-from tilefx.passes.infra.errors import LoweringError, PreconditionError, RecipeError
 from tilefx.passes.infra.instruments import Instrument, TimingInstrument
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.infra.pass_base import PassBase
@@ -27,7 +27,7 @@ from tilefx.passes.infra.preconditions import require_aten_graph
 from tilefx.passes.metadata import get_metadata, set_metadata
 from tilefx.passes.training.calibration import Calibration
 
-from .capture import capture, check_capturable, check_finite
+from .graph_capture import capture, check_capturable, check_finite
 from .pipeline import default_pipeline
 from .recipe import Recipe
 from .report_html import write_report

@@ -34,7 +34,8 @@ from tqdm import tqdm
 import tilefx
 import tilefx.report
 from tilefx import saved
-from tilefx.passes.infra import CaptureError, OptimizeError, RecipeError, TimingInstrument
+from tilefx.errors import CaptureError, OptimizeError, RecipeError
+from tilefx.passes.infra import TimingInstrument
 from tilefx.report import count_parameters, interleaved_medians_ms, max_relative_error, pass_table
 
 __all__ = ["main"]

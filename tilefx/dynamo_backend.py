@@ -26,8 +26,8 @@ import torch
 import torch.fx
 from torch._dynamo.backends import registry
 
+from tilefx.errors import RecipeError
 from tilefx.passes.coverage import CoverageWarning
-from tilefx.passes.infra.errors import RecipeError
 
 from .api import compile, optimize
 from .recipe import Recipe

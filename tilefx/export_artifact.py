@@ -25,7 +25,7 @@ import torch
 import torch.fx
 
 from tilefx._version import __version__
-from tilefx.passes.infra.errors import LoweringError, VerificationError
+from tilefx.errors import LoweringError, VerificationError
 from tilefx.runtime import artifact as runtime_artifact
 from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear
 

@@ -31,7 +31,7 @@ from tilefx.passes.training.gan_compression import (
     compress_generator,
 )
 
-from .capture import capture
+from .graph_capture import capture
 
 __all__ = ["CompressedGAN", "compress_gan", "generator_graph"]
 

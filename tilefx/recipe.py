@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from tilefx.passes.infra.errors import RecipeError
+from tilefx.errors import RecipeError
 from tilefx.passes.training.dcp import DCPOptions, SGDOptions
 from tilefx.passes.training.dsm_prior import DSMSettings
 from tilefx.passes.training.loop import LoopOptions

@@ -36,7 +36,7 @@ from tilefx.passes.metadata import (
     set_metadata,
 )
 
-from .capture import capture
+from .graph_capture import capture
 
 __all__ = ["LayerRow", "layer_rows", "max_relative_error", "write_report"]
 

@@ -23,7 +23,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from tilefx.passes.infra.errors import CaptureError
+from tilefx.errors import CaptureError
 from tilefx.passes.infra.instruments import PassTiming
 from tilefx.passes.metadata import Metadata, get_metadata, set_metadata
 

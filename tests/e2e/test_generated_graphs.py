@@ -30,7 +30,7 @@ from tests.random_models import (
     Split,
     model_specs,
 )
-from tilefx.passes.infra import VerificationError
+from tilefx.errors import VerificationError
 
 _SAMPLE = settings(
     derandomize=True,

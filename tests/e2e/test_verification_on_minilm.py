@@ -22,9 +22,10 @@ import torch.nn.functional as F
 import tilefx
 from tests.graph_properties import Ran
 from tests.random_models import Act, Linear, ModelSpec, build
-from tilefx.capture import capture
+from tilefx.errors import VerificationError
+from tilefx.graph_capture import capture
 from tilefx.passes.graph_utils import attr_tensor, set_attr_tensor
-from tilefx.passes.infra import AnalysisManager, PassBase, PassManager, PassResult, VerificationError
+from tilefx.passes.infra import AnalysisManager, PassBase, PassManager, PassResult
 from tilefx.passes.training.calibration import Calibration, first_tensor
 from tilefx.zoo import SENTENCES, MiniLM, load_minilm
 

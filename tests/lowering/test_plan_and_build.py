@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import tilefx
+from tilefx.errors import LoweringError
 from tilefx.lowering import build as build_mod
 from tilefx.lowering import compat, openmp_launch
 from tilefx.lowering.build import KernelCache, compile_graph, lowering_choices
 from tilefx.lowering.fallback import LayerChoice, choose, interleaved_times
 from tilefx.lowering.plan import plan_graph
-from tilefx.passes.infra.errors import LoweringError
 from tilefx.passes.metadata import BlockSparsity, Metadata, apply_masks, set_metadata
 from tilefx.runtime.layout import token_pitch
 from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear, _transposed_storage

@@ -8,9 +8,9 @@ import torch.nn as nn
 
 import tilefx
 from tests.models import Informative, informative_data, randomize_bn
+from tilefx.errors import RecipeError
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
-from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.metadata import ChannelSelection, get_metadata
 from tilefx.passes.prune_channels import PruneChannelsPass
 from tilefx.pipeline import default_pipeline

@@ -13,9 +13,9 @@ import torch.nn as nn
 import tilefx
 from tests.models import Informative, informative_data
 from tests.passes.chain_groups import chain_groups
-from tilefx.capture import capture
+from tilefx.errors import RecipeError
+from tilefx.graph_capture import capture
 from tilefx.passes.analysis.importance import CriterionOptions, score_groups
-from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.dcp import DCPOptions, dcp_scores
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 import tilefx
+from tilefx.errors import RecipeError
 from tilefx.passes.analysis.detect_blocks import CANDIDATES, DetectBlocksPass, has_sparsity_records
-from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.metadata import BlockSparsity, ElementMask, get_metadata, set_metadata
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from scipy import stats
 
-from tilefx.passes.infra.errors import RecipeError
+from tilefx.errors import RecipeError
 from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.dsm_prior import (
     DSMLatents,

@@ -7,10 +7,11 @@ import torch
 import torch.nn as nn
 
 from tests.models import ConvBN, LinearBN, SharedProducer, randomize_bn
-from tilefx.capture import capture
+from tilefx.errors import PreconditionError
+from tilefx.graph_capture import capture
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
-from tilefx.passes.infra import PassManager, PreconditionError
+from tilefx.passes.infra import PassManager
 
 aten = torch.ops.aten
 

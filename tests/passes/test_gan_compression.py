@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import tilefx
-from tilefx.passes.infra.errors import RecipeError
+from tilefx.errors import RecipeError
 from tilefx.passes.training.gan_compression import (
     GANCompressionOptions,
     GANPlayers,

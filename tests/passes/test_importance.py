@@ -9,11 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.passes.chain_groups import chain_groups
-from tilefx.capture import capture
+from tilefx.errors import RecipeError
+from tilefx.graph_capture import capture
 from tilefx.passes.analysis.channel_groups import ChannelGroup, ChannelGroups, ParamSlice
 from tilefx.passes.analysis.importance import ChannelImportance, score_groups
 from tilefx.passes.infra.analysis_manager import Analysis, AnalysisManager
-from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.training.calibration import Calibration
 
 

@@ -9,10 +9,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from tilefx.errors import RecipeError, WeightError
 from tilefx.passes.analysis.connection_strength import StrengthOptions, SynapticStrength
 from tilefx.passes.analysis.weight_layers import LayerSelection, weight_layers
 from tilefx.passes.infra.analysis_manager import AnalysisManager
-from tilefx.passes.infra.errors import RecipeError, WeightError
 from tilefx.passes.metadata import BlockSparsity, get_metadata
 from tilefx.passes.prune_blocks import PruneBlocksPass
 from tilefx.passes.prune_connections import PruneConnectionsPass

@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 
 from tests.models import randomize_bn, tiny_bert
-from tilefx.capture import capture
+from tilefx.errors import RecipeError, UnsupportedOpError
+from tilefx.graph_capture import capture
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
-from tilefx.passes.infra import AnalysisManager, PassManager, RecipeError, UnsupportedOpError
+from tilefx.passes.infra import AnalysisManager, PassManager
 from tilefx.passes.metadata import ChannelSelection, get_metadata
 from tilefx.passes.prune_channels import PruneChannelsPass
 

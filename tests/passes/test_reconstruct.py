@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 import tilefx
-from tilefx.capture import capture
+from tilefx.errors import RecipeError
+from tilefx.graph_capture import capture
 from tilefx.passes.analysis.weight_layers import weight_layers
-from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.metadata import BlockSparsity, get_metadata, matrix_view
 from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.training.calibration import Calibration

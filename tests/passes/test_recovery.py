@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import tilefx
+from tilefx.errors import RecipeError
 from tilefx.passes import recover_sparsity
-from tilefx.passes.infra.errors import RecipeError
 from tilefx.passes.metadata import BlockSparsity, get_metadata
 from tilefx.passes.training import loop as loop_module
 from tilefx.passes.training.calibration import Calibration

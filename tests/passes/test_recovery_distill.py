@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import tilefx
 from tilefx.corpus import english_sentences
-from tilefx.passes.infra.errors import RecipeError
+from tilefx.errors import RecipeError
 from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.distill import DistillLoss, pooled_cosine_distance, relative_mse

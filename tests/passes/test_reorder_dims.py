@@ -8,9 +8,10 @@ import torch.nn as nn
 
 from tests.models import randomize_bn, tiny_bert
 from tests.passes.test_prune_channels import Concat, Grouped, Residual
-from tilefx.capture import capture
+from tilefx.errors import RecipeError
+from tilefx.graph_capture import capture
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
-from tilefx.passes.infra import PassManager, RecipeError
+from tilefx.passes.infra import PassManager
 from tilefx.passes.metadata import Permutation, get_metadata
 from tilefx.passes.reorder_dims import ReorderDimsPass, random_planner
 

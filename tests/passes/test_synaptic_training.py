@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tilefx.passes.infra.errors import RecipeError
+from tilefx.errors import RecipeError
 from tilefx.passes.training.learned_strength import SynapticConv2d, SynapticStrengthHook
 
 

@@ -21,6 +21,7 @@ from benchmarks.tetris_experiments import (
     refined_tetris,
     refined_weight,
 )
+from tilefx.errors import RecipeError, WeightError
 from tilefx.passes.analysis.block_selection import block_sums, lowest_blocks
 from tilefx.passes.analysis.tetris import (
     BEST,
@@ -33,7 +34,6 @@ from tilefx.passes.analysis.tetris import (
     tetris,
     tetris_weight,
 )
-from tilefx.passes.infra.errors import RecipeError, WeightError
 
 Method = Callable[[torch.Tensor, tuple[int, int], float], TetrisResult]
 METHODS: list[Method] = [

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tilefx.capture import capture
+from tilefx.graph_capture import capture
 from tilefx.passes.analysis.channel_groups import ChannelGroups, ChannelGroupsAnalysis
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.infra import AnalysisManager, PassManager

@@ -12,12 +12,12 @@ import torch.nn as nn
 
 import tilefx
 from tests.models import Informative, informative_data
-from tilefx.capture import capture
+from tilefx.errors import PreconditionError, RecipeError
+from tilefx.graph_capture import capture
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.analysis.importance import ChannelImportance, score_groups
 from tilefx.passes.analysis.shapes import Shapes
 from tilefx.passes.infra.analysis_manager import AnalysisManager
-from tilefx.passes.infra.errors import PreconditionError, RecipeError
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.materialize_masks import MaterializeChannelMasksPass
 from tilefx.passes.prune_channels import PruneChannelsPass

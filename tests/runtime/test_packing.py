@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tilefx.passes.infra.errors import LoweringError
+from tilefx.errors import LoweringError
 from tilefx.runtime.packing import pack_bsr, pattern_hash
 
 

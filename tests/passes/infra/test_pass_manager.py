@@ -12,7 +12,8 @@ import torch
 import torch.fx
 
 from tests.models import ConvBN, LinearBN, randomize_bn
-from tilefx.capture import capture
+from tilefx.errors import PassError, UnsupportedOpError, VerificationError
+from tilefx.graph_capture import capture
 from tilefx.passes.analysis.shapes import Shapes
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
@@ -21,13 +22,10 @@ from tilefx.passes.infra import (
     DumpGraphInstrument,
     Numerics,
     PassBase,
-    PassError,
     PassManager,
     PassResult,
     PipelineResult,
     TimingInstrument,
-    UnsupportedOpError,
-    VerificationError,
 )
 from tilefx.passes.metadata import get_metadata
 

@@ -8,10 +8,11 @@ import torch.fx
 
 import tilefx
 from tests.models import ConvBN, randomize_bn
-from tilefx.capture import capture
+from tilefx.errors import PassError, PreconditionError
+from tilefx.graph_capture import capture
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
-from tilefx.passes.infra import PassBase, PassError, PassManager, PreconditionError
+from tilefx.passes.infra import PassBase, PassManager
 from tilefx.passes.prune_blocks import PruneBlocksPass
 from tilefx.passes.prune_channels import PruneChannelsPass
 from tilefx.passes.prune_connections import PruneConnectionsPass

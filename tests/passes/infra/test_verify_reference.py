@@ -13,15 +13,9 @@ import torch.nn as nn
 
 from tests.models import ConvBN, randomize_bn, tiny_bert
 from tests.passes.infra.test_pass_manager import ScaleWeightClaimsExact
-from tilefx.capture import capture
-from tilefx.passes.infra import (
-    AnalysisManager,
-    PassBase,
-    PassManager,
-    PassResult,
-    VerificationError,
-    run_checked,
-)
+from tilefx.errors import VerificationError
+from tilefx.graph_capture import capture
+from tilefx.passes.infra import AnalysisManager, PassBase, PassManager, PassResult, run_checked
 from tilefx.passes.infra.verify import run_float64
 from tilefx.passes.metadata import Permutation, get_metadata
 from tilefx.passes.prune_connections import PruneConnectionsPass

@@ -1,0 +1,287 @@
+"""RecoverSparsityPass: prune blocks *while* training the model back toward the dense one.
+
+One-shot block pruning at high sparsity wrecks a pretrained model (MiniLM at 80% 16×1: cosine to
+dense ~0.2). Real pruning tools prune during training, usually against the dense model as a
+teacher (Zhu & Gupta 2017; nn_pruning; oBERT); this pass does the same inside the pipeline:
+
+1. the teacher is a frozen copy of the graph as it enters (after batch-norm folding and the TETRIS
+   orders, which are exact, so it *is* the dense model, in the same coordinates as the student);
+2. the loop (:mod:`.training.loop`) trains every parameter on the calibration batches: the task
+   loss for batches with labels, distillation (:mod:`.training.distill`) from the teacher for
+   batches without (``labels=None``) or whenever ``distill`` is set — on the outputs, and with
+   ``distill="hidden"`` also on hidden taps (``hidden_taps``: the inputs of the pruned layers, their
+   outputs, or the normalisation layers' outputs — in a transformer, the residual stream after
+   every block); with ``token_mask`` naming the input that holds a tokenizer's attention mask,
+   padding positions are left out of every term;
+3. block masks follow the schedule (:mod:`.training.sparsity_schedule`; ``"gradual"``: Zhu &
+   Gupta's cubic ramp over the first ``ramp`` of the steps, re-selected every ``every`` steps
+   from the current weights, see :mod:`.training.gradual_pruning`) and are re-applied after every
+   optimiser step; sparsity records already in the metadata (an earlier pass's) are held too;
+   With ``reconstruct=N`` (one-shot only) the masks are instead chosen, and the kept weights
+   refit, layer by layer on N calibration batches before training (:mod:`.training.reconstruct`):
+   training then starts from a model that already matches the dense one layer by layer;
+4. the final masks are recorded as :class:`BlockSparsity` exactly as ``PruneBlocksPass`` records
+   them, so lowering is unchanged.
+
+``block = (b_out, b_in)`` counts channels as in ``PruneBlocksPass`` (a conv block spans the
+kernel); ``(1, 1)`` prunes connections. numerics = "masked" against the pass's *own* output: the
+trained weights are new, so what is checked is that the model equals itself with its recorded
+sparsity applied (every dropped weight an exact zero).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from tilefx.errors import RecipeError
+
+from .analysis.weight_layers import LayerSelection, weight_layers
+from .graph_utils import param_node
+from .infra.analysis_manager import AnalysisManager
+from .infra.pass_base import Numerics, PassBase, PassResult
+from .metadata import BlockSparsity, apply_masks, get_metadata, set_metadata
+from .prune_blocks import PruneBlocksPass
+from .training.calibration import Calibration, check_batch_shapes
+from .training.distill import DistillLoss, OutputLoss
+from .training.gradual_pruning import GradualBlockPruning, MaskedWeight, Score
+from .training.loop import LoopHook, LoopOptions, LoopResult, checkpoint_path, train
+from .training.reconstruct import reconstruct
+from .training.sparsity_schedule import SparsitySchedule
+from .training.taps import Tapped
+
+__all__ = ["HiddenTaps", "RecoverSparsityPass"]
+
+HiddenTaps = Literal["inputs", "outputs", "norms"]
+_NORMS = frozenset(
+    {
+        torch.ops.aten.layer_norm.default,
+        torch.ops.aten.group_norm.default,
+        torch.ops.aten.rms_norm.default,
+    }
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecoverSparsityPass(PassBase):
+    """Gradual (or one-shot) block pruning with recovery training. Requires: calibration batches
+    shaped like the example inputs (the captured graph is static). ``block=None`` only trains,
+    holding the sparsity already recorded. trainable: every parameter, or only the linear/conv
+    layers' weights and biases ("layers")."""
+
+    loop: LoopOptions
+    calibration: Calibration = field(compare=False, hash=False)
+    block: tuple[int, int] | None = None
+    sparsity: float = 0.0
+    schedule: Literal["gradual", "oneshot"] = "gradual"
+    ramp: float = 0.6
+    every: int = 10
+    score: Score = "magnitude"
+    distill: Literal["output", "hidden"] | None = "hidden"
+    output_loss: OutputLoss = "cosine"
+    taps: tuple[str, ...] = ()
+    hidden_taps: HiddenTaps = "norms"
+    token_mask: int | None = None
+    trainable: Literal["all", "layers"] = "all"
+    reconstruct: int = 0
+    selection: LayerSelection = field(default_factory=LayerSelection)
+
+    numerics: ClassVar[Numerics] = "masked"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ramp <= 1 or self.every < 1:
+            raise RecipeError(f"RecoverSparsityPass: ramp in [0, 1] and every >= 1 needed, got {self}")
+        if self.reconstruct and (self.schedule != "oneshot" or self.block is None):
+            raise RecipeError(
+                "RecoverSparsityPass: reconstruct prunes every layer to its target before training, "
+                f'so it needs schedule="oneshot" and a block; got schedule={self.schedule!r}, block={self.block}'
+            )
+        if self.block is not None:
+            PruneBlocksPass(self.block, self.sparsity, self.selection)  # validates block and sparsity
+        if self.hidden_taps not in ("inputs", "outputs", "norms"):
+            raise RecipeError(
+                f"RecoverSparsityPass.hidden_taps must be 'inputs', 'outputs' or 'norms', got {self.hidden_taps!r}"
+            )
+
+    def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
+        check_batch_shapes(self.calibration, am.example_inputs, "recovery")
+        _check_token_mask(self.token_mask, am.example_inputs)
+        masked = self._masked_weights(gm)
+        if not masked and self.loop.steps == 0:
+            return PassResult(gm, False)
+        teacher = copy.deepcopy(gm).requires_grad_(False)
+        pruning = GradualBlockPruning(masked, self._schedule(), self.score)
+        if self.reconstruct and not self._resuming():
+            keep = reconstruct(
+                gm,
+                teacher,
+                masked,
+                self.calibration,
+                self.reconstruct,
+                self.token_mask,
+                progress=self.loop.progress,
+            )
+            pruning.start_from(keep)
+            log.info("RecoverSparsityPass: reconstructed %d of %d pruned layers", len(keep), len(masked))
+        hooks: list[LoopHook] = [pruning, _HeldSparsity(gm)]
+        result = self._train(gm, teacher, hooks) if self.loop.steps else None
+        pruning.finish()
+        metadata = get_metadata(gm)
+        for w in masked:
+            metadata = metadata.with_annotation(w.name, BlockSparsity(w.block, pruning.masks[w.name].cpu()))
+        if result is not None:
+            metadata = replace(metadata, recovery_losses=(*metadata.recovery_losses, *result.losses))
+        set_metadata(gm, metadata)
+        if result is not None and result.losses:
+            log.info("RecoverSparsityPass: loss %.4g -> %.4g", result.losses[0], result.losses[-1])
+        return PassResult(gm, True)
+
+    def masked_reference(
+        self, before: torch.fx.GraphModule, after: torch.fx.GraphModule, example_inputs: Sequence[Any]
+    ) -> torch.fx.GraphModule:
+        """The pass's own output with its recorded sparsity applied (trained weights are new)."""
+        return apply_masks(copy.deepcopy(after), after)
+
+    def _resuming(self) -> bool:
+        """A checkpoint will overwrite the weights and masks: reconstructing first would be wasted."""
+        path = checkpoint_path(self.loop)
+        return self.loop.steps > 0 and path is not None and path.exists()
+
+    def _schedule(self) -> SparsitySchedule:
+        end = round(self.ramp * self.loop.steps) if self.schedule == "gradual" else 0
+        return SparsitySchedule(self.sparsity, end=end, every=self.every, kind=self.schedule)
+
+    def _masked_weights(self, gm: torch.fx.GraphModule) -> list[MaskedWeight]:
+        if self.block is None:
+            return []
+        pruner = PruneBlocksPass(self.block, self.sparsity, self.selection)
+        layers = {layer.param: layer for layer in weight_layers(gm)}
+        return [
+            MaskedWeight(p.param, gm.get_parameter(p.param), pruner.matrix_block(layers[p.param]), p.sparsity)
+            for p in pruner.plan(gm)
+            if p.sparsity is not None
+        ]
+
+    def _train(
+        self, gm: torch.fx.GraphModule, teacher: torch.fx.GraphModule, hooks: list[LoopHook]
+    ) -> LoopResult:
+        taps = self._taps(gm) if self.distill == "hidden" else ()
+        student = Tapped(gm, taps)
+        objective = _Objective(
+            Tapped(teacher, taps), len(student.taps), self._distill_loss(), self.calibration, self.token_mask
+        )
+        trained = self._trained(gm)
+        for name, p in gm.named_parameters():
+            p.requires_grad_(name in trained)
+        log.info(
+            "RecoverSparsityPass: %d steps, %d hidden taps, %d parameters trained",
+            self.loop.steps,
+            len(taps),
+            len(trained),
+        )
+        return train(student.module, objective, self.calibration, self.loop, hooks)
+
+    def _trained(self, gm: torch.fx.GraphModule) -> set[str]:
+        """Every floating parameter, or (``trainable="layers"``) the linear/conv weights and biases:
+        embeddings and norms then stay as the dense model has them, so a small corpus cannot drift
+        the embeddings of the words it happens to contain."""
+        floating = {name for name, p in gm.named_parameters() if p.is_floating_point()}
+        if self.trainable == "all":
+            return floating
+        layers = weight_layers(gm)
+        biases = {param_node(layer.node.args[2]) for layer in layers if len(layer.node.args) > 2}
+        return floating & ({layer.param for layer in layers} | {b for b in biases if b is not None})
+
+    def _distill_loss(self) -> DistillLoss | None:
+        if self.distill is None:
+            return None
+        return DistillLoss(self.output_loss, hidden=1.0 if self.distill == "hidden" else 0.0)
+
+    def _taps(self, gm: torch.fx.GraphModule) -> tuple[str, ...]:
+        """``taps`` as given, else by ``hidden_taps``: the distinct inputs of the pruned layers that
+        are not model inputs, their outputs, or every normalisation's output (the pruned layers'
+        inputs when the graph has no normalisation)."""
+        if self.taps:
+            return self.taps
+        if self.hidden_taps == "norms":
+            norms = tuple(n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _NORMS)
+            if norms:
+                return norms
+        pruned = {w.name for w in self._masked_weights(gm)}
+        found: dict[str, None] = {}
+        for layer in weight_layers(gm):
+            if layer.param not in pruned:
+                continue
+            if self.hidden_taps == "outputs":
+                found[layer.node.name] = None
+            elif layer.input.op != "placeholder":
+                found[layer.input.name] = None
+        return tuple(found)
+
+
+class _Objective:
+    """Task loss on labelled batches, distillation from the teacher on unlabeled ones (or always,
+    when a distillation loss is configured and labels are present)."""
+
+    def __init__(
+        self,
+        teacher: Tapped,
+        taps: int,
+        distill: DistillLoss | None,
+        data: Calibration,
+        token_mask: int | None = None,
+    ) -> None:
+        self.teacher, self.taps, self.distill, self.data = teacher, taps, distill, data
+        self.token_mask = token_mask
+
+    def __call__(self, model: nn.Module, inputs: tuple[Any, ...], labels: Any) -> torch.Tensor:
+        flat = pytree.tree_leaves(tuple(inputs))
+        result = list(model(*flat))
+        outputs, taps = result[: len(result) - self.taps], result[len(result) - self.taps :]
+        loss = torch.zeros(())
+        if labels is not None:
+            loss = loss + self.data.loss_of(outputs if len(outputs) > 1 else outputs[0], labels)
+        elif self.distill is None:
+            raise RecipeError(
+                "recovery got an unlabeled batch (labels=None) but distill=None: label the batches or "
+                'set Recovery(distill="output" or "hidden") to learn from the dense model'
+            )
+        if self.distill is not None:
+            with torch.no_grad():
+                teacher_outputs, teacher_taps = self.teacher(flat)
+            mask = None if self.token_mask is None else flat[self.token_mask]
+            loss = loss + self.distill(outputs, teacher_outputs, taps, teacher_taps, mask)
+        return loss
+
+
+class _HeldSparsity(LoopHook):
+    """Re-applies the sparsity earlier passes recorded (e.g. pruned connections) after every step."""
+
+    name = "held_sparsity"
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+
+    def after_step(self, step: int) -> None:
+        apply_masks(self.gm, self.gm)
+
+
+def _check_token_mask(index: int | None, example_inputs: Sequence[Any]) -> None:
+    if index is None:
+        return
+    flat = pytree.tree_leaves(tuple(example_inputs))
+    if not 0 <= index < len(flat) or not isinstance(flat[index], torch.Tensor) or flat[index].dim() != 2:
+        raise RecipeError(
+            f"token_mask={index} must be the position of a [batch, sequence] tensor among the "
+            f"{len(flat)} flattened example inputs (a tokenizer's attention mask)"
+        )
