@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import count_macs, count_params, machine  # noqa: E402
 
 import tilefx  # noqa: E402
+from tilefx.passes.criteria.dcp import SGDOptions  # noqa: E402
 from tilefx.passes.training.calibration import Calibration  # noqa: E402
-from tilefx.passes.training.dcp import SGDOptions  # noqa: E402
 from tilefx.passes.training.loop import train  # noqa: E402
 
 log = logging.getLogger("channel_accuracy")

@@ -4,7 +4,7 @@ The DSM paper's setting (Arnstad et al., 2026) on data that ships with scikit-le
 (binary classification, test accuracy) and Friedman #1 (``make_friedman1``: 10 inputs of which 5
 matter, regression, test RMSE in the target's units). One hidden layer of 16 tanh units.
 
-1. **Full Bayes** (``tilefx.passes.training.dsm_nuts``, NumPyro): full-batch NUTS, one chain, under
+1. **Full Bayes** (``tilefx.passes.priors.dsm_nuts``, NumPyro): full-batch NUTS, one chain, under
    the Dirichlet-horseshoe, the Dirichlet-Student-t and the Gaussian (all weights N(0, 1)) prior.
    The first layer is pruned at each sparsity by the posterior global mask (keep the largest
    ``E_post|w|``, one mask for all draws) and by per-draw masks (each draw prunes its own smallest
@@ -47,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import save_result  # noqa: E402
 
 import tilefx  # noqa: E402
+from tilefx.passes.priors.dsm import DSMSettings, magnitude_mask  # noqa: E402
+from tilefx.passes.priors.dsm_nuts import MLPPosterior, per_draw_masks, sample_mlp_posterior  # noqa: E402
 from tilefx.passes.training.calibration import Calibration  # noqa: E402
-from tilefx.passes.training.dsm_nuts import MLPPosterior, per_draw_masks, sample_mlp_posterior  # noqa: E402
-from tilefx.passes.training.dsm_prior import DSMSettings, magnitude_mask  # noqa: E402
 from tilefx.passes.training.loop import LoopHook, LoopOptions, train  # noqa: E402
 
 RESULT = Path(__file__).resolve().parent / "results" / "dsm_prior.md"

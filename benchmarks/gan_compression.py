@@ -60,7 +60,7 @@ from _measure import median_ms, save_result  # noqa: E402
 
 import tilefx  # noqa: E402
 from tilefx.gan import generator_graph  # noqa: E402
-from tilefx.passes.training.gan_compression import (  # noqa: E402
+from tilefx.gan_training import (  # noqa: E402
     GANCompressionOptions,
     GANCompressionResult,
     compress_generator,

@@ -49,7 +49,6 @@ from tilefx.passes.analysis.tetris import (
     Operand,
     TetrisOptions,
     TetrisResult,
-    check_options,
     search,
     tetris_result,
     weight_operand,
@@ -103,7 +102,6 @@ def refined_tetris(
 ) -> TetrisResult:
     """``tetris(operands, sparsity, options)``, then :func:`refine_orders` where it applies."""
     start = time.perf_counter()
-    check_options(options)
     problem = Problem.build(operands, sparsity, pad=options.pad)
     state = search(problem, options)
     refined = refine_state(

@@ -82,7 +82,7 @@ def prune_vrpge(model: nn.Module, split: Split, ratio: float, args: argparse.Nam
         steps=args.search, lr=args.lr, score_lr=args.score_lr, finetune_steps=0, seed=seed,
         estimator=args.estimator, budget=args.budget,
     )  # fmt: skip
-    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=ratio, criterion="vrpge", vrpge=options))
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=ratio, criterion="vrpge", options=options))
     return tilefx.optimize(model, (split.x_test[:2],), recipe=recipe, calibration=batches(split, seed + 7))
 
 

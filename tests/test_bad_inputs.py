@@ -264,9 +264,9 @@ CASES: list[tuple[str, Callable[[], object], Callable[[Any], object], type[Excep
     (
         "recipe/channels-dict",
         ConvBN,
-        lambda m: tilefx.Recipe(channels={"ratio": 0.3}),
+        lambda m: tilefx.Recipe(channels={"ratoi": 0.3}),
         tilefx.RecipeError,
-        "Recipe.channels",
+        "Recipe.channels: unknown option 'ratoi'; did you mean 'ratio'",
     ),
     (
         "recipe/not-a-recipe",
@@ -288,22 +288,22 @@ CASES: list[tuple[str, Callable[[], object], Callable[[Any], object], type[Excep
         ConvBN,
         _from_dict({"blocks": {"block": 16}}),
         tilefx.RecipeError,
-        "BlockPruning.block",
+        "Recipe.blocks.block must be a tuple of 2 integers",
     ),
     ("recipe/dict-skip-string", ConvBN, _from_dict({"skip": "aten.add"}), tilefx.RecipeError, "Recipe.skip"),
     (
         "recipe/dict-dcp-epsilon-string",
         ConvBN,
-        _from_dict({"channels": {"criterion": "dcp", "dcp": {"epsilon": "x"}}}),
+        _from_dict({"channels": {"criterion": "dcp", "options": {"epsilon": "x"}}}),
         tilefx.RecipeError,
-        "ChannelPruning.dcp.epsilon",
+        "Recipe.channels.options.epsilon must be a number or None",
     ),
     (
         "recipe/dict-dcp-solver-lr-string",
         ConvBN,
-        _from_dict({"channels": {"criterion": "dcp", "dcp": {"solver": {"lr": "fast"}}}}),
+        _from_dict({"channels": {"criterion": "dcp", "options": {"solver": {"lr": "fast"}}}}),
         tilefx.RecipeError,
-        "ChannelPruning.dcp.solver.lr",
+        "Recipe.channels.options.solver.lr must be a number",
     ),
     (
         "recipe/dict-not-a-table",
@@ -540,7 +540,7 @@ CLI_CASES: list[tuple[str, list[str], str | None, str]] = [
         "cli/recipe-wrong-type",
         ["tests.models:ConvBN"],
         '[channels]\nratio = "0.3"\n',
-        "ChannelPruning.ratio must be a number",
+        "Recipe.channels.ratio must be a number",
     ),
     (
         "cli/recipe-protect-typo",

@@ -28,10 +28,10 @@ from tilefx.errors import (
 )
 
 if TYPE_CHECKING:
+    from tilefx.gan_training import GANCompressionOptions
     from tilefx.passes.coverage import CoverageWarning
-    from tilefx.passes.training.dcp import DCPOptions
-    from tilefx.passes.training.gan_compression import GANCompressionOptions
-    from tilefx.passes.training.vrpge import VRPGEOptions
+    from tilefx.passes.criteria.dcp import DCPOptions
+    from tilefx.passes.criteria.vrpge import VRPGEOptions
 
     from .api import compile, optimize
     from .export_artifact import export
@@ -83,12 +83,12 @@ _TORCH_SIDE = {
     "ChannelPruning": "tilefx.recipe",
     "ConnectionPruning": "tilefx.recipe",
     "CoverageWarning": "tilefx.passes.coverage",
-    "DCPOptions": "tilefx.passes.training.dcp",
+    "DCPOptions": "tilefx.passes.criteria.dcp",
     "DirichletScaleMixture": "tilefx.recipe",
-    "GANCompressionOptions": "tilefx.passes.training.gan_compression",
+    "GANCompressionOptions": "tilefx.gan_training",
     "Recipe": "tilefx.recipe",
     "Recovery": "tilefx.recipe",
-    "VRPGEOptions": "tilefx.passes.training.vrpge",
+    "VRPGEOptions": "tilefx.passes.criteria.vrpge",
     "capture": "tilefx.graph_capture",
     "compile": "tilefx.api",
     "compress_gan": "tilefx.gan",

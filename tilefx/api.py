@@ -20,6 +20,7 @@ from tilefx.errors import LoweringError, PreconditionError, RecipeError
 from tilefx.lowering.fallback import FALLBACKS
 from tilefx.passes.analysis.detect_blocks import DetectBlocksPass, has_sparsity_records
 from tilefx.passes.coverage import CoverageWarning, warn_coverage
+from tilefx.passes.criteria import criterion
 from tilefx.passes.infra.instruments import Instrument, TimingInstrument
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.infra.pass_base import PassBase
@@ -70,9 +71,8 @@ def optimize(
     inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
     if recipe.channels is not None:
         _check_protect(gm, recipe.channels.protect)
-    if recipe.channels is not None and recipe.channels.criterion in ("taylor", "dcp", "vrpge"):
-        _check_calibration(calibration, inputs)
-    if recipe.prior is not None:
+    needs_data = recipe.channels is not None and criterion(recipe.channels.criterion).needs_calibration
+    if needs_data or recipe.prior is not None:
         _check_calibration(calibration, inputs)
     pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)
     timing = TimingInstrument()

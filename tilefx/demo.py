@@ -19,9 +19,12 @@ import sys
 import time
 
 import torch
+import torchvision
 
 import tilefx
+from tilefx.corpus import english_sentences
 from tilefx.passes.infra import TimingInstrument
+from tilefx.passes.metadata import BlockSparsity, get_metadata
 from tilefx.report import (
     count_parameters,
     embedding_quality,
@@ -29,6 +32,7 @@ from tilefx.report import (
     max_relative_error,
     pass_table,
 )
+from tilefx.zoo import load_minilm
 
 __all__ = ["main"]
 
@@ -75,7 +79,6 @@ def _section(title: str) -> None:
 
 
 def resnet50_demo() -> None:
-    import torchvision
 
     _section(
         "ResNet-50 (torchvision architecture, random weights: speed only): fold BN, prune 50% of channels"
@@ -101,10 +104,6 @@ def resnet50_demo() -> None:
 
 
 def minilm_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8, steps: int = DEMO_STEPS) -> None:
-    from tilefx.corpus import english_sentences
-    from tilefx.passes.metadata import BlockSparsity, get_metadata
-    from tilefx.zoo import load_minilm
-
     _section(
         f"all-MiniLM-L6-v2 (real weights): TETRIS + {block[0]}x{block[1]} blocks at {sparsity:.0%}, "
         f"reconstructed and distilled, -> TVM kernels"
@@ -181,9 +180,7 @@ def minilm_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8, steps: 
 
 
 def resnet18_blocks_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8) -> None:
-    import torchvision
-
-    from tilefx.lowering.build import lowering_choices
+    from tilefx.lowering.build import lowering_choices  # imports tvm
 
     _section(
         f"ResNet-18 (torchvision architecture, random weights: speed only): TETRIS + {block[0]}x{block[1]} "

@@ -20,16 +20,16 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from tilefx.gan_training import (
+    GANCompressionOptions,
+    GANCompressionResult,
+    compress_generator,
+)
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.analysis.importance import ChannelImportance
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.metadata import get_metadata, set_metadata
 from tilefx.passes.prune_channels import PruneChannelsPass
-from tilefx.passes.training.gan_compression import (
-    GANCompressionOptions,
-    GANCompressionResult,
-    compress_generator,
-)
 
 from .graph_capture import capture
 

@@ -11,9 +11,12 @@ from typing import Any
 
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.analysis.importance import ChannelImportance
-from tilefx.passes.analysis.tetris import BEST, FAITHFUL, FAST
+from tilefx.passes.analysis.tetris import PRESETS
 from tilefx.passes.analysis.tetris_planner import TetrisPlanner
 from tilefx.passes.cleanup import EliminateDeadCodePass
+from tilefx.passes.criteria import criterion
+from tilefx.passes.criteria.dcp import DCPOptions
+from tilefx.passes.criteria.vrpge import VRPGEOptions
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
 from tilefx.passes.infra.pass_base import PassBase
 from tilefx.passes.materialize_masks import MaterializeChannelMasksPass
@@ -25,8 +28,6 @@ from tilefx.passes.reorder_dims import ReorderDimsPass
 from tilefx.passes.train_dsm_prior import TrainDSMPriorPass
 from tilefx.passes.train_structure_params import TrainStructureParamsPass
 from tilefx.passes.training.calibration import as_calibration
-from tilefx.passes.training.dcp import DCPOptions
-from tilefx.passes.training.vrpge import VRPGEOptions
 
 from .recipe import BlockPruning, ChannelPruning, DirichletScaleMixture, Recipe, Recovery
 
@@ -46,11 +47,11 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
     if recipe.recovery is not None:
         return _recovery_pipeline(recipe, recipe.recovery, calibration)
     channels, connections = recipe.channels, recipe.connections
-    channels_first = channels is not None and channels.criterion == "bn_scale"
+    channels_first = channels is not None and criterion(channels.criterion).reads_batch_norms
     connections_first = connections is not None and connections.criterion == "synaptic_strength"
     passes: list[PassBase] = []
     if channels is not None and recipe.blocks is not None:
-        channels = replace(channels, round_to=_block_round_to(channels.round_to, recipe.blocks.block))
+        channels = replace(channels, round_to=block_round_to(channels.round_to, recipe.blocks.block))
     if channels is not None and channels_first:
         passes.append(_channel_pass(channels, recipe.skip, calibration))
     if connections is not None and connections_first:
@@ -73,7 +74,7 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
     return passes
 
 
-def _block_round_to(round_to: int, block: tuple[int, int]) -> int:
+def block_round_to(round_to: int, block: tuple[int, int]) -> int:
     """The channel multiple that keeps pruned layers tileable by ``block`` (rows, cols).
 
     A channel count is the rows of the layer that makes it and the columns of the one that reads
@@ -87,40 +88,42 @@ def _block_round_to(round_to: int, block: tuple[int, int]) -> int:
 
 
 def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: Any) -> PassBase:
-    """l1/l2 are scored inside the pass; the other criteria are a ChannelImportance analysis."""
-    scores = None
-    if options.criterion not in ("l1", "l2"):
-        data = None
-        if options.criterion in ("taylor", "dcp"):
-            data = as_calibration(calibration, f'ChannelPruning(criterion="{options.criterion}")')
-        scores = ChannelImportance(
-            ChannelGroupsAnalysis(skip, options.protect, options.attention),  # the pass's groups
-            options.criterion,
-            calibration=data,
-            options=replace(options.dcp or DCPOptions(), rate=options.ratio)
-            if options.criterion == "dcp"
-            else None,
-        )
-    return PruneChannelsPass(
-        ratio=options.ratio,
-        criterion=options.criterion if options.criterion in ("l1", "l2") else "l1",
-        scope=options.scope,
-        protect=options.protect,
-        round_to=options.round_to,
-        skip=skip,
-        attention=options.attention,
-        scores=scores,
+    """Criteria that need data or options of their own score through a ChannelImportance analysis;
+    the others (l1, l2, bn_scale) are scored inside the pass."""
+    entry = criterion(options.criterion)
+    if not (entry.needs_calibration or entry.options_type):
+        return PruneChannelsPass(**_channel_fields(options), criterion=options.criterion, skip=skip)
+    data = as_calibration(calibration, f'ChannelPruning(criterion="{options.criterion}")')
+    given = options.options or (entry.options_type() if entry.options_type else None)
+    if isinstance(given, DCPOptions):
+        given = replace(given, rate=options.ratio)  # DCP's own η is the recipe's ratio
+    scores = ChannelImportance(
+        ChannelGroupsAnalysis(skip, options.protect, options.attention),  # the pass's groups
+        options.criterion,
+        calibration=data,
+        options=given,
     )
+    return PruneChannelsPass(**_channel_fields(options), skip=skip, scores=scores)
+
+
+def _channel_fields(options: ChannelPruning) -> dict[str, Any]:
+    """The options ``PruneChannelsPass`` shares with ``ChannelPruning``."""
+    return {
+        "ratio": options.ratio,
+        "scope": options.scope,
+        "protect": options.protect,
+        "round_to": options.round_to,
+        "attention": options.attention,
+    }
 
 
 def _structure_passes(options: ChannelPruning, skip: tuple[str, ...], calibration: Any) -> list[PassBase]:
     """VR-PGE trains a channel mask into wrappers, which are folded before the channels go."""
-    if options.criterion != "vrpge":
+    if not criterion(options.criterion).trains_structure:
         return []
-    data = as_calibration(calibration, 'ChannelPruning(criterion="vrpge")')
-    train = TrainStructureParamsPass(
-        options.ratio, data, options.vrpge or VRPGEOptions(), skip, options.protect, options.attention
-    )
+    data = as_calibration(calibration, f'ChannelPruning(criterion="{options.criterion}")')
+    search = options.options if isinstance(options.options, VRPGEOptions) else VRPGEOptions()
+    train = TrainStructureParamsPass(options.ratio, data, search, skip, options.protect, options.attention)
     return [train, MaterializeChannelMasksPass()]
 
 
@@ -128,24 +131,14 @@ def _block_passes(options: BlockPruning, skip: tuple[str, ...]) -> list[PassBase
     """TETRIS picks group orders for the block pruning to come; they are folded, then blocks pruned."""
     passes: list[PassBase] = []
     if options.reorder == "tetris":
-        preset = {"faithful": FAITHFUL, "fast": FAST, "best": BEST}[options.tetris]
-        passes.append(
-            ReorderDimsPass(planner=TetrisPlanner(options.block, options.sparsity, preset), skip=skip)
-        )
+        planner = TetrisPlanner(options.block, options.sparsity, PRESETS[options.tetris])
+        passes.append(ReorderDimsPass(planner=planner, skip=skip))
     return [*passes, PruneBlocksPass(block=options.block, sparsity=options.sparsity)]
 
 
 def _prior_pass(prior: DirichletScaleMixture, calibration: Any) -> PassBase:
     """The DSM prior trains on the folded graph, after any channel pruning, then prunes by |w|."""
-    return TrainDSMPriorPass(
-        settings=prior.settings(),
-        loop=prior.loop_options(),
-        calibration=as_calibration(calibration, "Recipe.prior"),
-        sparsity=prior.sparsity,
-        layers=prior.layers,
-        examples=prior.examples,
-        form=prior.form,
-    )
+    return TrainDSMPriorPass(prior, as_calibration(calibration, "Recipe.prior"))
 
 
 def _recovery_pipeline(recipe: Recipe, recovery: Recovery, calibration: Any) -> list[PassBase]:
@@ -159,22 +152,5 @@ def _recovery_pipeline(recipe: Recipe, recovery: Recovery, calibration: Any) -> 
         block, sparsity = recipe.blocks.block, recipe.blocks.sparsity
     elif recipe.connections is not None:
         block, sparsity = (1, 1), recipe.connections.sparsity  # a connection is a (1, 1) channel block
-    passes.append(
-        RecoverSparsityPass(
-            loop=recovery.loop_options(),
-            calibration=data,
-            block=block,
-            sparsity=sparsity,
-            schedule=recovery.schedule,
-            ramp=recovery.ramp,
-            every=recovery.every,
-            score=recovery.score,
-            distill=recovery.distill,
-            output_loss=recovery.output_loss,
-            trainable=recovery.trainable,
-            hidden_taps=recovery.hidden_taps,
-            token_mask=recovery.token_mask,
-            reconstruct=recovery.reconstruct,
-        )
-    )
+    passes.append(RecoverSparsityPass(recovery, data, block=block, sparsity=sparsity))
     return passes

@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import ShapeProp
 
 from tilefx.passes.analysis.weight_layers import layer_of
+from tilefx.passes.graph_utils import attr_tensor
 from tilefx.passes.infra.instruments import PassTiming
 from tilefx.passes.infra.verify import PassCheck
 from tilefx.passes.metadata import (
@@ -77,7 +78,7 @@ def layer_rows(
         layer = layer_of(gm, node)
         if layer is None:
             continue
-        weight = _tensor(gm, layer.param)
+        weight = attr_tensor(gm, layer.param)
         before = tuple(dense_params[layer.param].shape) if layer.param in dense_params else layer.shape
         positions = _output_positions(node, layer.out_channels)
         kept = int(_kept_mask(metadata, layer.param, weight).sum())
@@ -105,13 +106,6 @@ def max_relative_error(actual: Any, expected: Any) -> float:
             scale = max(float(e.abs().max()), 1e-6)
             worst = max(worst, float((a.double() - e.double()).abs().max()) / scale)
     return worst
-
-
-def _tensor(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
-    try:
-        return gm.get_parameter(name)
-    except AttributeError:
-        return gm.get_buffer(name)
 
 
 def _kept_mask(metadata: Any, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -214,7 +208,7 @@ def _pattern_pictures(out: Path, gm: torch.fx.GraphModule, rows: list[LayerRow])
     pictures = []
     for index, row in enumerate(chosen):
         record = metadata.of(row.param, BlockSparsity)[-1]
-        after = record.element_mask(_tensor(gm, row.param).shape)
+        after = record.element_mask(attr_tensor(gm, row.param).shape)
         before = _unpermuted(after, metadata.of(row.param, Permutation))
         name = f"pattern_{index}.png"
         _plot_patterns(out / name, row, record.block, matrix_view(before), matrix_view(after))

@@ -13,8 +13,6 @@ from tilefx.lowering.build import lowering_choices
 from tilefx.passes.metadata import BlockSparsity, get_metadata
 from tilefx.passes.train_dsm_prior import TrainDSMPriorPass
 from tilefx.passes.training.calibration import Calibration
-from tilefx.passes.training.dsm_prior import DSMSettings
-from tilefx.passes.training.loop import LoopOptions
 
 
 class MLP(nn.Module):
@@ -90,7 +88,7 @@ def test_prior_options_are_checked() -> None:
         (lambda: _prior(sparsity=1.0), "DirichletScaleMixture.sparsity"),
         (lambda: _prior(kind="laplace"), "DirichletScaleMixture.kind"),
         (lambda: _prior(alpha=0), "DirichletScaleMixture.alpha"),
-        (lambda: _prior(steps=0), "DirichletScaleMixture.steps"),
+        (lambda: _prior(steps=-1), "DirichletScaleMixture.steps"),
         (lambda: _prior(steps="10"), "DirichletScaleMixture.steps"),
         (lambda: _prior(form="mean_field"), "DirichletScaleMixture.form"),
         (lambda: _prior(layers="fc1"), "DirichletScaleMixture.layers"),
@@ -122,7 +120,7 @@ def test_prior_loads_from_toml() -> None:
     assert recipe.prior == tilefx.DirichletScaleMixture(
         kind="student_t", sparsity=0.7, steps=5, layers=("fc1",)
     )
-    with pytest.raises(tilefx.RecipeError, match="DirichletScaleMixture: unknown option 'kinds'"):
+    with pytest.raises(tilefx.RecipeError, match="Recipe.prior: unknown option 'kinds'; did you mean 'kind'"):
         tilefx.Recipe.from_dict({"prior": {"kinds": "horseshoe"}})
 
 
@@ -139,7 +137,7 @@ def test_pruning_again_without_training_reports_no_change() -> None:
     x = torch.randn(8, 12)
     gm = tilefx.capture(MLP(), (x,))
     prune_only = TrainDSMPriorPass(
-        DSMSettings(), LoopOptions(steps=0, progress=False), Calibration(_batches(2)), sparsity=0.5
+        tilefx.DirichletScaleMixture(steps=0, progress=False, sparsity=0.5), Calibration(_batches(2))
     )
     assert prune_only(gm, example_inputs=(x,)).modified
     assert not prune_only(gm, example_inputs=(x,)).modified

@@ -42,7 +42,7 @@ README_RECIPES: dict[str, tilefx.Recipe] = {
     ),
 }
 DCP_RECIPE = tilefx.Recipe(
-    channels=tilefx.ChannelPruning(ratio=0.3, criterion="dcp", dcp=tilefx.DCPOptions(epsilon=0.01))
+    channels=tilefx.ChannelPruning(ratio=0.3, criterion="dcp", options=tilefx.DCPOptions(epsilon=0.01))
 )
 
 

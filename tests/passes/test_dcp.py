@@ -15,9 +15,10 @@ from tests.models import Informative, informative_data
 from tests.passes.chain_groups import chain_groups
 from tilefx.errors import RecipeError
 from tilefx.graph_capture import capture
-from tilefx.passes.analysis.importance import CriterionOptions, score_groups
+from tilefx.passes.analysis.importance import score_groups
+from tilefx.passes.criteria import CriterionOptions
+from tilefx.passes.criteria.dcp import DCPOptions, dcp_scores
 from tilefx.passes.training.calibration import Calibration
-from tilefx.passes.training.dcp import DCPOptions, dcp_scores
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_selection_data_is_read_once_so_shuffling_loaders_keep_targets_aligned(
 
 def _kept_widths(epsilon: float | None) -> tuple[int, int]:
     options = {"aux_epochs": 0, "num_losses": 1} | ({} if epsilon is None else {"epsilon": epsilon})
-    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="dcp", dcp=options))
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="dcp", options=options))
     x = torch.randn(2, 2, 4, 4)
     pruned = tilefx.optimize(Informative().eval(), (x,), recipe=recipe, calibration=informative_data(1))
     in_conv2, in_fc = (
@@ -140,11 +141,13 @@ def test_dcp_adapt_through_the_recipe_keeps_what_dcp_selected() -> None:
     assert loose[0] < 4 and loose[1] < 2  # stops early: keeps fewer than the ratio would
 
 
-def test_dcp_is_registered_by_importing_only_the_importance_analysis() -> None:
-    """Importing any tilefx module runs tilefx/__init__, which imports DCP and so registers it."""
-    code = "from tilefx.passes.analysis.importance import criteria; print(criteria())"
+def test_the_catalogue_lists_every_criterion_without_other_imports() -> None:
+    """The catalogue is data in one module, not registrations that depend on what was imported."""
+    code = "from tilefx.passes.criteria import criteria; print(criteria(), criteria(public=True))"
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "'dcp'" in shown.stdout
+    everything, public = shown.stdout.strip().split(") (")
+    assert "'dcp'" in public and "'vrpge'" in public and "'taylor'" in public
+    assert "'zeroed_filters'" in everything and "'zeroed_filters'" not in public
 
 
 def test_the_dcp_criterion_takes_dcp_options(gm: torch.fx.GraphModule) -> None:
@@ -154,10 +157,11 @@ def test_the_dcp_criterion_takes_dcp_options(gm: torch.fx.GraphModule) -> None:
 
 def test_recipe_dcp_options_are_checked() -> None:
     with pytest.raises(RecipeError, match="did you mean 'epsilon'"):
-        tilefx.ChannelPruning(criterion="dcp", dcp={"epsilom": 0.1})
-    with pytest.raises(RecipeError, match='only read with criterion="dcp"'):
-        tilefx.ChannelPruning(criterion="l1", dcp=tilefx.DCPOptions())
-    options = tilefx.Recipe.from_dict(
-        {"channels": {"criterion": "dcp", "dcp": {"aux": "paper", "solver": {"lr": 0.1}}}}
+        tilefx.ChannelPruning(criterion="dcp", options={"epsilom": 0.1})
+    with pytest.raises(RecipeError, match="criterion='l1' takes no options"):
+        tilefx.ChannelPruning(criterion="l1", options=tilefx.DCPOptions())
+    recipe = tilefx.Recipe.from_dict(
+        {"channels": {"criterion": "dcp", "options": {"aux": "paper", "solver": {"lr": 0.1}}}}
     )
-    assert options.channels.dcp.aux == "paper" and options.channels.dcp.solver.lr == 0.1  # type: ignore[union-attr]
+    options = recipe.channels.options if recipe.channels is not None else None
+    assert isinstance(options, tilefx.DCPOptions) and options.aux == "paper" and options.solver.lr == 0.1

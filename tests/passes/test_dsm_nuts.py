@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tilefx.passes.training.dsm_nuts import per_draw_masks, sample_mlp_posterior
-from tilefx.passes.training.dsm_prior import DSMSettings
+from tilefx.passes.priors.dsm import DSMSettings
+from tilefx.passes.priors.dsm_nuts import per_draw_masks, sample_mlp_posterior
 
 pytest.importorskip("numpyro")
 

@@ -11,8 +11,7 @@ import torch.nn as nn
 from scipy import stats
 
 from tilefx.errors import RecipeError
-from tilefx.passes.training.calibration import Calibration
-from tilefx.passes.training.dsm_prior import (
+from tilefx.passes.priors.dsm import (
     DSMLatents,
     DSMPriorHook,
     DSMSettings,
@@ -20,6 +19,7 @@ from tilefx.passes.training.dsm_prior import (
     global_tau_scale,
     magnitude_mask,
 )
+from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.loop import LoopOptions, train
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import tilefx
 from tilefx.errors import RecipeError
-from tilefx.passes.training.gan_compression import (
+from tilefx.gan_training import (
     GANCompressionOptions,
     GANPlayers,
     compress_generator,

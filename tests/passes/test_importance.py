@@ -153,6 +153,6 @@ def test_channel_importance_is_a_cached_analysis_keyed_by_calibration_identity(n
 
 def test_an_unknown_criterion_names_the_registered_ones(net: ChainNet) -> None:
     gm = _gm(net)
-    registered = r"'l1', 'l2', 'bn_scale', 'taylor', 'dcp'"  # dcp registers itself from its own module
+    registered = r"'l1', 'l2', 'bn_scale', 'taylor', 'dcp', 'vrpge'"  # the catalogue's public names
     with pytest.raises(RecipeError, match=rf"unknown channel criterion 'l3'.*{registered}"):
         score_groups(gm, chain_groups(gm), "l3")

@@ -17,7 +17,6 @@ from tilefx.passes.metadata import BlockSparsity, get_metadata, matrix_view
 from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.gradual_pruning import MaskedWeight
-from tilefx.passes.training.loop import LoopOptions
 from tilefx.passes.training.reconstruct import reconstruct
 from tilefx.passes.training.taps import Tapped
 
@@ -175,5 +174,5 @@ def test_reconstruct_needs_a_oneshot_schedule() -> None:
         tilefx.Recovery(reconstruct=4)  # the default schedule is gradual
     with pytest.raises(RecipeError, match="reconstruct"):
         tilefx.Recovery(reconstruct=-1, schedule="oneshot")
-    with pytest.raises(RecipeError, match="oneshot"):
-        RecoverSparsityPass(LoopOptions(steps=1), Calibration([]), block=(4, 1), sparsity=0.5, reconstruct=2)
+    with pytest.raises(RecipeError, match="needs a block"):
+        RecoverSparsityPass(tilefx.Recovery(steps=1, schedule="oneshot", reconstruct=2), Calibration([]))

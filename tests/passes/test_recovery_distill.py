@@ -13,7 +13,6 @@ from tilefx.errors import RecipeError
 from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.distill import DistillLoss, pooled_cosine_distance, relative_mse
-from tilefx.passes.training.loop import LoopOptions
 
 
 class TinyEncoder(nn.Module):
@@ -76,11 +75,10 @@ def test_pooled_distillation_is_zero_when_student_is_teacher() -> None:
 
 def _pass(hidden_taps: str) -> RecoverSparsityPass:
     return RecoverSparsityPass(
-        loop=LoopOptions(steps=1, progress=False),
+        tilefx.Recovery(steps=1, progress=False, hidden_taps=hidden_taps),  # type: ignore[arg-type]
         calibration=Calibration(_sequences()),
         block=(8, 1),
         sparsity=0.5,
-        hidden_taps=hidden_taps,  # type: ignore[arg-type]
     )
 
 

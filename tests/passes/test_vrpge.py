@@ -17,6 +17,15 @@ from tilefx.graph_capture import capture
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.analysis.importance import ChannelImportance, score_groups
 from tilefx.passes.analysis.shapes import Shapes
+from tilefx.passes.criteria.vrpge import (
+    StructureSearch,
+    VRPGEOptions,
+    final_mask,
+    project_scores,
+    search_structure,
+    unit_costs,
+    vrpge_gradient,
+)
 from tilefx.passes.infra.analysis_manager import AnalysisManager
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.materialize_masks import MaterializeChannelMasksPass
@@ -28,15 +37,6 @@ from tilefx.passes.training.structure_masks import (
     ChannelMask,
     channel_masks,
     wrap_channel_masks,
-)
-from tilefx.passes.training.vrpge import (
-    StructureSearch,
-    VRPGEOptions,
-    final_mask,
-    project_scores,
-    search_structure,
-    unit_costs,
-    vrpge_gradient,
 )
 
 # ---- the estimator ---------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_optimize_prunes_a_tiny_cnn_end_to_end() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = [(torch.randn(8, 1, 5, 5), torch.randint(0, 3, (8,))) for _ in range(3)]
     options = {"steps": 10, "finetune_steps": 3}
-    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="vrpge", vrpge=options))
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="vrpge", options=options))
     out = tilefx.optimize(model, (data[0][0][:2],), recipe=recipe, calibration=data)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # never mutated
     assert all(n.op != "call_module" for n in out.graph.nodes)
@@ -235,13 +235,15 @@ def test_optimize_prunes_a_tiny_cnn_end_to_end() -> None:
 
 
 def test_recipe_loads_vrpge_options_from_toml_and_checks_them() -> None:
-    text = 'channels = { ratio = 0.4, criterion = "vrpge", vrpge = { steps = 5, estimator = "score" } }'
+    text = 'channels = { ratio = 0.4, criterion = "vrpge", options = { steps = 5, estimator = "score" } }'
     recipe = tilefx.Recipe.from_dict(tomllib.loads(text))
-    assert recipe.channels is not None and recipe.channels.vrpge == VRPGEOptions(steps=5, estimator="score")
+    assert recipe.channels is not None and recipe.channels.options == VRPGEOptions(steps=5, estimator="score")
     with pytest.raises(RecipeError, match="did you mean 'steps'"):
-        tilefx.ChannelPruning(criterion="vrpge", vrpge={"step": 5})
-    with pytest.raises(RecipeError, match="only read with criterion"):
-        tilefx.ChannelPruning(criterion="l1", vrpge=VRPGEOptions())
+        tilefx.ChannelPruning(criterion="vrpge", options={"step": 5})
+    with pytest.raises(RecipeError, match="criterion='l1' takes no options"):
+        tilefx.ChannelPruning(criterion="l1", options=VRPGEOptions())
+    with pytest.raises(RecipeError, match="must be a VRPGEOptions"):
+        tilefx.ChannelPruning(criterion="vrpge", options=tilefx.DCPOptions())
     with pytest.raises(RecipeError, match="samples"):
         VRPGEOptions(samples=1)
     with pytest.raises(RecipeError, match="calibration"):
@@ -254,7 +256,7 @@ def test_the_pruned_model_compiles_and_matches_its_torch_form() -> None:
     torch.manual_seed(0)
     data = [(torch.randn(8, 1, 5, 5), torch.randint(0, 3, (8,))) for _ in range(2)]
     options = VRPGEOptions(steps=4, finetune_steps=0)
-    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="vrpge", vrpge=options))
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="vrpge", options=options))
     out = tilefx.optimize(TinyCNN().eval(), (data[0][0][:2],), recipe=recipe, calibration=data)
     with pytest.warns(tilefx.CoverageWarning):  # smaller dense layers: nothing block-sparse to lower
         compiled = tilefx.compile(out, target="llvm")

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import tilefx
 from tilefx.passes import train_structure_params
-from tilefx.passes.training.vrpge import StructureSearch
+from tilefx.passes.criteria.vrpge import StructureSearch
 
 WORLD = 2
 
@@ -46,7 +46,7 @@ def _worker(rank: int, folder: str) -> None:
         train_structure_params.search_structure = recording  # type: ignore[assignment]
         torch.manual_seed(rank)  # ranks start from different RNG states: masks must still agree
         options = tilefx.VRPGEOptions(steps=6, finetune_steps=2)
-        recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="vrpge", vrpge=options))
+        recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, criterion="vrpge", options=options))
         gm = tilefx.optimize(model, (data[0][0],), recipe, calibration=data)
         torch.save(
             {"state": gm.state_dict(), "scores": searches[0].scores.detach()}, f"{folder}/rank{rank}.pt"

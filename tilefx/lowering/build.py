@@ -228,9 +228,10 @@ def compile_graph(
     return out
 
 
-def lowering_choices(gm: torch.fx.GraphModule) -> tuple[LayerChoice, ...]:
+def lowering_choices(model: torch.nn.Module) -> tuple[LayerChoice, ...]:
     """The per-layer choices ``compile_graph`` recorded on its result (empty for other modules)."""
-    return tuple(gm.meta.get("lowering_choices", ()))
+    meta = model.meta if isinstance(model, torch.fx.GraphModule) else {}
+    return tuple(meta.get("lowering_choices", ()))
 
 
 def _choose(

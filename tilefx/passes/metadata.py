@@ -31,6 +31,8 @@ import torch.fx
 
 from tilefx.errors import VerificationError
 
+from .graph_utils import attr_tensor
+
 __all__ = [
     "METADATA_KEY",
     "Annotation",
@@ -211,13 +213,6 @@ def apply_masks(target: torch.fx.GraphModule, source: torch.fx.GraphModule) -> t
         for name, annotations in get_metadata(source).params.items():
             for annotation in annotations:
                 if isinstance(annotation, sparsity):
-                    weight = _tensor(target, name)
+                    weight = attr_tensor(target, name)
                     weight.mul_(annotation.element_mask(weight.shape).to(weight.dtype))
     return target
-
-
-def _tensor(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
-    try:
-        return gm.get_parameter(name)
-    except AttributeError:
-        return gm.get_buffer(name)

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import field
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -36,9 +37,10 @@ import torch
 import torch.fx
 
 from tilefx.errors import RecipeError
+from tilefx.options import options
 
 from .analysis.block_selection import block_sums, check_finite, check_sparsity, lowest_blocks
-from .analysis.weight_layers import LayerPlan, LayerSelection, WeightLayer, weight_layers
+from .analysis.weight_layers import LayerPlan, LayerSelection, WeightLayer, WeightLayers, weight_layers
 from .coverage import CoverageWarning, warn_coverage
 from .infra.analysis_manager import AnalysisManager
 from .infra.pass_base import Numerics, PassBase, PassResult
@@ -50,7 +52,7 @@ __all__ = ["PruneBlocksPass"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@options
 class PruneBlocksPass(PassBase):
     """Block-prune linear/conv/matmul weights in their current coordinates.
 
@@ -64,33 +66,29 @@ class PruneBlocksPass(PassBase):
 
     numerics: ClassVar[Numerics] = "masked"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_sparsity(self.sparsity, "PruneBlocksPass.sparsity")
-        if len(self.block) != 2 or min(self.block) < 1:
+        if min(self.block) < 1:
             raise RecipeError(
                 f"PruneBlocksPass.block must be two positive sizes (b_out, b_in), got {self.block}"
             )
-        if self.indivisible not in ("skip", "raise"):
-            raise RecipeError(
-                f"PruneBlocksPass.indivisible must be 'skip' or 'raise', got {self.indivisible!r}"
-            )
 
-    def plan(self, gm: torch.fx.GraphModule) -> list[LayerPlan]:
-        """Per weight layer: the sparsity it will get, or None and the reason it is skipped."""
+    def plan(self, gm: torch.fx.GraphModule, layers: Sequence[WeightLayer] | None = None) -> list[LayerPlan]:
+        """Per weight layer (``layers``: ``gm``'s, when the caller has them): the sparsity it will
+        get, or None and the reason it is skipped."""
+        if layers is None:
+            layers = weight_layers(gm, matmul_weights=True)
         plans = []
-        for layer, sparsity, reason in self.selection.choose(
-            weight_layers(gm, matmul_weights=True), self.sparsity
-        ):
+        for layer, sparsity, reason in self.selection.choose(layers, self.sparsity):
+            problem = self._indivisible(layer) if sparsity is not None else ""
             if sparsity is not None:
                 check_sparsity(sparsity, f"sparsity of {layer.param}")
-                problem = self._indivisible(layer)
-                if problem and self.indivisible == "raise":
-                    raise RecipeError(
-                        f"PruneBlocksPass: {problem}; pick a dividing block or indivisible='skip'"
-                    )
-                if problem:
-                    sparsity, reason = None, problem
-            plans.append(LayerPlan(layer.param, sparsity, reason))
+            if problem and self.indivisible == "raise":
+                raise RecipeError(f"PruneBlocksPass: {problem}; pick a dividing block or indivisible='skip'")
+            if problem:
+                plans.append(LayerPlan(layer.param, None, problem, indivisible=True))
+            else:
+                plans.append(LayerPlan(layer.param, sparsity, reason))
         return plans
 
     def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
@@ -98,19 +96,20 @@ class PruneBlocksPass(PassBase):
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         modified = False
-        layers = {layer.param: layer for layer in weight_layers(gm, matmul_weights=True)}
+        found = am.get(WeightLayers(matmul_weights=True))
+        layers = {layer.param: layer for layer in found}
         if not layers:
             warnings.warn(
                 f"{self.name}: the graph has no linear or conv weight", CoverageWarning, stacklevel=2
             )
         indivisible = []
-        for plan in self.plan(gm):
+        for plan in self.plan(gm, found):
             layer = layers[plan.param]
             if plan.sparsity is not None:
                 modified |= self._prune(gm, layer, plan.sparsity)
                 continue
             log.info("PruneBlocksPass: %s left dense: %s", plan.param, plan.reason)
-            if plan.reason == self._indivisible(layer):
+            if plan.indivisible:
                 indivisible.append(self._why_indivisible(layer))
         warn_coverage(
             f"PruneBlocksPass(block={self.block})",

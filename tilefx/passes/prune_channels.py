@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -13,11 +13,13 @@ import torch
 import torch.fx
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 from .analysis.channel_groups import ChannelGroups, ChannelGroupsAnalysis, ChannelTrace
-from .analysis.importance import ChannelScores, score_groups
+from .analysis.importance import score_groups
+from .criteria import ChannelScores, criterion
 from .graph_utils import attr_tensor, set_attr_tensor, unique_attr_name
-from .handlers.api import Channels
+from .handlers.api import Attention, Channels
 from .infra.analysis_manager import Analysis, AnalysisManager
 from .infra.pass_base import Numerics, PassBase, PassResult
 from .infra.preconditions import require_aten_graph
@@ -25,12 +27,15 @@ from .metadata import ChannelSelection, Metadata, get_metadata, set_metadata
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PruneChannelsPass"]
+__all__ = ["PruneChannelsPass", "Scope"]
+
+#: Which units compete: those of each group ("layer") or all groups' together ("global").
+Scope = Literal["layer", "global"]
 
 aten = torch.ops.aten
 
 
-@dataclass(frozen=True)
+@options
 class PruneChannelsPass(PassBase):
     """Remove the lowest-scoring ``ratio`` of the units of every prunable channel group.
 
@@ -40,8 +45,9 @@ class PruneChannelsPass(PassBase):
     each group's mean). ``round_to`` keeps each group's unit count a multiple of it.
     ``attention="heads"`` removes whole attention heads instead of the same head dims in every head.
     ``scores`` may supply precomputed per-group scores (group id → tensor of ``units``) or an
-    analysis returning them (``ChannelImportance``: BN scale, Taylor, DCP), asked of this pass's
-    analysis manager on the graph it receives; otherwise ``criterion`` "l1"/"l2" is used. Where
+    analysis returning them (``ChannelImportance``: Taylor, DCP), asked of this pass's analysis
+    manager on the graph it receives; otherwise the catalogued ``criterion`` (one that needs no
+    calibration data: "l1", "l2", "bn_scale") scores them. Where
     the scores say how many units a group keeps (``ChannelScores.keep``: DCP-Adapt), that count
     replaces ``ratio`` for the group.
 
@@ -50,20 +56,23 @@ class PruneChannelsPass(PassBase):
     Requires: an ATen-level graph (checked: :class:`PreconditionError`).
     """
 
-    ratio: float = 0.3
-    criterion: Literal["l1", "l2"] = "l1"
-    scope: Literal["layer", "global"] = "layer"
+    ratio: float = option(default=0.3, ge=0, lt=1)
+    criterion: str = "l1"
+    scope: Scope = "layer"
     protect: tuple[str, ...] = ()
-    round_to: int = 1
+    round_to: int = option(default=1, ge=1)
     skip: tuple[str, ...] = ()
-    attention: Literal["head_dims", "heads"] = "head_dims"
+    attention: Attention = "head_dims"
     scores: Any = field(default=None, compare=False, hash=False)
 
     numerics: ClassVar[Numerics] = "masked"
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.ratio < 1:
-            raise RecipeError(f"PruneChannelsPass.ratio must be in [0, 1), got {self.ratio!r}")
+    def check(self) -> None:
+        if self.scores is None and criterion(self.criterion).needs_calibration:
+            raise RecipeError(
+                f"PruneChannelsPass: criterion {self.criterion!r} needs calibration data; pass "
+                "scores=ChannelImportance(groups, criterion, calibration=...) (tilefx.optimize does)"
+            )
 
     def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
         require_aten_graph(self.name, gm)

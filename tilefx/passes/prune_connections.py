@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -26,6 +26,7 @@ import torch
 import torch.fx
 
 from tilefx.errors import RecipeError
+from tilefx.options import options
 
 from .analysis.block_selection import check_finite, check_sparsity, lowest
 from .analysis.connection_strength import StrengthOptions, connection_strength
@@ -35,12 +36,14 @@ from .infra.pass_base import Numerics, PassBase, PassResult
 from .infra.preconditions import require_aten_graph
 from .metadata import BlockSparsity, get_metadata, set_metadata
 
-__all__ = ["PruneConnectionsPass"]
+__all__ = ["ConnectionCriterion", "PruneConnectionsPass"]
+
+ConnectionCriterion = Literal["synaptic_strength", "l1"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@options
 class PruneConnectionsPass(PassBase):
     """Connection (kernel-level) pruning to an exact sparsity.
 
@@ -48,21 +51,15 @@ class PruneConnectionsPass(PassBase):
     """
 
     sparsity: float
-    criterion: Literal["synaptic_strength", "l1"] = "synaptic_strength"
+    criterion: ConnectionCriterion = "synaptic_strength"
     scope: Literal["global", "layer"] = "global"
     selection: LayerSelection = field(default_factory=LayerSelection)
     strength: StrengthOptions = field(default_factory=StrengthOptions)
 
     numerics: ClassVar[Numerics] = "masked"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_sparsity(self.sparsity, "PruneConnectionsPass.sparsity")
-        if self.criterion not in ("synaptic_strength", "l1"):
-            raise RecipeError(
-                f"PruneConnectionsPass.criterion must be 'synaptic_strength' or 'l1', got {self.criterion!r}"
-            )
-        if self.scope not in ("global", "layer"):
-            raise RecipeError(f"PruneConnectionsPass.scope must be 'global' or 'layer', got {self.scope!r}")
         if self.scope == "global" and self.selection.per_layer:
             raise RecipeError("PruneConnectionsPass: per-layer sparsities need scope='layer'")
 

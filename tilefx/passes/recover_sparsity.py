@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 from .analysis.weight_layers import LayerSelection, weight_layers
 from .graph_utils import param_node
@@ -58,7 +59,7 @@ from .training.reconstruct import reconstruct
 from .training.sparsity_schedule import SparsitySchedule
 from .training.taps import Tapped
 
-__all__ = ["HiddenTaps", "RecoverSparsityPass"]
+__all__ = ["HiddenTaps", "RecoverSparsityPass", "Recovery"]
 
 HiddenTaps = Literal["inputs", "outputs", "norms"]
 _NORMS = frozenset(
@@ -72,69 +73,103 @@ _NORMS = frozenset(
 log = logging.getLogger(__name__)
 
 
+@options
+class Recovery(LoopOptions):
+    """Train while pruning, so the pruned model still works: needs ``optimize(..., calibration=...)``.
+
+    Batches are ``(inputs, labels)`` shaped like the example inputs; ``labels=None`` means unlabeled:
+    the model then learns from the dense model (distillation). The training loop's options
+    (:class:`~.training.loop.LoopOptions`: steps, lr, optimizer, warmup, decay, accumulate, seed,
+    checkpoint_dir, progress, ...) are this class's too: steps counts optimiser steps (each of
+    ``accumulate`` batches); lr warms up over ``warmup`` of the steps, then ``decay``s;
+    checkpoint_dir: save every ``checkpoint_every`` steps, and a rerun resumes there; progress: a
+    tqdm bar with the live loss and sparsity, when stderr is a terminal.
+    schedule: "gradual" raises sparsity along Zhu & Gupta's cubic curve over the first ``ramp``
+    of the steps, re-selecting masks from the current weights every ``every`` steps by ``score``
+    ("magnitude" or "movement"); "oneshot" prunes at step 0 and trains with the masks fixed.
+    distill: "output", "hidden" (outputs plus the hidden taps below) or None (labels only);
+    output_loss: "cosine" (relative MSE + cosine, for embeddings), "mse", "kl" (for logits) or
+    "pooled" (relative MSE + cosine of the sequence-mean-pooled outputs: sentence encoders).
+    hidden_taps: what distill="hidden" matches — the pruned layers' "inputs", their "outputs", or
+    every normalisation's output ("norms", the default: a transformer's residual stream; the
+    pruned layers' inputs when the model has no normalisation). trainable: every parameter
+    ("all"), or only the linear/conv layers' weights and biases ("layers").
+    token_mask: position of the attention-mask tensor among the flattened example inputs (1 for
+    ``BertModel(input_ids, attention_mask)``); padding is then left out of the loss.
+    reconstruct: with schedule="oneshot", choose the blocks and refit the kept weights layer by
+    layer on this many calibration batches before training (Optimal Brain Surgeon saliency, least
+    squares against the dense layer's output); 0: magnitude, no refit. Best with a pretrained
+    model and little training time.
+    """
+
+    steps: int = option(default=500, ge=0)
+    warmup: float = option(default=0.05, ge=0, lt=1)
+    schedule: Literal["gradual", "oneshot"] = "gradual"
+    distill: Literal["output", "hidden"] | None = "hidden"
+    output_loss: OutputLoss = "cosine"
+    score: Score = "magnitude"
+    trainable: Literal["all", "layers"] = "all"
+    ramp: float = option(default=0.6, ge=0, le=1)
+    every: int = option(default=10, ge=1)
+    hidden_taps: HiddenTaps = "norms"
+    token_mask: int | None = option(default=None, ge=0)
+    reconstruct: int = option(default=0, ge=0)
+
+    def check(self) -> None:
+        if self.reconstruct and self.schedule != "oneshot":
+            raise RecipeError(
+                f"Recovery.reconstruct={self.reconstruct} prunes every layer to its target before training, "
+                f'which a gradual schedule contradicts: set schedule="oneshot" or reconstruct=0'
+            )
+
+
 @dataclass(frozen=True)
 class RecoverSparsityPass(PassBase):
-    """Gradual (or one-shot) block pruning with recovery training. Requires: calibration batches
-    shaped like the example inputs (the captured graph is static). ``block=None`` only trains,
-    holding the sparsity already recorded. trainable: every parameter, or only the linear/conv
-    layers' weights and biases ("layers")."""
+    """Gradual (or one-shot) block pruning with recovery training, as ``recovery`` says. Requires:
+    calibration batches shaped like the example inputs (the captured graph is static).
+    ``block=None`` only trains, holding the sparsity already recorded. ``taps``: the hidden taps
+    to distil, when given, instead of those ``recovery.hidden_taps`` chooses."""
 
-    loop: LoopOptions
+    recovery: Recovery
     calibration: Calibration = field(compare=False, hash=False)
     block: tuple[int, int] | None = None
     sparsity: float = 0.0
-    schedule: Literal["gradual", "oneshot"] = "gradual"
-    ramp: float = 0.6
-    every: int = 10
-    score: Score = "magnitude"
-    distill: Literal["output", "hidden"] | None = "hidden"
-    output_loss: OutputLoss = "cosine"
     taps: tuple[str, ...] = ()
-    hidden_taps: HiddenTaps = "norms"
-    token_mask: int | None = None
-    trainable: Literal["all", "layers"] = "all"
-    reconstruct: int = 0
     selection: LayerSelection = field(default_factory=LayerSelection)
 
     numerics: ClassVar[Numerics] = "masked"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.ramp <= 1 or self.every < 1:
-            raise RecipeError(f"RecoverSparsityPass: ramp in [0, 1] and every >= 1 needed, got {self}")
-        if self.reconstruct and (self.schedule != "oneshot" or self.block is None):
+        if self.recovery.reconstruct and self.block is None:
             raise RecipeError(
                 "RecoverSparsityPass: reconstruct prunes every layer to its target before training, "
-                f'so it needs schedule="oneshot" and a block; got schedule={self.schedule!r}, block={self.block}'
+                "so it needs a block to prune"
             )
         if self.block is not None:
             PruneBlocksPass(self.block, self.sparsity, self.selection)  # validates block and sparsity
-        if self.hidden_taps not in ("inputs", "outputs", "norms"):
-            raise RecipeError(
-                f"RecoverSparsityPass.hidden_taps must be 'inputs', 'outputs' or 'norms', got {self.hidden_taps!r}"
-            )
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         check_batch_shapes(self.calibration, am.example_inputs, "recovery")
-        _check_token_mask(self.token_mask, am.example_inputs)
+        _check_token_mask(self.recovery.token_mask, am.example_inputs)
         masked = self._masked_weights(gm)
-        if not masked and self.loop.steps == 0:
+        if not masked and self.recovery.steps == 0:
             return PassResult(gm, False)
         teacher = copy.deepcopy(gm).requires_grad_(False)
-        pruning = GradualBlockPruning(masked, self._schedule(), self.score)
-        if self.reconstruct and not self._resuming():
+        pruning = GradualBlockPruning(masked, self._schedule(), self.recovery.score)
+        if self.recovery.reconstruct and not self._resuming():
             keep = reconstruct(
                 gm,
                 teacher,
                 masked,
                 self.calibration,
-                self.reconstruct,
-                self.token_mask,
-                progress=self.loop.progress,
+                self.recovery.reconstruct,
+                self.recovery.token_mask,
+                progress=self.recovery.progress,
             )
             pruning.start_from(keep)
             log.info("RecoverSparsityPass: reconstructed %d of %d pruned layers", len(keep), len(masked))
         hooks: list[LoopHook] = [pruning, _HeldSparsity(gm)]
-        result = self._train(gm, teacher, hooks) if self.loop.steps else None
+        result = self._train(gm, teacher, hooks) if self.recovery.steps else None
         pruning.finish()
         metadata = get_metadata(gm)
         for w in masked:
@@ -154,12 +189,14 @@ class RecoverSparsityPass(PassBase):
 
     def _resuming(self) -> bool:
         """A checkpoint will overwrite the weights and masks: reconstructing first would be wasted."""
-        path = checkpoint_path(self.loop)
-        return self.loop.steps > 0 and path is not None and path.exists()
+        path = checkpoint_path(self.recovery)
+        return self.recovery.steps > 0 and path is not None and path.exists()
 
     def _schedule(self) -> SparsitySchedule:
-        end = round(self.ramp * self.loop.steps) if self.schedule == "gradual" else 0
-        return SparsitySchedule(self.sparsity, end=end, every=self.every, kind=self.schedule)
+        end = round(self.recovery.ramp * self.recovery.steps) if self.recovery.schedule == "gradual" else 0
+        return SparsitySchedule(
+            self.sparsity, end=end, every=self.recovery.every, kind=self.recovery.schedule
+        )
 
     def _masked_weights(self, gm: torch.fx.GraphModule) -> list[MaskedWeight]:
         if self.block is None:
@@ -175,37 +212,43 @@ class RecoverSparsityPass(PassBase):
     def _train(
         self, gm: torch.fx.GraphModule, teacher: torch.fx.GraphModule, hooks: list[LoopHook]
     ) -> LoopResult:
-        taps = self._taps(gm) if self.distill == "hidden" else ()
+        taps = self._taps(gm) if self.recovery.distill == "hidden" else ()
         student = Tapped(gm, taps)
         objective = _Objective(
-            Tapped(teacher, taps), len(student.taps), self._distill_loss(), self.calibration, self.token_mask
+            Tapped(teacher, taps),
+            len(student.taps),
+            self._distill_loss(),
+            self.calibration,
+            self.recovery.token_mask,
         )
         trained = self._trained(gm)
         for name, p in gm.named_parameters():
             p.requires_grad_(name in trained)
         log.info(
             "RecoverSparsityPass: %d steps, %d hidden taps, %d parameters trained",
-            self.loop.steps,
+            self.recovery.steps,
             len(taps),
             len(trained),
         )
-        return train(student.module, objective, self.calibration, self.loop, hooks)
+        return train(student.module, objective, self.calibration, self.recovery, hooks)
 
     def _trained(self, gm: torch.fx.GraphModule) -> set[str]:
         """Every floating parameter, or (``trainable="layers"``) the linear/conv weights and biases:
         embeddings and norms then stay as the dense model has them, so a small corpus cannot drift
         the embeddings of the words it happens to contain."""
         floating = {name for name, p in gm.named_parameters() if p.is_floating_point()}
-        if self.trainable == "all":
+        if self.recovery.trainable == "all":
             return floating
         layers = weight_layers(gm)
         biases = {param_node(layer.node.args[2]) for layer in layers if len(layer.node.args) > 2}
         return floating & ({layer.param for layer in layers} | {b for b in biases if b is not None})
 
     def _distill_loss(self) -> DistillLoss | None:
-        if self.distill is None:
+        if self.recovery.distill is None:
             return None
-        return DistillLoss(self.output_loss, hidden=1.0 if self.distill == "hidden" else 0.0)
+        return DistillLoss(
+            self.recovery.output_loss, hidden=1.0 if self.recovery.distill == "hidden" else 0.0
+        )
 
     def _taps(self, gm: torch.fx.GraphModule) -> tuple[str, ...]:
         """``taps`` as given, else by ``hidden_taps``: the distinct inputs of the pruned layers that
@@ -213,7 +256,7 @@ class RecoverSparsityPass(PassBase):
         inputs when the graph has no normalisation)."""
         if self.taps:
             return self.taps
-        if self.hidden_taps == "norms":
+        if self.recovery.hidden_taps == "norms":
             norms = tuple(n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _NORMS)
             if norms:
                 return norms
@@ -222,7 +265,7 @@ class RecoverSparsityPass(PassBase):
         for layer in weight_layers(gm):
             if layer.param not in pruned:
                 continue
-            if self.hidden_taps == "outputs":
+            if self.recovery.hidden_taps == "outputs":
                 found[layer.node.name] = None
             elif layer.input.op != "placeholder":
                 found[layer.input.name] = None

@@ -33,48 +33,66 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 from .analysis.weight_layers import WeightLayer, weight_layers
 from .infra.analysis_manager import AnalysisManager
 from .infra.pass_base import Numerics, PassBase, PassResult
 from .infra.preconditions import require_aten_graph
 from .metadata import BlockSparsity, Metadata, apply_masks, get_metadata, set_metadata
+from .priors.dsm import DSMPriorHook, DSMSettings, MapForm, magnitude_mask
 from .training.calibration import Calibration, check_batch_shapes
-from .training.dsm_prior import DSMPriorHook, DSMSettings, MapForm, magnitude_mask
-from .training.loop import LoopOptions, train
+from .training.loop import Decay, LoopOptions, train
 
-__all__ = ["TrainDSMPriorPass", "count_examples"]
+__all__ = ["DirichletScaleMixture", "TrainDSMPriorPass", "count_examples"]
 
 log = logging.getLogger(__name__)
+
+
+@options
+class DirichletScaleMixture(LoopOptions, DSMSettings):
+    """Train under a Dirichlet scale mixture prior, then prune the prior's layers by ``|w|``.
+
+    The node-wise DSM prior of Arnstad et al. (2026) in its MAP form (docs/methods.md §4): the
+    one training loop fits the model to the labelled calibration batches (their loss:
+    cross-entropy, or a ``Calibration``'s own) plus ``-log p(W, latents) / N`` on each chosen
+    linear weight, then each keeps its ``1 - sparsity`` largest ``|w|``; the zeros are recorded as
+    (1, 1) blocks, which ``tilefx.compile`` lowers to block-sparse kernels. Needs calibration.
+    The prior's hyperparameters are :class:`~.priors.dsm.DSMSettings`' (kind: "horseshoe", node
+    scales λ ~ C⁺, or "student_t", λ ~ t₃⁺; alpha, p0, slab_a, slab_b, student_df: the paper's
+    code's by default), the training's are :class:`~.training.loop.LoopOptions`' (steps, lr,
+    optimizer, weight_decay, decay, seed, progress, ...). layers: parameter or module names of
+    ``nn.Linear`` layers; empty means the first linear in graph order (the paper's first layer).
+    examples: N in τ₀ = p₀/(P − p₀)/√N and in the prior's weight 1/N; None counts the calibration
+    examples. form: "non_centred" (default) maximises the prior density of ``W/σ``, the sampler's
+    coordinates; "centred" that of W, which tends to collapse every weight to zero
+    (``DSMPriorHook``).
+    """
+
+    steps: int = option(default=500, ge=0)
+    lr: float = option(default=1e-2, gt=0)
+    decay: Decay = "constant"
+    sparsity: float = option(default=0.8, ge=0, lt=1)
+    layers: tuple[str, ...] = ()
+    examples: int | None = option(default=None, ge=1)
+    form: MapForm = "non_centred"
 
 
 @dataclass(frozen=True)
 class TrainDSMPriorPass(PassBase):
     """Train with the DSM prior on the chosen linear weights, then prune them by ``|w|``.
 
-    layers: parameter names (``"fc1.weight"``) or module names (``"fc1"``) of ``aten.linear``
-    weights; empty means the first linear in graph order. examples: N in the prior's τ₀ and in the
-    regulariser's scale; None counts the calibration inputs (one pass over the batches).
-    form: the density the MAP fit maximises (:class:`DSMPriorHook`); the latents start at the
-    scales the weights entering the pass imply (``init="weights"``).
+    ``prior`` says which weights (``layers``: parameter names ``"fc1.weight"`` or module names
+    ``"fc1"`` of ``aten.linear`` weights; empty: the first linear in graph order), how sparse, the
+    prior's hyperparameters and the training budget. The latents start at the scales the weights
+    entering the pass imply (``init="weights"``).
     Requires: an ATen-level graph; labelled calibration batches shaped like the example inputs.
     """
 
-    settings: DSMSettings
-    loop: LoopOptions
+    prior: DirichletScaleMixture
     calibration: Calibration = field(compare=False, hash=False)
-    sparsity: float = 0.8
-    layers: tuple[str, ...] = ()
-    examples: int | None = None
-    form: MapForm = "non_centred"
 
     numerics: ClassVar[Numerics] = "masked"
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.sparsity < 1:
-            raise RecipeError(f"TrainDSMPriorPass.sparsity must be in [0, 1), got {self.sparsity!r}")
-        if self.examples is not None and self.examples < 1:
-            raise RecipeError(f"TrainDSMPriorPass.examples must be >= 1 or None, got {self.examples!r}")
 
     def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
         require_aten_graph(self.name, gm)
@@ -83,15 +101,15 @@ class TrainDSMPriorPass(PassBase):
         check_batch_shapes(self.calibration, am.example_inputs, "DirichletScaleMixture")
         chosen = self.chosen(gm)
         trained = self._train(gm, chosen)
-        pruned = self._prune(gm, chosen) if self.sparsity > 0 else False
+        pruned = self._prune(gm, chosen) if self.prior.sparsity > 0 else False
         return PassResult(gm, trained or pruned)
 
     def _train(self, gm: torch.fx.GraphModule, chosen: list[WeightLayer]) -> bool:
         """Every floating parameter and the prior's latents, on the one loop; True if a step ran."""
-        examples = self.examples or count_examples(self.calibration)
+        examples = self.prior.examples or count_examples(self.calibration)
         hooks = [
             DSMPriorHook(
-                gm.get_parameter(layer.param), self.settings, examples, form=self.form, init="weights"
+                gm.get_parameter(layer.param), self.prior, examples, form=self.prior.form, init="weights"
             )
             for layer in chosen
         ]
@@ -102,7 +120,7 @@ class TrainDSMPriorPass(PassBase):
         latents = [p for hook in hooks for p in hook.parameters()]
         try:
             result = train(
-                gm, _TaskLoss(self.calibration), self.calibration, self.loop, hooks, [*trainable, *latents]
+                gm, _TaskLoss(self.calibration), self.calibration, self.prior, hooks, [*trainable, *latents]
             )
         finally:
             for p, flag in zip(trainable, flags, strict=True):
@@ -116,7 +134,7 @@ class TrainDSMPriorPass(PassBase):
         metadata, changed = get_metadata(gm), False
         for layer in chosen:
             weight = gm.get_parameter(layer.param)
-            keep = magnitude_mask(weight.detach().abs().cpu(), self.sparsity)
+            keep = magnitude_mask(weight.detach().abs().cpu(), self.prior.sparsity)
             changed |= bool(weight.detach().cpu()[~keep].any()) or not _recorded(metadata, layer.param, keep)
             with torch.no_grad():
                 weight.mul_(keep.to(weight.device, weight.dtype))
@@ -135,13 +153,13 @@ class TrainDSMPriorPass(PassBase):
         """The linear layers the prior goes on; a name that is no linear weight is a RecipeError."""
         layers = weight_layers(gm)
         linears = [layer for layer in layers if layer.kind == "linear" and not layer.transposed]
-        if not self.layers:
+        if not self.prior.layers:
             if not linears:
                 raise RecipeError("DirichletScaleMixture: the model has no linear layer to put the prior on")
             return linears[:1]
         by_name = {layer.param: layer for layer in layers}
         found: list[WeightLayer] = []
-        for name in self.layers:
+        for name in self.prior.layers:
             layer = by_name.get(name) or by_name.get(f"{name}.weight")
             if layer is None or layer not in linears:
                 known = ", ".join(repr(layer.param) for layer in linears)

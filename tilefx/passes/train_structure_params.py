@@ -5,31 +5,32 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import field
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
 
-from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 from .analysis.channel_groups import ChannelGroupsAnalysis
 from .analysis.shapes import Shapes
+from .criteria.vrpge import VRPGEOptions, search_structure, unit_costs
+from .handlers.api import Attention
 from .infra.analysis_manager import AnalysisManager
 from .infra.pass_base import Numerics, PassBase, PassResult
 from .infra.preconditions import require_aten_graph
 from .training.calibration import Calibration
 from .training.structure_masks import wrap_channel_masks
-from .training.vrpge import VRPGEOptions, search_structure, unit_costs
 
 __all__ = ["TrainStructureParamsPass"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@options
 class TrainStructureParamsPass(PassBase):
-    """VR-PGE (``tilefx.passes.training.vrpge``) on every prunable channel group of the graph.
+    """VR-PGE (``tilefx.passes.criteria.vrpge``) on every prunable channel group of the graph.
 
     Wraps the groups' parameters in channel masks, trains weights and scores on ``calibration``
     (the one training loop), fixes a mask keeping ``1 − ratio`` of the budget and fine-tunes with
@@ -41,20 +42,14 @@ class TrainStructureParamsPass(PassBase):
     Requires: an ATen-level graph; calibration batches shaped like the example inputs.
     """
 
-    ratio: float
+    ratio: float = option(ge=0, lt=1)
     calibration: Calibration = field(compare=False, hash=False)
     options: VRPGEOptions = field(default_factory=VRPGEOptions)
     skip: tuple[str, ...] = ()
     protect: tuple[str, ...] = ()
-    attention: Literal["head_dims", "heads"] = "head_dims"
+    attention: Attention = "head_dims"
 
     numerics: ClassVar[Numerics] = "masked"
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.ratio < 1:
-            raise RecipeError(f"TrainStructureParamsPass.ratio must be in [0, 1), got {self.ratio!r}")
-        if not isinstance(self.options, VRPGEOptions):
-            raise RecipeError(f"TrainStructureParamsPass.options must be VRPGEOptions, got {self.options!r}")
 
     def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
         require_aten_graph(self.name, gm)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from tilefx.errors import UnsupportedOpError
 
 from ..handlers import HANDLERS
 from ..handlers.api import (
+    Attention,
     Channels,
     Context,
     KeptCounter,
@@ -118,7 +118,7 @@ class ChannelGroupsAnalysis(Analysis[ChannelGroups]):
 
     skip: tuple[str, ...] = ()
     protect: tuple[str, ...] = ()
-    attention: Literal["head_dims", "heads"] = "head_dims"
+    attention: Attention = "head_dims"
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> ChannelGroups:
         ctx = Context(gm, am.get(Shapes()), self.attention)

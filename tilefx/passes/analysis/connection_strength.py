@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.fx
 
-from tilefx.errors import RecipeError
+from tilefx.options import options
 
 from ..graph_utils import BATCH_NORMS
 from ..infra.analysis_manager import Analysis, AnalysisManager
@@ -63,17 +63,13 @@ _PASS_THROUGH = frozenset(
 _FLATTEN = frozenset({aten.flatten.using_ints})
 
 
-@dataclass(frozen=True)
+@options
 class StrengthOptions:
     """The [unverified] choices of the post-training estimate; see the module docstring."""
 
     input_scale: Literal["bn", "none"] = "bn"
     kernel_norm: Literal["fro", "l1"] = "fro"
     layernorm: bool = False
-
-    def __post_init__(self) -> None:
-        if self.input_scale not in ("bn", "none") or self.kernel_norm not in ("fro", "l1"):
-            raise RecipeError(f"StrengthOptions out of range: {self}")
 
 
 @dataclass(frozen=True)

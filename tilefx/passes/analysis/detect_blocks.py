@@ -20,12 +20,12 @@ Weights and graph are untouched (numerics "exact"); only the metadata gains reco
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.fx
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 from ..infra.analysis_manager import AnalysisManager
 from ..infra.pass_base import PassBase, PassResult
@@ -54,7 +54,7 @@ CANDIDATES: tuple[tuple[int, int], ...] = (
 )
 
 
-@dataclass(frozen=True)
+@options
 class DetectBlocksPass(PassBase):
     """Record the block sparsity each linear / conv / matmul weight already has.
 
@@ -63,15 +63,13 @@ class DetectBlocksPass(PassBase):
     """
 
     candidates: tuple[tuple[int, int], ...] = CANDIDATES
-    stray: float = 0.01
+    stray: float = option(default=0.01, ge=0, lt=1)
 
-    def __post_init__(self) -> None:
-        if not self.candidates or any(len(b) != 2 or min(b) < 1 for b in self.candidates):
+    def check(self) -> None:
+        if not self.candidates or any(min(b) < 1 for b in self.candidates):
             raise RecipeError(
                 f"DetectBlocksPass.candidates must be pairs of positive sizes, got {self.candidates}"
             )
-        if not 0.0 <= self.stray < 1.0:
-            raise RecipeError(f"DetectBlocksPass.stray must be in [0, 1), got {self.stray}")
 
     def requires(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> None:
         require_aten_graph(self.name, gm)

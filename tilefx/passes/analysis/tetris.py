@@ -28,12 +28,12 @@ import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 import torch
 
-from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 from .block_selection import expand_blocks
 from .tetris_em import MStep, State, em, greedy_swaps
@@ -45,6 +45,8 @@ __all__ = [
     "BEST",
     "FAITHFUL",
     "FAST",
+    "PRESETS",
+    "TetrisPreset",
     "Concat",
     "Operand",
     "TetrisOptions",
@@ -61,7 +63,7 @@ log = logging.getLogger(__name__)
 Init = Literal[Start, "multi"]
 
 
-@dataclass(frozen=True)
+@options
 class TetrisOptions:
     """How to search. Defaults are the authors' algorithm.
 
@@ -76,11 +78,11 @@ class TetrisOptions:
     """
 
     init: Init = "identity"
-    restarts: int = 0
-    perturb: float = 0.15
+    restarts: int = option(default=0, ge=0)
+    perturb: float = option(default=0.15, gt=0, le=1)
     final_e_step: bool = False
-    tol: float = 1e-5
-    max_iters: int = 100
+    tol: float = option(default=1e-5, ge=0)
+    max_iters: int = option(default=100, ge=1)
     skip_unit_blocks: bool = False
     pad: bool = False
     seed: int = 0
@@ -89,6 +91,10 @@ class TetrisOptions:
 FAITHFUL = TetrisOptions()
 BEST = TetrisOptions(init="multi", restarts=2, final_e_step=True, skip_unit_blocks=True)
 FAST = TetrisOptions(init="auto", final_e_step=True, skip_unit_blocks=True)
+
+TetrisPreset = Literal["faithful", "fast", "best"]
+#: The presets ``tilefx.BlockPruning(tetris=...)`` names.
+PRESETS: dict[str, TetrisOptions] = {"faithful": FAITHFUL, "fast": FAST, "best": BEST}
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +159,6 @@ def tetris(
     ``initial`` optionally warm-starts some variables' orders (it overrides ``options.init`` for them).
     """
     start = time.perf_counter()
-    check_options(options)
     problem = Problem.build(operands, sparsity, pad=options.pad)
     return tetris_result(problem, search(problem, options, initial), time.perf_counter() - start)
 
@@ -213,16 +218,6 @@ def tetris_result(problem: Problem, state: State, seconds: float) -> TetrisResul
     return TetrisResult(
         orders, tuple(keep), tuple(block_keep), state.history, total, seconds, state.iterations
     )
-
-
-def check_options(options: TetrisOptions) -> None:
-    """Options out of range are a RecipeError naming the field, raised before any work."""
-    if options.init not in get_args(Init):
-        raise RecipeError(
-            f"TetrisOptions.init must be one of {'/'.join(get_args(Init))}, got {options.init!r}"
-        )
-    if options.restarts < 0 or options.max_iters < 1 or not 0 < options.perturb <= 1:
-        raise RecipeError(f"TetrisOptions out of range: {options}")
 
 
 def _starts(problem: Problem, options: TetrisOptions) -> list[dict[Hashable, np.ndarray]]:

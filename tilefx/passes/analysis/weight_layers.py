@@ -22,7 +22,9 @@ import torch.fx
 
 from tilefx.errors import RecipeError
 
-__all__ = ["LayerPlan", "LayerSelection", "WeightLayer", "layer_of", "weight_layers"]
+from ..infra.analysis_manager import Analysis, AnalysisManager
+
+__all__ = ["LayerPlan", "LayerSelection", "WeightLayer", "WeightLayers", "layer_of", "weight_layers"]
 
 aten = torch.ops.aten
 _LINEAR = aten.linear.default
@@ -175,12 +177,27 @@ def _tensor(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class WeightLayers(Analysis[tuple[WeightLayer, ...]]):
+    """:func:`weight_layers` as a cached analysis, so the passes and planners of one run share it."""
+
+    matmul_weights: bool = False
+
+    def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> tuple[WeightLayer, ...]:
+        return tuple(weight_layers(gm, matmul_weights=self.matmul_weights))
+
+
+@dataclass(frozen=True)
 class LayerPlan:
-    """What a pruning pass will do to one weight: its sparsity (None = left dense) and why."""
+    """What a pruning pass will do to one weight: its sparsity (None = left dense) and why.
+
+    ``indivisible``: left dense because the block does not tile it (not by the user's selection),
+    which is what the pass warns about; ``reason`` is the sentence for people.
+    """
 
     param: str
     sparsity: float | None
     reason: str
+    indivisible: bool = False
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch.fx.node import Argument
 from tilefx.errors import UnsupportedOpError
 
 __all__ = [
+    "Attention",
     "Channels",
     "Context",
     "KeptCounter",
@@ -36,6 +37,9 @@ __all__ = [
     "list_arg",
     "op_arg",
 ]
+
+#: The unit of a split feeding attention: one head dim in every head, or a whole head.
+Attention = Literal["head_dims", "heads"]
 
 Role = Literal["out", "in", "other"]
 
@@ -128,7 +132,7 @@ class Context:
     """What handlers see while the analysis walks the graph (see ``passes/handlers``)."""
 
     def __init__(
-        self, gm: torch.fx.GraphModule, shapes: dict[str, tuple[int, ...]], attention: str = "head_dims"
+        self, gm: torch.fx.GraphModule, shapes: dict[str, tuple[int, ...]], attention: Attention = "head_dims"
     ) -> None:
         self.gm = gm
         self.shapes = shapes

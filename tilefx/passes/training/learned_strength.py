@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 from ..analysis.block_selection import check_sparsity
 from .calibration import Calibration
@@ -82,7 +82,7 @@ class SynapticConv2d(nn.Module):
         return conv.to(self.direction.device)
 
 
-@dataclass(frozen=True)
+@options
 class SynapticStrengthHook:
     """The training-time method's pieces, and the method on the training loop.
 
@@ -93,15 +93,13 @@ class SynapticStrengthHook:
     """
 
     sparsity: float
-    penalty: float = 1e-4
+    penalty: float = option(default=1e-4, ge=0)
     scope: Literal["global", "layer"] = "global"
     skip_first: bool = False
     signed: bool = True
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_sparsity(self.sparsity, "SynapticStrengthHook.sparsity")
-        if self.penalty < 0 or self.scope not in ("global", "layer"):
-            raise RecipeError(f"SynapticStrengthHook options out of range: {self}")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` with every (selected) ``nn.Conv2d`` replaced by a :class:`SynapticConv2d`."""

@@ -37,15 +37,18 @@ import torch.utils._pytree as pytree
 from tqdm import tqdm
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 from .calibration import Batch, Calibration
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "Decay",
     "LoopHook",
     "LoopOptions",
     "LoopResult",
     "Objective",
+    "Optimizer",
     "broadcast_from_rank0",
     "checkpoint_path",
     "is_main_process",
@@ -60,7 +63,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 Objective = Callable[[nn.Module, tuple[Any, ...], Any], torch.Tensor]
 
 
-@dataclass(frozen=True)
+Optimizer = Literal["adamw", "sgd"]
+Decay = Literal["constant", "linear", "cosine"]
+
+
+@options
 class LoopOptions:
     """How to train: budget, optimiser, learning-rate schedule, accumulation, seeding, checkpoints.
 
@@ -70,35 +77,29 @@ class LoopOptions:
     checkpoint_dir: save every ``checkpoint_every`` steps and at the end; a run finding a
     checkpoint there resumes from it. distributed: False trains locally on every batch even under
     ``torch.distributed`` (a method every rank runs identically on the same data, e.g. DCP's
-    selection), with no DDP, no sharding and no all-reduce.
+    selection), with no DDP, no sharding and no all-reduce. Method options that train (``tilefx.Recovery``,
+    ``tilefx.DirichletScaleMixture``, SSGAC's) extend this class, so these fields and their
+    checks are written once.
     """
 
-    steps: int
-    lr: float = 1e-4
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = 0.0
-    momentum: float = 0.9
+    steps: int = option(ge=0)
+    lr: float = option(default=1e-4, gt=0)
+    optimizer: Optimizer = "adamw"
+    weight_decay: float = option(default=0.0, ge=0)
+    momentum: float = option(default=0.9, ge=0)
     nesterov: bool = False
-    warmup: float = 0.0
-    decay: Literal["constant", "linear", "cosine"] = "linear"
-    accumulate: int = 1
-    max_grad_norm: float | None = None
-    seed: int = 0
+    warmup: float = option(default=0.0, ge=0, lt=1)
+    decay: Decay = "linear"
+    accumulate: int = option(default=1, ge=1)
+    max_grad_norm: float | None = option(default=None, gt=0)
+    seed: int = option(default=0, ge=0)
     shuffle: bool = True
     checkpoint_dir: str | None = None
-    checkpoint_every: int = 100
+    checkpoint_every: int = option(default=100, ge=1)
     progress: bool = True
-    log_every: int = 50
+    log_every: int = option(default=50, ge=1)
     distributed: bool = True
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's; GANs train with β₁ = 0.5
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.accumulate < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise RecipeError(f"LoopOptions: steps >= 0 and accumulate, intervals >= 1 needed: {self}")
-        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1:
-            raise RecipeError(f"LoopOptions: lr > 0, weight_decay >= 0, warmup in [0, 1) needed: {self}")
-        if self.optimizer not in ("adamw", "sgd") or self.decay not in ("constant", "linear", "cosine"):
-            raise RecipeError(f"LoopOptions: unknown optimizer or decay: {self}")
 
 
 class LoopHook:

@@ -13,15 +13,15 @@ re-selected only at pruning steps (every ``every`` steps, and at ``end``), so th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 __all__ = ["SparsitySchedule"]
 
 
-@dataclass(frozen=True)
+@options
 class SparsitySchedule:
     """Sparsity as a function of the step (0-based, before that step's optimiser update).
 
@@ -31,19 +31,17 @@ class SparsitySchedule:
 
     target: float
     end: int = 0
-    begin: int = 0
-    every: int = 1
+    begin: int = option(default=0, ge=0)
+    every: int = option(default=1, ge=1)
     initial: float = 0.0
     kind: Literal["gradual", "oneshot"] = "gradual"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not 0 <= self.initial <= self.target < 1:
             raise RecipeError(
                 f"SparsitySchedule needs 0 <= initial <= target < 1, got {self.initial}, {self.target}"
             )
-        if self.kind not in ("gradual", "oneshot"):
-            raise RecipeError(f"SparsitySchedule.kind must be 'gradual' or 'oneshot', got {self.kind!r}")
-        if self.begin < 0 or self.end < self.begin or self.every < 1:
+        if self.end < self.begin:
             raise RecipeError(
                 f"SparsitySchedule needs 0 <= begin <= end and every >= 1, got {self.begin}, {self.end}, {self.every}"
             )

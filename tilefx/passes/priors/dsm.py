@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
-from .loop import LoopHook
+from ..training.loop import LoopHook
 
 __all__ = [
     "DSMLatents",
@@ -46,7 +47,7 @@ Kind = Literal["horseshoe", "student_t"]
 MapForm = Literal["centred", "non_centred"]
 
 
-@dataclass(frozen=True)
+@options
 class DSMSettings:
     """Hyperparameters of the node-wise DSM prior (defaults: those of the paper's code).
 
@@ -55,19 +56,11 @@ class DSMSettings:
     """
 
     kind: Kind = "horseshoe"
-    alpha: float = 0.1
-    p0: float = 4.0
-    slab_a: float = 2.0
-    slab_b: float = 4.0
-    student_df: float = 3.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("horseshoe", "student_t"):
-            raise RecipeError(f"DSMSettings.kind must be 'horseshoe' or 'student_t', got {self.kind!r}")
-        if not (
-            self.alpha > 0 and self.p0 > 0 and self.slab_a > 0 and self.slab_b > 0 and self.student_df > 0
-        ):
-            raise RecipeError(f"DSMSettings: alpha, p0, slab_a, slab_b, student_df must be > 0: {self}")
+    alpha: float = option(default=0.1, gt=0)
+    p0: float = option(default=4.0, gt=0)
+    slab_a: float = option(default=2.0, gt=0)
+    slab_b: float = option(default=4.0, gt=0)
+    student_df: float = option(default=3.0, gt=0)
 
     def base_scale(self, hidden: int, inputs: int) -> float:
         """s0: the horseshoe file scales z by 1/sqrt(H) and w by 1/sqrt(P); the Student-t file not."""

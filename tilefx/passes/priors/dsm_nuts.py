@@ -18,7 +18,7 @@ import torch
 
 from tilefx.errors import RecipeError
 
-from .dsm_prior import DSMSettings, global_tau_scale, magnitude_mask
+from .dsm import DSMSettings, global_tau_scale, magnitude_mask
 
 __all__ = ["MLPPosterior", "per_draw_masks", "sample_mlp_posterior"]
 

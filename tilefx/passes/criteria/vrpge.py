@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -46,21 +45,17 @@ import torch.fx
 import torch.nn as nn
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 from ..analysis.channel_groups import ChannelGroup
-from ..analysis.importance import (
-    ChannelScores,
-    CriterionOptions,
-    ScoringInputs,
-    register_criterion,
-    unit_rows,
-)
 from ..graph_utils import attr_tensor, get_attr_users
-from .calibration import Calibration
-from .loop import LoopHook, LoopOptions, broadcast_from_rank0, train
-from .structure_masks import WrappedGroup
+from ..training.calibration import Calibration
+from ..training.loop import LoopHook, LoopOptions, Optimizer, broadcast_from_rank0, train
+from ..training.structure_masks import WrappedGroup
+from .base import ChannelScores, Criterion, CriterionOptions, ScoringInputs, unit_rows
 
 __all__ = [
+    "VRPGE",
     "Budget",
     "Estimator",
     "StructureSearch",
@@ -82,7 +77,7 @@ Budget = Literal["channels", "flops"]
 _EPS = 1e-6  # ψ divides by s(1 − s): scores are clamped this far inside [0, 1] there
 
 
-@dataclass(frozen=True)
+@options
 class VRPGEOptions(CriterionOptions):
     """VR-PGE's knobs. The budget keeps ``1 − ChannelPruning.ratio`` of the channels (or FLOPs).
 
@@ -92,43 +87,21 @@ class VRPGEOptions(CriterionOptions):
     final_batches: training batches the "sample" choice scores each candidate mask on.
     """
 
-    steps: int = 300
-    lr: float = 0.01
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    finetune_steps: int = 100
-    finetune_lr: float = 0.001
-    score_lr: float = 0.05
-    score_init: float | None = None
-    score_clip: float | None = 3.0
-    samples: int = 2
+    steps: int = option(default=300, ge=0)
+    lr: float = option(default=0.01, gt=0)
+    optimizer: Optimizer = "sgd"
+    finetune_steps: int = option(default=100, ge=0)
+    finetune_lr: float = option(default=0.001, gt=0)
+    score_lr: float = option(default=0.05, gt=0)
+    score_init: float | None = option(default=None, gt=0, le=1)
+    score_clip: float | None = option(default=3.0, gt=0)
+    samples: int = option(default=2, ge=2)  # the baseline needs two
     estimator: Estimator = "code"
     budget: Budget = "channels"
     final: Literal["sample", "top"] = "sample"
-    final_samples: int = 10
-    final_batches: int = 4
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.finetune_steps < 0 or self.final_batches < 1 or self.final_samples < 1:
-            raise RecipeError(f"VRPGEOptions: steps, finetune_steps >= 0 and final_* >= 1 needed: {self}")
-        if self.samples < 2:
-            raise RecipeError(
-                f"VRPGEOptions.samples must be >= 2 (the baseline needs two), got {self.samples}"
-            )
-        if not (self.lr > 0 and self.finetune_lr > 0 and self.score_lr > 0):
-            raise RecipeError(f"VRPGEOptions: lr, finetune_lr and score_lr must be positive: {self}")
-        if self.score_init is not None and not 0 < self.score_init <= 1:
-            raise RecipeError(f"VRPGEOptions.score_init must be in (0, 1], got {self.score_init!r}")
-        if self.score_clip is not None and not self.score_clip > 0:
-            raise RecipeError(f"VRPGEOptions.score_clip must be positive or None, got {self.score_clip!r}")
-        for name, value, choices in (
-            ("optimizer", self.optimizer, ("sgd", "adamw")),
-            ("estimator", self.estimator, ("code", "score")),
-            ("budget", self.budget, ("channels", "flops")),
-            ("final", self.final, ("sample", "top")),
-        ):
-            if value not in choices:
-                raise RecipeError(f"VRPGEOptions.{name} must be one of {choices}, got {value!r}")
+    final_samples: int = option(default=10, ge=1)
+    final_batches: int = option(default=4, ge=1)
+    seed: int = option(default=0, ge=0)
 
 
 def vrpge_gradient(
@@ -375,7 +348,6 @@ def _fixed_mask_objective(data: Calibration) -> Any:
     return objective
 
 
-@register_criterion("vrpge")
 def vrpge_criterion(
     gm: torch.fx.GraphModule, groups: tuple[ChannelGroup, ...], inputs: ScoringInputs
 ) -> ChannelScores:
@@ -402,3 +374,8 @@ def vrpge_criterion(
             'unless those passes ran first (tilefx.optimize runs them for ChannelPruning(criterion="vrpge"))'
         )
     return ChannelScores("vrpge", scores, keep)
+
+
+VRPGE = Criterion(
+    "vrpge", vrpge_criterion, options_type=VRPGEOptions, needs_calibration=True, trains_structure=True
+)

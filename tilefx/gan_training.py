@@ -48,14 +48,13 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
-from ..analysis.channel_groups import ChannelGroup
-from ..analysis.importance import ChannelScores, ScoringInputs, magnitude_scores, register_criterion
-from ..metadata import BlockSparsity, matrix_view
-from .calibration import Calibration
-from .gradual_pruning import GradualBlockPruning, MaskedWeight
-from .loop import LoopHook, LoopOptions, train
-from .sparsity_schedule import SparsitySchedule
+from .passes.metadata import BlockSparsity, matrix_view
+from .passes.training.calibration import Calibration
+from .passes.training.gradual_pruning import GradualBlockPruning, MaskedWeight
+from .passes.training.loop import LoopHook, LoopOptions, train
+from .passes.training.sparsity_schedule import SparsitySchedule
 
 __all__ = [
     "GANCompressionOptions",
@@ -70,7 +69,6 @@ __all__ = [
     "player_losses",
     "prunable_weights",
     "train_gan",
-    "zeroed_filters_criterion",
 ]
 
 Granularity = Literal["element", "filter"]
@@ -80,7 +78,7 @@ StepCallback = Callable[[int, "GANPlayers", GradualBlockPruning], None]
 _PRUNABLE = (nn.Linear, nn.Conv2d)
 
 
-@dataclass(frozen=True)
+@options
 class GANCompressionOptions:
     """SSGAC's knobs (defaults: the paper's λ and schedule).
 
@@ -94,43 +92,22 @@ class GANCompressionOptions:
     schedule: "gradual" (SSGAC) or "oneshot" (the target from step 0: the baseline).
     """
 
-    sparsity: float
+    sparsity: float = option(gt=0, lt=1)
     granularity: Granularity = "element"
-    lambda_d: float = 0.5
-    initial: float = 0.05
-    ramp: float = 0.5
-    every: int = 1
-    steps: int = 400
-    lr: float = 2e-4
+    lambda_d: float = option(default=0.5, ge=0)
+    initial: float = option(default=0.05, ge=0, lt=1)
+    ramp: float = option(default=0.5, gt=0, le=1)
+    every: int = option(default=1, ge=1)
+    steps: int = option(default=400, ge=0)
+    lr: float = option(default=2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
     protect: tuple[str, ...] = ()
     loss: Literal["consistency", "adversarial"] = "consistency"
     schedule: Literal["gradual", "oneshot"] = "gradual"
-    seed: int = 0
+    seed: int = option(default=0, ge=0)
 
-    def __post_init__(self) -> None:
-        if not 0 < self.sparsity < 1:
-            raise RecipeError(f"GANCompressionOptions.sparsity must be in (0, 1), got {self.sparsity!r}")
-        for name, value, choices in (
-            ("granularity", self.granularity, ("element", "filter")),
-            ("loss", self.loss, ("consistency", "adversarial")),
-            ("schedule", self.schedule, ("gradual", "oneshot")),
-        ):
-            if value not in choices:
-                raise RecipeError(f"GANCompressionOptions.{name} must be one of {choices}, got {value!r}")
-        if not self.lambda_d >= 0:
-            raise RecipeError(f"GANCompressionOptions.lambda_d must be >= 0, got {self.lambda_d!r}")
-        if not 0 <= self.initial < 1:
-            raise RecipeError(f"GANCompressionOptions.initial must be in [0, 1), got {self.initial!r}")
-        if not 0 < self.ramp <= 1:
-            raise RecipeError(f"GANCompressionOptions.ramp must be in (0, 1], got {self.ramp!r}")
-        if self.steps < 0 or self.every < 1:
-            raise RecipeError(
-                f"GANCompressionOptions.steps must be >= 0 and every >= 1, got {self.steps}, {self.every}"
-            )
-        if not self.lr > 0:
-            raise RecipeError(f"GANCompressionOptions.lr must be positive, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+    def check(self) -> None:
+        if not all(0 <= b < 1 for b in self.betas):
             raise RecipeError(
                 f"GANCompressionOptions.betas must be two numbers in [0, 1), got {self.betas!r}"
             )
@@ -416,19 +393,3 @@ def _players(model: nn.Module) -> GANPlayers:
     if not isinstance(inner, GANPlayers):
         raise RecipeError(f"the GAN objective needs GANPlayers, got {type(inner).__name__}")
     return inner
-
-
-@register_criterion("zeroed_filters")
-def zeroed_filters_criterion(
-    gm: torch.fx.GraphModule, groups: tuple[ChannelGroup, ...], inputs: ScoringInputs
-) -> ChannelScores:
-    """The channel criterion "zeroed_filters": a unit whose filters (and biases) are all zero is dropped.
-
-    Each group keeps its live units (``ChannelScores.keep``, at least one); scores are the L1
-    norms over the "out" slices, so a filter SSGAC masked scores exactly zero.
-    """
-    scores, keep = {}, {}
-    for group in groups:
-        score = magnitude_scores(gm, group, 1)
-        scores[group.id], keep[group.id] = score, max(int((score > 0).sum()), 1)
-    return ChannelScores("zeroed_filters", scores, keep)

@@ -24,8 +24,8 @@ The result is one score per unit for each group DCP ran on, so the pruning pass 
 any criterion: selected units score ``c − t`` (t = the step that selected them, so ≥ 1: the
 selection order); unselected units score in ``[0, 0.5]``, their last gradient norm scaled, so a
 pass that keeps more than DCP selected keeps the most promising of the rest. With ``epsilon``,
-"score ≥ 1" is DCP-Adapt's own keep set. This module registers DCP as the channel criterion
-"dcp" (:func:`dcp_criterion`) with the importance analysis.
+"score ≥ 1" is DCP-Adapt's own keep set. This module defines the channel criterion "dcp"
+(:data:`DCP`, scored by :func:`dcp_criterion`).
 
 Which groups: a group whose units reach exactly one consumer, the input channels (dim 1) of a
 ``conv2d`` (groups = 1) or ``linear`` weight used by one node. The other prunable groups (e.g. a
@@ -66,21 +66,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tilefx.errors import RecipeError
+from tilefx.options import option, options
 
 from ..analysis.channel_groups import ChannelGroup
-from ..analysis.importance import (
-    ChannelScores,
-    CriterionOptions,
-    ScoringInputs,
-    magnitude_scores,
-    register_criterion,
-)
 from ..graph_utils import attr_tensor, get_attr_users, param_node
-from .calibration import Calibration, as_calibration, first_tensor
-from .loop import LoopHook, LoopOptions, train
-from .taps import Tapped
+from ..training.calibration import Calibration, as_calibration, first_tensor
+from ..training.loop import LoopHook, LoopOptions, train
+from ..training.taps import Tapped
+from .base import ChannelScores, Criterion, CriterionOptions, ScoringInputs, magnitude_scores
 
 __all__ = [
+    "DCP",
     "AuxHead",
     "DCPOptions",
     "DCPResult",
@@ -94,20 +90,16 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 
-@dataclass(frozen=True)
+@options
 class SGDOptions:
     """SGD with Nesterov momentum for DCP's fine-tunes; the defaults are DCP's (lr 0.01, momentum
     0.9, wd 1e-4). epochs: passes over the selection batches, in their order, at a constant lr."""
 
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: float = option(default=0.01, gt=0)
+    momentum: float = option(default=0.9, ge=0, lt=1)
+    weight_decay: float = option(default=1e-4, ge=0)
     nesterov: bool = True
-    epochs: int = 1
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.epochs < 0:
-            raise RecipeError(f"SGDOptions out of range: {self}")
+    epochs: int = option(default=1, ge=0)
 
     def loop_options(self, batches: int, epochs: int | None = None) -> LoopOptions:
         """These options on the training loop: ``epochs`` (default ``self.epochs``) passes over
@@ -126,7 +118,7 @@ class SGDOptions:
         )
 
 
-@dataclass(frozen=True)
+@options
 class DCPOptions(CriterionOptions):
     """DCP's knobs; defaults follow the released code where the paper and code differ.
 
@@ -136,28 +128,18 @@ class DCPOptions(CriterionOptions):
     finetune_network: False trains only the heads in step 2 (a cheaper deviation).
     """
 
-    rate: float = 0.5
-    epsilon: float | None = None
-    num_losses: int = 2
-    lam: float = 1.0
+    rate: float = option(default=0.5, ge=0, lt=1)
+    epsilon: float | None = option(default=None, gt=0)
+    num_losses: int = option(default=2, ge=0)
+    lam: float = option(default=1.0, ge=0)
     aux: Literal["code", "paper"] = "code"
-    aux_epochs: int = 2
-    aux_lr: float = 0.01
+    aux_epochs: int = option(default=2, ge=0)
+    aux_lr: float = option(default=0.01, gt=0)
     finetune_network: bool = True
     importance: Literal["code", "paper"] = "code"
     solver: SGDOptions = field(default_factory=SGDOptions)
     fallback: Literal["l1", "error"] = "l1"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rate < 1:
-            raise RecipeError(f"DCPOptions.rate must be in [0, 1), got {self.rate!r}")
-        if self.epsilon is not None and not self.epsilon > 0:
-            raise RecipeError(f"DCPOptions.epsilon must be positive, got {self.epsilon!r}")
-        if self.num_losses < 0 or self.aux_epochs < 0 or self.lam < 0:
-            raise RecipeError(f"DCPOptions: num_losses, aux_epochs and lam must be ≥ 0: {self}")
-        if self.aux not in ("code", "paper") or self.importance not in ("code", "paper"):
-            raise RecipeError(f"DCPOptions.aux/importance must be 'code' or 'paper': {self}")
+    seed: int = option(default=0, ge=0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -542,7 +524,6 @@ def _element_mask(weight: torch.Tensor, layer: _Layer, units: Sequence[int]) -> 
     return mask.reshape(shape).expand_as(weight).contiguous()
 
 
-@register_criterion("dcp")
 def dcp_criterion(
     gm: torch.fx.GraphModule, groups: tuple[ChannelGroup, ...], inputs: ScoringInputs
 ) -> ChannelScores:
@@ -557,3 +538,6 @@ def dcp_criterion(
     if options.epsilon is not None:
         keep = {gid: int((s >= 1).sum()) for gid, s in result.scores.items() if gid not in result.fallback}
     return ChannelScores("dcp", result.scores, keep)
+
+
+DCP = Criterion("dcp", dcp_criterion, options_type=DCPOptions, needs_calibration=True)
