@@ -13,9 +13,17 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tilefx.report import median_ms  # one timing loop for every benchmark
+from tilefx.timing import Timing, interleaved_timings  # one timing loop for every benchmark
 
-__all__ = ["count_macs", "count_params", "machine", "median_ms", "onednn_linear", "save_result"]
+__all__ = [
+    "Timing",
+    "count_macs",
+    "count_params",
+    "interleaved_timings",
+    "machine",
+    "onednn_linear",
+    "save_result",
+]
 
 
 def count_macs(model: torch.nn.Module, inputs: Sequence[Any]) -> int:

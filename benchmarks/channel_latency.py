@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any
 
 import torch
 import torchvision
+
+from tilefx.timing import interleaved_timings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import count_macs, machine  # noqa: E402
@@ -50,22 +50,6 @@ def torch_pruning_pruned(name: str, x: torch.Tensor, ratio: float) -> torch.nn.M
     return model
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms of each function, timed in rotation so load changes on a shared machine hit
-    every variant alike (the ratios are what this benchmark reports)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for _ in range(runs):
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[key].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def row(name: str, ratio: float, runs: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
@@ -80,7 +64,11 @@ def row(name: str, ratio: float, runs: int) -> dict[str, Any]:
     }
     if peer is not None:
         fns["tp"] = lambda: peer(x)
-    result: dict[str, Any] = {"model": name, "tp": None, **interleaved_medians(fns, runs)}
+    result: dict[str, Any] = {
+        "model": name,
+        "tp": None,
+        **{k: t.median for k, t in interleaved_timings(fns, rounds=runs, warmup=3).items()},
+    }
     result["macs"] = (count_macs(model, (x,)), count_macs(pruned, (x,)))
     return result
 

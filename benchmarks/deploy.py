@@ -24,7 +24,6 @@ import gc
 import logging
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
+
+from tilefx.timing import interleaved_timings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import save_result  # noqa: E402
@@ -130,22 +131,6 @@ class LoweringLog(logging.Handler):
         self.logger.setLevel(self.level_before)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 2) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        order = list(fns)
-        for _ in range(runs):
-            random.shuffle(order)  # no path always runs right after the same other one
-            for name in order:
-                start = time.perf_counter()
-                fns[name]()
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def timed(label: str, build: Callable[[], Any], notes: list[str]) -> Any:
     start = time.perf_counter()
     result = build()
@@ -226,7 +211,7 @@ def measure(case: Case, runs: int, work: Path) -> tuple[list[str], list[str]]:
         reference = first_tensor(pruned(*inputs)).float()
         dense = first_tensor(case.model(*inputs)).float()
         errors = {name: max_rel_error(fn(), reference) for name, fn in fns.items()}
-    medians = interleaved_medians(fns, runs)
+    medians = {k: t.median for k, t in interleaved_timings(fns, rounds=runs, shuffle=True).items()}
     base = medians["tilefx from torch"]
     rows = [
         f"| {case.name} | {name} | {ms:.2f} | {ms / base:.2f}x | {errors[name]:.1e} |"

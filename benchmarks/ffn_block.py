@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import tilefx
-from tilefx.lowering.fallback import interleaved_times
 from tilefx.runtime.sparse_modules import BsrLinear
+from tilefx.timing import interleaved_times
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import onednn_linear  # noqa: E402

@@ -56,7 +56,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import median_ms, save_result  # noqa: E402
+from _measure import interleaved_timings, save_result  # noqa: E402
 
 import tilefx  # noqa: E402
 from tilefx.gan import generator_graph  # noqa: E402
@@ -192,9 +192,11 @@ def compiled_row(result: GANCompressionResult, dense: nn.Module, name: str) -> s
     z = latent(BATCH)
     with torch.no_grad():
         error = float((compiled(z) - result.generator(z)).abs().max())
-    dense_ms = median_ms(lambda: dense(z), repeats=200)
-    compiled_ms = median_ms(lambda: compiled(z), repeats=200)
-    torch_ms = median_ms(lambda: result.generator(z), repeats=200)
+    times = interleaved_timings(
+        {"dense": lambda: dense(z), "compiled": lambda: compiled(z), "torch": lambda: result.generator(z)},
+        rounds=200,
+    )
+    dense_ms, compiled_ms, torch_ms = (times[k].median for k in ("dense", "compiled", "torch"))
     params = sum(p.numel() for p in graph.parameters())
     return (
         f"| {name} | {params:,} | {error:.2e} | {dense_ms:.4f} | {torch_ms:.4f} | {compiled_ms:.4f} | "

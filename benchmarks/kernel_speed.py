@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 from tilefx.lowering import compat, openmp_launch
 from tilefx.lowering.build import KernelCache
-from tilefx.lowering.fallback import interleaved_times
 from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec
 from tilefx.lowering.schedules.cpu import takes_transposed
 from tilefx.runtime.packing import pack_bsr
+from tilefx.timing import interleaved_times
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import onednn_linear  # noqa: E402

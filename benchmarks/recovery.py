@@ -38,7 +38,8 @@ from _measure import save_result
 import tilefx
 from tilefx.corpus import english_sentences
 from tilefx.passes.infra import TimingInstrument
-from tilefx.report import embedding_quality, median_ms
+from tilefx.report import embedding_quality
+from tilefx.timing import interleaved_timings
 from tilefx.zoo import MiniLM, load_minilm
 
 BATCH, LENGTH, HELD_OUT = 16, 32, 160
@@ -153,8 +154,10 @@ def run_row(
         choices = lowering_choices(compiled)
         lowered = f"{sum(c.lowered for c in choices)}/{len(choices)}"
         x = held[0]
-        dense_ms = median_ms(lambda: minilm.model(*x), repeats=args.repeats)
-        compiled_ms = median_ms(lambda: compiled(*x), repeats=args.repeats)
+        times = interleaved_timings(
+            {"dense": lambda: minilm.model(*x), "compiled": lambda: compiled(*x)}, rounds=args.repeats
+        )
+        dense_ms, compiled_ms = times["dense"].median, times["compiled"].median
     return Row(
         block,
         sparsity,

@@ -23,11 +23,11 @@ import torch
 import torchvision
 
 import tilefx
-from tilefx.lowering.fallback import interleaved_times
 from tilefx.passes.analysis.weight_layers import weight_layers
 from tilefx.passes.coverage import CoverageWarning
 from tilefx.passes.metadata import BlockSparsity, get_metadata
 from tilefx.report import count_parameters
+from tilefx.timing import interleaved_times
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

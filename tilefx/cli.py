@@ -36,7 +36,8 @@ import tilefx.report
 from tilefx import saved
 from tilefx.errors import CaptureError, OptimizeError, RecipeError
 from tilefx.passes.infra import TimingInstrument
-from tilefx.report import count_parameters, interleaved_medians_ms, max_relative_error, pass_table
+from tilefx.report import count_parameters, max_relative_error, pass_table
+from tilefx.timing import interleaved_timings
 
 __all__ = ["main"]
 
@@ -317,11 +318,15 @@ def _bench(args: argparse.Namespace) -> int:
             compiled = _compile_saved(args, result)
         steps.close()
         candidates["compiled"] = lambda: compiled(*inputs)
-    times = interleaved_medians_ms(candidates, args.repeats, args.warmup, progress=not args.quiet)
-    base = times.get("dense eager", times["optimized"])
-    _say(args, f"{'model':<12} {'median ms':>10} {'speedup':>8}   ({args.repeats} interleaved runs each)")
-    for name, ms in times.items():
-        _say(args, f"{name:<12} {ms:>10.3f} {base / ms:>7.2f}x")
+    times = interleaved_timings(candidates, args.repeats, args.warmup, progress=not args.quiet)
+    base = times.get("dense eager", times["optimized"]).median
+    _say(
+        args,
+        f"{'model':<12} {'median ms':>10} {'quartiles':>17} {'speedup':>8}   ({args.repeats} interleaved runs each)",
+    )
+    for name, t in times.items():
+        quartiles = f"{t.low:.3f}–{t.high:.3f}"
+        _say(args, f"{name:<12} {t.median:>10.3f} {quartiles:>17} {base / t.median:>7.2f}x")
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -28,10 +29,10 @@ from tilefx.passes.metadata import BlockSparsity, get_metadata
 from tilefx.report import (
     count_parameters,
     embedding_quality,
-    interleaved_medians_ms,
     max_relative_error,
     pass_table,
 )
+from tilefx.timing import interleaved_timings
 from tilefx.zoo import load_minilm
 
 __all__ = ["main"]
@@ -98,7 +99,7 @@ def resnet50_demo() -> None:
     print("\nverified: BN folding exact against the model; channel pruning equal to the model with the")
     print("removed channels zeroed (both checked by the verification instrument after each pass)")
     print(f"parameters: {count_parameters(model):,} -> {count_parameters(optimized):,}")
-    times = interleaved_medians_ms({"dense": lambda: model(x), "ours": lambda: optimized(x)})
+    times = _medians({"dense": lambda: model(x), "ours": lambda: optimized(x)})
     dense, ours = times["dense"], times["ours"]
     print(f"eager latency (median of 20 interleaved): {dense:.1f} ms -> {ours:.1f} ms ({dense / ours:.2f}x)")
 
@@ -153,9 +154,7 @@ def minilm_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8, steps: 
     dense = minilm.embed(minilm.model, held, count)
     before = embedding_quality(dense, minilm.embed(oneshot, held, count))
     after = embedding_quality(dense, minilm.embed(compiled, held, count))
-    times = interleaved_medians_ms(
-        {"dense": lambda: minilm.model(*inputs), "compiled": lambda: compiled(*inputs)}
-    )
+    times = _medians({"dense": lambda: minilm.model(*inputs), "compiled": lambda: compiled(*inputs)})
     dense_ms, compiled_ms = times["dense"], times["compiled"]
     print(
         f"quality on {count} held-out sentences (vs dense): one-shot cosine {before[0]:.3f}, nearest-neighbour "
@@ -203,7 +202,7 @@ def resnet18_blocks_demo(block: tuple[int, int] = (16, 1), sparsity: float = 0.8
     with torch.no_grad():
         error = max_relative_error(compiled(x), pruned(x))
     print(f"verified: compiled vs pruned torch model, max relative error {error:.2e}")
-    times = interleaved_medians_ms(
+    times = _medians(
         {"dense": lambda: model(x), "pruned": lambda: pruned(x), "compiled": lambda: compiled(x)}
     )
     dense_ms, pruned_ms, compiled_ms = times["dense"], times["pruned"], times["compiled"]
@@ -234,3 +233,8 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _medians(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median ms of 20 interleaved rounds each (``tilefx.timing``)."""
+    return {name: t.median for name, t in interleaved_timings(calls, rounds=20, warmup=3).items()}

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import math
-import statistics
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-from tqdm import tqdm
 
 from tilefx.passes.infra.instruments import PassTiming
 
@@ -19,8 +14,6 @@ __all__ = [
     "count_parameters",
     "embedding_quality",
     "max_relative_error",
-    "interleaved_medians_ms",
-    "median_ms",
     "pass_table",
     "write_report",
 ]
@@ -44,36 +37,6 @@ def embedding_quality(dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float,
         return similarity.argmax(1)
 
     return cosine, float((neighbours(dense) == neighbours(pruned)).float().mean())
-
-
-def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def interleaved_medians_ms(
-    candidates: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, progress: bool = False
-) -> dict[str, float]:
-    """Median ms of each candidate, run round-robin so machine noise hits them all alike."""
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    with torch.no_grad():
-        for fn in candidates.values():
-            for _ in range(warmup):
-                fn()
-        bar = tqdm(range(repeats), desc="bench", disable=not (progress and sys.stderr.isatty()), leave=False)
-        for _ in bar:
-            for name, fn in candidates.items():
-                start = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) if values else math.nan for name, values in samples.items()}
 
 
 def pass_table(timings: Sequence[PassTiming]) -> str:

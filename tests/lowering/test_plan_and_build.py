@@ -15,11 +15,12 @@ from tilefx.errors import LoweringError
 from tilefx.lowering import build as build_mod
 from tilefx.lowering import compat, openmp_launch
 from tilefx.lowering.build import KernelCache, compile_graph, lowering_choices
-from tilefx.lowering.fallback import LayerChoice, choose, interleaved_times
+from tilefx.lowering.fallback import LayerChoice, choose
 from tilefx.lowering.plan import plan_graph
 from tilefx.passes.metadata import BlockSparsity, Metadata, apply_masks, set_metadata
 from tilefx.runtime.layout import token_pitch
 from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear, _transposed_storage
+from tilefx.timing import interleaved_times
 
 
 class Net(torch.nn.Module):
@@ -301,8 +302,18 @@ def test_a_tie_stays_dense_and_is_described() -> None:
     choice = choose(
         "fc", lambda: None, lambda: None, "measure", timer=lambda calls: dict.fromkeys(calls, 3.0)
     )
-    assert choice == LayerChoice("fc", lowered=False, sparse_ms=3.0, dense_ms=3.0)
+    assert choice == LayerChoice(
+        "fc", False, 3.0, 3.0, sparse_quartiles=(3.0, 3.0), dense_quartiles=(3.0, 3.0)
+    )
     assert "dense torch" in choice.describe() and "1.00x" in choice.describe()
+
+
+def test_the_default_timer_decides_by_medians_and_keeps_the_quartiles() -> None:
+    slow = {"sparse": lambda: sum(range(20000)), "dense": lambda: None}
+    choice = choose("fc", slow["sparse"], slow["dense"], "measure")
+    assert not choice.lowered and choice.sparse_ms is not None and choice.dense_ms is not None
+    assert choice.sparse_quartiles is not None and choice.sparse_quartiles[0] <= choice.sparse_ms
+    assert choice.sparse_ms <= choice.sparse_quartiles[1] and "[" in choice.describe()
 
 
 def test_interleaved_timer_alternates_the_calls() -> None:

@@ -41,7 +41,7 @@ from ..passes.graph_utils import unique_attr_name
 from ..runtime.packing import BsrWeight, pack_bsr, pattern_hash
 from ..runtime.sparse_modules import BsrConv2d, BsrLinear, Kernel
 from . import compat, native_cache, openmp_launch
-from .fallback import Fallback, LayerChoice, Timer, check_fallback, choose, interleaved_best_ms
+from .fallback import Fallback, LayerChoice, Timer, check_fallback, choose, interleaved_median_ms
 from .hand_over import decide_hand_overs
 from .kernels.spec import Conv2dGeometry, KernelSpec
 from .plan import SparseLayer, plan_graph
@@ -167,7 +167,7 @@ def compile_graph(
     cache_dir: str | Path | None = None,
     fuse_activations: bool = True,
     fallback: str = "measure",
-    timer: Timer = interleaved_best_ms,
+    timer: Timer = interleaved_median_ms,
     hand_over: bool = True,
 ) -> torch.fx.GraphModule:
     """A new GraphModule in which the block-sparse layers of ``gm`` run compiled kernels.

@@ -7,9 +7,11 @@ faster, and a ResNet 3×3 conv at 50% was slower than dense for most blocks. Whe
 its shape, its block, its density and the host, so ``fallback="measure"`` (the default of
 ``compile_graph``) times both on the layer's real input shape at compile time, interleaved so
 load from other processes hits them alike, and keeps the kernel only if its best time is
-strictly lower. Best, not median: preemption only ever adds time, and on the shared 2-core
-machines here the medians of 384×384 kernels varied 0.4–6.7 ms within one compile (MiniLM
-demo). ``"never"`` always lowers (benchmarks, tests, targets whose device is absent).
+strictly lower. The times are medians of turns taken in rotation, each turn after two untimed
+calls of the same contender (``tilefx.timing``), so preemption on the shared machines hits
+both alike and neither is timed right after the other's thread pool; the quartiles are kept
+beside the medians (``LayerChoice.describe``), so a close call shows as one. ``"never"`` always
+lowers (benchmarks, tests, targets whose device is absent).
 
 The timer is injectable so the decision logic is tested without timing anything. TVM-free.
 """
@@ -17,14 +19,12 @@ The timer is injectable so the decision logic is tested without timing anything.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from tilefx.errors import LoweringError
+from tilefx.timing import Timing, interleaved_timings
 
 __all__ = [
     "FALLBACKS",
@@ -33,8 +33,8 @@ __all__ = [
     "Timer",
     "check_fallback",
     "choose",
-    "interleaved_best_ms",
-    "interleaved_times",
+    "median_of",
+    "interleaved_median_ms",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 Fallback = Literal["measure", "never"]
 FALLBACKS: tuple[Fallback, ...] = ("measure", "never")
 #: Times named zero-argument calls; returns a representative milliseconds per name.
-Timer = Callable[[Mapping[str, Callable[[], object]]], Mapping[str, float]]
+#: Times named zero-argument calls: their ``Timing`` (median, quartiles), or plain milliseconds.
+Timer = Callable[[Mapping[str, Callable[[], object]]], Mapping[str, "float | Timing"]]
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,12 @@ class LayerChoice:
 
     node: str
     lowered: bool
-    sparse_ms: float | None = None
+    sparse_ms: float | None = None  # medians
     dense_ms: float | None = None
     #: Sparse linears this one hands its output to transposed (``runtime.sparse_modules``).
     transposed_to: tuple[str, ...] = ()
+    sparse_quartiles: tuple[float, float] | None = None
+    dense_quartiles: tuple[float, float] | None = None
 
     def describe(self) -> str:
         verdict = "block-sparse kernel" if self.lowered else "dense torch"
@@ -62,37 +65,24 @@ class LayerChoice:
         if self.sparse_ms is None or self.dense_ms is None:
             return f"node {self.node}: {verdict} (not measured){handoff}"
         return (
-            f"node {self.node}: {verdict} (kernel {self.sparse_ms:.3f} ms, "
-            f"dense {self.dense_ms:.3f} ms, {self.dense_ms / self.sparse_ms:.2f}x){handoff}"
+            f"node {self.node}: {verdict} (kernel {self.sparse_ms:.3f} ms{_range(self.sparse_quartiles)}, "
+            f"dense {self.dense_ms:.3f} ms{_range(self.dense_quartiles)}, "
+            f"{self.dense_ms / self.sparse_ms:.2f}x){handoff}"
         )
 
 
-def interleaved_times(
-    calls: Mapping[str, Callable[[], object]], rounds: int = 9, warmup: int = 2, burst: int = 1
-) -> dict[str, list[float]]:
-    """ms of every call of each, timed round-robin (A, B, A, B, ...) so drifting load hits all alike.
-
-    With ``burst`` > 1 each turn makes ``burst - 1`` untimed calls first and times the next: the
-    steady state of a call that follows itself, free of the other contender's thread pool.
-    """
-    with torch.no_grad():
-        for call in calls.values():
-            for _ in range(warmup):  # thread pools, caches, first-touch of the output
-                call()
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                for _ in range(burst - 1):
-                    call()
-                start = time.perf_counter()
-                call()
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+def _range(quartiles: tuple[float, float] | None) -> str:
+    return (
+        ""
+        if quartiles is None or quartiles[0] == quartiles[1]
+        else f" [{quartiles[0]:.3f}–{quartiles[1]:.3f}]"
+    )
 
 
-def interleaved_best_ms(calls: Mapping[str, Callable[[], object]]) -> dict[str, float]:
-    """The default ``Timer``: the fastest of each call's ``interleaved_times``."""
-    return {name: min(ts) for name, ts in interleaved_times(calls).items()}
+def interleaved_median_ms(calls: Mapping[str, Callable[[], object]]) -> dict[str, Timing]:
+    """The default ``Timer``: each call's median and quartiles over 15 interleaved rounds, each
+    turn timed after two untimed calls of its own (``tilefx.timing``)."""
+    return interleaved_timings(calls, rounds=15, warmup=2, burst=3)
 
 
 def check_fallback(fallback: str) -> Fallback:
@@ -108,12 +98,29 @@ def choose(
     sparse: Callable[[], object],
     dense: Callable[[], object],
     fallback: Fallback,
-    timer: Timer = interleaved_best_ms,
+    timer: Timer = interleaved_median_ms,
 ) -> LayerChoice:
     """Keep the kernel for ``node`` unless, measured, it is not strictly faster than dense torch."""
     if fallback == "never":
         return LayerChoice(node, lowered=True)
-    ms = timer({"sparse": sparse, "dense": dense})
-    choice = LayerChoice(node, ms["sparse"] < ms["dense"], ms["sparse"], ms["dense"])
+    timed = {name: _timing(value) for name, value in timer({"sparse": sparse, "dense": dense}).items()}
+    kernel, torch_ = timed["sparse"], timed["dense"]
+    choice = LayerChoice(
+        node,
+        kernel.median < torch_.median,
+        kernel.median,
+        torch_.median,
+        sparse_quartiles=(kernel.low, kernel.high),
+        dense_quartiles=(torch_.low, torch_.high),
+    )
     log.info("%s", choice.describe())
     return choice
+
+
+def median_of(value: float | Timing) -> float:
+    """A timer's answer as milliseconds (fake timers in tests answer plain numbers)."""
+    return value.median if isinstance(value, Timing) else float(value)
+
+
+def _timing(value: float | Timing) -> Timing:
+    return value if isinstance(value, Timing) else Timing(float(value), float(value), float(value), 1)

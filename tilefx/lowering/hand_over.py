@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from ..runtime.sparse_modules import BsrConv2d, BsrLinear
-from .fallback import Fallback, Timer
+from .fallback import Fallback, Timer, median_of
 from .plan import SparseLayer
 
 __all__ = ["ModuleBuilder", "decide_hand_overs"]
@@ -100,6 +100,7 @@ def _hand_over_is_faster(
 
         return call
 
-    ms = timer({"hand-over": chain(handing), "row-major": chain(row_major)})
-    log.info("node %s: hand-over %.3f ms, row-major %.3f ms", layer.node, ms["hand-over"], ms["row-major"])
-    return ms["hand-over"] < ms["row-major"]
+    timed = timer({"hand-over": chain(handing), "row-major": chain(row_major)})
+    handed, plain = median_of(timed["hand-over"]), median_of(timed["row-major"])
+    log.info("node %s: hand-over %.3f ms, row-major %.3f ms (medians)", layer.node, handed, plain)
+    return handed < plain
