@@ -381,7 +381,7 @@ def _speedup_section(out: Path, rows: list[LayerRow], curves: dict[str, list[tup
         '<h2>Speedup vs sparsity</h2><img src="speedup.png" alt="speedup vs sparsity">'
         "<p>Lines: one-layer stand-ins of the model's largest distinct layer shapes, random weights with "
         "random blocks dropped, compiled for llvm at each sparsity. Crosses: the model's own layers as "
-        "tilefx.compile measured them. Each point is one best-of-interleaved measurement on this host, "
+        "tilefx.compile measured them. Each point is the median of interleaved measurements on this host, "
         "so a loaded machine makes them noisy; benchmarks/ holds the repeated measurements.</p>"
     )
 

@@ -6,7 +6,7 @@ enough work saved: on BERT FFN shapes (AVX2, 2 threads, ``benchmarks/results/ker
 faster, and a ResNet 3×3 conv at 50% was slower than dense for most blocks. Whether a layer wins depends on
 its shape, its block, its density and the host, so ``fallback="measure"`` (the default of
 ``compile_graph``) times both on the layer's real input shape at compile time, interleaved so
-load from other processes hits them alike, and keeps the kernel only if its best time is
+load from other processes hits them alike, and keeps the kernel only if its median time is
 strictly lower. The times are medians of turns taken in rotation, each turn after two untimed
 calls of the same contender (``tilefx.timing``), so preemption on the shared machines hits
 both alike and neither is timed right after the other's thread pool; the quartiles are kept
