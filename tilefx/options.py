@@ -88,7 +88,8 @@ def option(
     le: float | None = None,
     lt: float | None = None,
 ) -> Any:
-    """A field with numeric bounds checked at construction (``None`` values are not bounded)."""
+    """A field with numeric bounds checked at construction (values that are not numbers, such as
+    ``None`` or a ``Literal`` alternative, are not bounded)."""
     return dataclasses.field(default=default, metadata={_BOUNDS: _Bounds(ge, gt, le, lt)})
 
 
@@ -148,7 +149,8 @@ def _validate(obj: Any) -> None:
         object.__setattr__(obj, f.name, value)
         _check_value(owner, f.name, value, hints[f.name])
         bounds = f.metadata.get(_BOUNDS)
-        if bounds is not None and value is not None and not bounds.holds(value):
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if bounds is not None and numeric and not bounds.holds(value):
             kind = "a number" if _accepts(hints[f.name], float) else "an integer"
             raise RecipeError(f"{owner}.{f.name} must be {kind} {bounds.describe()}, got {value!r}")
     _hooks(obj, "check")
@@ -200,10 +202,10 @@ def _accepts(hint: Any, kind: type) -> bool:
 
 def _check_value(owner: str, name: str, value: Any, hint: Any) -> None:
     allowed = choices(hint)
-    if get_origin(hint) is Literal or (allowed and not _conforms(value, hint)):
-        if value not in allowed:
-            raise RecipeError(f"{owner}.{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-        return
+    if allowed and not _conforms(value, hint):
+        others = [m for m in _members(hint) if get_origin(m) is not Literal and m is not type(None)]
+        prefix = " or ".join(_describe(m) for m in others) + " or " if others else ""
+        raise RecipeError(f"{owner}.{name} must be {prefix}one of {', '.join(map(repr, allowed))}; got {value!r}")
     if not _conforms(value, hint):
         raise RecipeError(f"{owner}.{name} must be {_describe(hint)}, got {type(value).__name__} {value!r}")
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import tilefx
 from tilefx.corpus import english_sentences
 from tilefx.errors import RecipeError
-from tilefx.passes.recover_sparsity import RecoverSparsityPass
+from tilefx.passes.recover_sparsity import RecoverSparsityPass, token_mask_position
 from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.distill import DistillLoss, pooled_cosine_distance, relative_mse
 
@@ -128,3 +128,44 @@ def test_held_out_sentences_are_never_trained_on() -> None:
     training, held_out = english_sentences(held_out=40, docstrings=False)
     assert len(held_out) == 40 and len(training) > 500
     assert not set(training) & set(held_out)
+
+
+class _ThreeInputs(nn.Module):
+    """A BERT-like signature: ids, a segment input (0/1, not a mask) and the attention mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = self.fc(self.embed(input_ids) + token_type_ids.unsqueeze(-1).float())
+        return hidden * attention_mask.unsqueeze(-1)
+
+
+class _Renamed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens) * keep.unsqueeze(-1)
+
+
+def test_the_token_mask_is_found_by_name_then_by_shape_and_never_a_segment_input() -> None:
+    ids = torch.randint(2, 20, (2, 6))
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    gm = tilefx.capture(_ThreeInputs().eval(), (ids, segments, mask))
+    assert token_mask_position(gm, (ids, segments, mask)) == 2  # by its name
+    unnamed = tilefx.capture(_Renamed().eval(), (ids, mask))
+    assert token_mask_position(unnamed, (ids, mask)) == 1  # by its shape and values
+    assert token_mask_position(unnamed, (ids, torch.zeros_like(mask))) is None  # a row without a 1
+    floats = tilefx.capture(nn.Linear(4, 4), (torch.randn(3, 4),))
+    assert token_mask_position(floats, (torch.randn(3, 4),)) is None
+
+
+def test_recovery_finds_the_token_mask_by_default() -> None:
+    assert tilefx.Recovery().token_mask == "auto"

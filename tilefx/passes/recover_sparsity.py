@@ -59,7 +59,7 @@ from .training.reconstruct import reconstruct
 from .training.sparsity_schedule import SparsitySchedule
 from .training.taps import Tapped
 
-__all__ = ["HiddenTaps", "RecoverSparsityPass", "Recovery"]
+__all__ = ["HiddenTaps", "RecoverSparsityPass", "Recovery", "token_mask_position"]
 
 HiddenTaps = Literal["inputs", "outputs", "norms"]
 _NORMS = frozenset(
@@ -95,7 +95,10 @@ class Recovery(LoopOptions):
     pruned layers' inputs when the model has no normalisation). trainable: every parameter
     ("all"), or only the linear/conv layers' weights and biases ("layers").
     token_mask: position of the attention-mask tensor among the flattened example inputs (1 for
-    ``BertModel(input_ids, attention_mask)``); padding is then left out of the loss.
+    ``BertModel(input_ids, attention_mask)``), whose padding is then left out of every loss term
+    and of the reconstruction; "auto" (the default) finds it (:func:`token_mask_position`: an
+    input named ``attention_mask``, else a 0/1 integer tensor shaped like the token ids), None
+    uses every position.
     reconstruct: with schedule="oneshot", choose the blocks and refit the kept weights layer by
     layer on this many calibration batches before training (Optimal Brain Surgeon saliency, least
     squares against the dense layer's output); 0: magnitude, no refit. Best with a pretrained
@@ -112,7 +115,7 @@ class Recovery(LoopOptions):
     ramp: float = option(default=0.6, ge=0, le=1)
     every: int = option(default=10, ge=1)
     hidden_taps: HiddenTaps = "norms"
-    token_mask: int | None = option(default=None, ge=0)
+    token_mask: int | Literal["auto"] | None = option(default="auto", ge=0)
     reconstruct: int = option(default=0, ge=0)
 
     def check(self) -> None:
@@ -150,7 +153,7 @@ class RecoverSparsityPass(PassBase):
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         check_batch_shapes(self.calibration, am.example_inputs, "recovery")
-        _check_token_mask(self.recovery.token_mask, am.example_inputs)
+        token_mask = self._token_mask(gm, am.example_inputs)
         masked = self._masked_weights(gm)
         if not masked and self.recovery.steps == 0:
             return PassResult(gm, False)
@@ -163,13 +166,13 @@ class RecoverSparsityPass(PassBase):
                 masked,
                 self.calibration,
                 self.recovery.reconstruct,
-                self.recovery.token_mask,
+                token_mask,
                 progress=self.recovery.progress,
             )
             pruning.start_from(keep)
             log.info("RecoverSparsityPass: reconstructed %d of %d pruned layers", len(keep), len(masked))
         hooks: list[LoopHook] = [pruning, _HeldSparsity(gm)]
-        result = self._train(gm, teacher, hooks) if self.recovery.steps else None
+        result = self._train(gm, teacher, hooks, token_mask) if self.recovery.steps else None
         pruning.finish()
         metadata = get_metadata(gm)
         for w in masked:
@@ -209,8 +212,24 @@ class RecoverSparsityPass(PassBase):
             if p.sparsity is not None
         ]
 
+    def _token_mask(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> int | None:
+        """The position of the token mask among the flattened inputs: given, found, or none."""
+        given = self.recovery.token_mask
+        if given == "auto":
+            found = token_mask_position(gm, example_inputs)
+            log.info(
+                "RecoverSparsityPass: token mask %s", "not found" if found is None else f"at input {found}"
+            )
+            return found
+        _check_token_mask(given, example_inputs)
+        return given
+
     def _train(
-        self, gm: torch.fx.GraphModule, teacher: torch.fx.GraphModule, hooks: list[LoopHook]
+        self,
+        gm: torch.fx.GraphModule,
+        teacher: torch.fx.GraphModule,
+        hooks: list[LoopHook],
+        token_mask: int | None,
     ) -> LoopResult:
         taps = self._taps(gm) if self.recovery.distill == "hidden" else ()
         student = Tapped(gm, taps)
@@ -219,7 +238,7 @@ class RecoverSparsityPass(PassBase):
             len(student.taps),
             self._distill_loss(),
             self.calibration,
-            self.recovery.token_mask,
+            token_mask,
         )
         trained = self._trained(gm)
         for name, p in gm.named_parameters():
@@ -328,3 +347,30 @@ def _check_token_mask(index: int | None, example_inputs: Sequence[Any]) -> None:
             f"token_mask={index} must be the position of a [batch, sequence] tensor among the "
             f"{len(flat)} flattened example inputs (a tokenizer's attention mask)"
         )
+
+
+def token_mask_position(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> int | None:
+    """Which flattened input is a tokenizer's attention mask, or None.
+
+    An input whose placeholder is named ``attention_mask`` (as ``BertModel.forward`` and most
+    transformers models name it), else the one 2-D integer/bool input holding only 0 and 1, with a
+    1 in every row and the shape of another 2-D integer input (the token ids); ``token_type_ids``
+    (0/1 too, but not a mask) is never taken.
+    """
+    flat = pytree.tree_leaves(tuple(example_inputs))
+    names = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    masks = [i for i, value in enumerate(flat) if _mask_like(value)]
+    named = [i for i in masks if i < len(names) and "attention_mask" in names[i]]
+    if named:
+        return named[0]
+    unnamed = [i for i in masks if not (i < len(names) and "type" in names[i])]
+    ids = [v for v in flat if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point()]
+    shaped = [i for i in unnamed if any(v is not flat[i] and v.shape == flat[i].shape for v in ids)]
+    return shaped[0] if len(shaped) == 1 else None
+
+
+def _mask_like(value: object) -> bool:
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point():
+        return False
+    as_int = value.to(torch.int64)
+    return bool(((as_int == 0) | (as_int == 1)).all()) and bool((as_int == 1).any(dim=1).all())
