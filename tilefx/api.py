@@ -71,7 +71,10 @@ def optimize(
     inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
     if recipe.channels is not None:
         _check_protect(gm, recipe.channels.protect)
-    needs_data = recipe.channels is not None and criterion(recipe.channels.criterion).needs_calibration
+    channels = recipe.channels
+    needs_data = channels is not None and (
+        criterion(channels.criterion).needs_calibration or channels.refit > 0
+    )
     if needs_data or recipe.prior is not None:
         _check_calibration(calibration, inputs)
     pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)

@@ -205,7 +205,9 @@ def _check_value(owner: str, name: str, value: Any, hint: Any) -> None:
     if allowed and not _conforms(value, hint):
         others = [m for m in _members(hint) if get_origin(m) is not Literal and m is not type(None)]
         prefix = " or ".join(_describe(m) for m in others) + " or " if others else ""
-        raise RecipeError(f"{owner}.{name} must be {prefix}one of {', '.join(map(repr, allowed))}; got {value!r}")
+        raise RecipeError(
+            f"{owner}.{name} must be {prefix}one of {', '.join(map(repr, allowed))}; got {value!r}"
+        )
     if not _conforms(value, hint):
         raise RecipeError(f"{owner}.{name} must be {_describe(hint)}, got {type(value).__name__} {value!r}")
 

@@ -24,6 +24,7 @@ from tilefx.passes.prune_blocks import PruneBlocksPass
 from tilefx.passes.prune_channels import PruneChannelsPass
 from tilefx.passes.prune_connections import PruneConnectionsPass
 from tilefx.passes.recover_sparsity import RecoverSparsityPass
+from tilefx.passes.refit_consumers import RefitConsumersPass
 from tilefx.passes.reorder_dims import ReorderDimsPass
 from tilefx.passes.train_dsm_prior import TrainDSMPriorPass
 from tilefx.passes.train_structure_params import TrainStructureParamsPass
@@ -39,34 +40,33 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
 
     Criteria that read the batch norms' γ run before folding removes them: channel pruning by
     ``bn_scale`` and connection pruning by Synaptic Strength (|γ_in| · ‖kernel‖). Every other
-    criterion scores the folded graph, the one it prunes. With ``recipe.recovery`` the block (or
-    connection) pruning pass becomes a :class:`RecoverSparsityPass`, which prunes while training;
+    criterion scores the folded graph, the one it prunes. ``ChannelPruning(refit=N)`` refits the
+    layers that lost input channels right after the channels go. With ``recipe.recovery`` the
+    block (or connection) pruning pass becomes a :class:`RecoverSparsityPass`, which prunes while
+    training (or, with neither, only trains the channel-pruned model back toward the dense one);
     TETRIS orders are still chosen once, on the dense weights, and folded before it.
     ``recipe.prior`` (the DSM prior) trains and prunes its layers after any channel pruning.
     """
-    if recipe.recovery is not None:
-        return _recovery_pipeline(recipe, recipe.recovery, calibration)
-    channels, connections = recipe.channels, recipe.connections
+    channels, connections, recovery = recipe.channels, recipe.connections, recipe.recovery
     channels_first = channels is not None and criterion(channels.criterion).reads_batch_norms
     connections_first = connections is not None and connections.criterion == "synaptic_strength"
     passes: list[PassBase] = []
     if channels is not None and recipe.blocks is not None:
         channels = replace(channels, round_to=block_round_to(channels.round_to, recipe.blocks.block))
     if channels is not None and channels_first:
-        passes.append(_channel_pass(channels, recipe.skip, calibration))
+        passes += _channel_passes(channels, recipe.skip, calibration)
     if connections is not None and connections_first:
         passes.append(PruneConnectionsPass(sparsity=connections.sparsity, criterion=connections.criterion))
     if recipe.fold_batchnorm:
         passes.append(FoldBatchNormPass())
     passes.append(EliminateDeadCodePass())
     if channels is not None and not channels_first:
-        passes += [
-            *_structure_passes(channels, recipe.skip, calibration),
-            _channel_pass(channels, recipe.skip, calibration),
-            EliminateDeadCodePass(),
-        ]
+        passes += [*_structure_passes(channels, recipe.skip, calibration)]
+        passes += _channel_passes(channels, recipe.skip, calibration)
     if recipe.prior is not None:
         passes.append(_prior_pass(recipe.prior, calibration))
+    if recovery is not None:
+        return passes + _recovery_passes(recipe, recovery, calibration)
     if connections is not None and not connections_first:
         passes.append(PruneConnectionsPass(sparsity=connections.sparsity, criterion=connections.criterion))
     if recipe.blocks is not None:
@@ -85,6 +85,15 @@ def block_round_to(round_to: int, block: tuple[int, int]) -> int:
     weight exactly; it costs at most ``lcm - 1`` pruned channels per group.
     """
     return math.lcm(round_to, *block)
+
+
+def _channel_passes(options: ChannelPruning, skip: tuple[str, ...], calibration: Any) -> list[PassBase]:
+    """Prune the channels, clean up, and (``refit``) refit the layers that lost inputs."""
+    passes = [_channel_pass(options, skip, calibration), EliminateDeadCodePass()]
+    if options.refit:
+        data = as_calibration(calibration, "ChannelPruning(refit=...)")
+        passes.append(RefitConsumersPass(data, batches=options.refit))
+    return passes
 
 
 def _channel_pass(options: ChannelPruning, skip: tuple[str, ...], calibration: Any) -> PassBase:
@@ -141,11 +150,11 @@ def _prior_pass(prior: DirichletScaleMixture, calibration: Any) -> PassBase:
     return TrainDSMPriorPass(prior, as_calibration(calibration, "Recipe.prior"))
 
 
-def _recovery_pipeline(recipe: Recipe, recovery: Recovery, calibration: Any) -> list[PassBase]:
-    """Fold, clean up, reorder (TETRIS, on the dense weights), then prune while training."""
+def _recovery_passes(recipe: Recipe, recovery: Recovery, calibration: Any) -> list[PassBase]:
+    """Reorder (TETRIS, on the dense weights), then prune while training; with no blocks or
+    connections to prune, train only (the channel-pruned model back toward the dense one)."""
     data = as_calibration(calibration, "Recipe.recovery")
-    passes: list[PassBase] = [FoldBatchNormPass()] if recipe.fold_batchnorm else []
-    passes.append(EliminateDeadCodePass())
+    passes: list[PassBase] = []
     block, sparsity = None, 0.0
     if recipe.blocks is not None:
         passes += _block_passes(recipe.blocks, recipe.skip)[:-1]  # all but the one-shot pruning

@@ -53,6 +53,10 @@ class ChannelPruning:
     DCP-scored layer keeps; its ``rate`` is always ``ratio``), ``VRPGEOptions`` for "vrpge"
     (search and fine-tune steps, estimator, budget "channels" or "flops", which keeps
     ``1 - ratio`` of it globally, so ``scope`` does not apply).
+    refit: after the channels go, refit every layer that lost input channels by least squares to
+    the unpruned model's output, on this many calibration batches (``RefitConsumersPass``; Kwon
+    et al. 2022); 0: no refit. Needs calibration. ``Recipe(recovery=...)`` then trains the result
+    back toward the unpruned model.
     """
 
     ratio: float = option(default=0.3, ge=0, lt=1)
@@ -62,6 +66,7 @@ class ChannelPruning:
     round_to: int = option(default=1, ge=1)
     attention: Attention = "head_dims"
     options: CriterionOptions | None = None
+    refit: int = option(default=0, ge=0)
 
     def normalize(self) -> None:
         if self.criterion not in criteria(public=True):
@@ -139,11 +144,8 @@ class Recipe:
             self._check_prior()
 
     def _check_recovery(self) -> None:
-        """Recovery trains block (or connection) masks; the combinations it does not cover yet fail here."""
-        if self.channels is not None:
-            raise RecipeError(
-                "Recipe.recovery does not train channel pruning yet: drop recovery, or prune blocks instead"
-            )
+        """Recovery trains block (or connection) masks, and what channel pruning left; the
+        combinations it does not cover yet fail here."""
         if self.connections is not None and self.blocks is not None:
             raise RecipeError(
                 "Recipe.recovery trains one sparsity at a time: blocks or connections, not both"

@@ -194,8 +194,12 @@ def test_recovery_options_are_validated() -> None:
         tilefx.Recovery(schedule="cubic")  # type: ignore[arg-type]
     with pytest.raises(RecipeError, match="did you mean 'steps'"):
         tilefx.Recovery(step=3)  # type: ignore[call-arg]
-    with pytest.raises(RecipeError, match="channel"):
-        tilefx.Recipe(channels=tilefx.ChannelPruning(), recovery=tilefx.Recovery())
+    with pytest.raises(RecipeError, match="one sparsity at a time"):
+        tilefx.Recipe(
+            connections=tilefx.ConnectionPruning(criterion="l1"),
+            blocks=tilefx.BlockPruning(),
+            recovery=tilefx.Recovery(),
+        )
     recipe = tilefx.Recipe.from_dict(
         {"blocks": {"block": [16, 1], "sparsity": 0.8}, "recovery": {"steps": 30, "distill": "output"}}
     )

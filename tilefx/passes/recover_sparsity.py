@@ -49,7 +49,7 @@ from .analysis.weight_layers import LayerSelection, weight_layers
 from .graph_utils import param_node
 from .infra.analysis_manager import AnalysisManager
 from .infra.pass_base import Numerics, PassBase, PassResult
-from .metadata import BlockSparsity, apply_masks, get_metadata, set_metadata
+from .metadata import BlockSparsity, ChannelSelection, Permutation, apply_masks, get_metadata, set_metadata
 from .prune_blocks import PruneBlocksPass
 from .training.calibration import Calibration, check_batch_shapes
 from .training.distill import DistillLoss, OutputLoss
@@ -172,7 +172,10 @@ class RecoverSparsityPass(PassBase):
             pruning.start_from(keep)
             log.info("RecoverSparsityPass: reconstructed %d of %d pruned layers", len(keep), len(masked))
         hooks: list[LoopHook] = [pruning, _HeldSparsity(gm)]
-        result = self._train(gm, teacher, hooks, token_mask) if self.recovery.steps else None
+        result = None
+        if self.recovery.steps:
+            distill_from = self._distillation_teacher(gm, am, teacher)
+            result = self._train(gm, distill_from, hooks, token_mask, distill_from is teacher)
         pruning.finish()
         metadata = get_metadata(gm)
         for w in masked:
@@ -212,6 +215,19 @@ class RecoverSparsityPass(PassBase):
             if p.sparsity is not None
         ]
 
+    @staticmethod
+    def _distillation_teacher(
+        gm: torch.fx.GraphModule, am: AnalysisManager, entering: torch.fx.GraphModule
+    ) -> torch.fx.GraphModule:
+        """The model to learn from: the graph as it entered this pass, unless channels were removed
+        before it — then the unpruned model the pipeline received, or training would only recover
+        the channel-pruned model it starts from."""
+        records = get_metadata(gm).params.values()
+        channels_pruned = any(isinstance(r, ChannelSelection) for rs in records for r in rs)
+        if not channels_pruned or am.pipeline_input is None:
+            return entering
+        return copy.deepcopy(am.pipeline_input).requires_grad_(False)
+
     def _token_mask(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> int | None:
         """The position of the token mask among the flattened inputs: given, found, or none."""
         given = self.recovery.token_mask
@@ -230,8 +246,11 @@ class RecoverSparsityPass(PassBase):
         teacher: torch.fx.GraphModule,
         hooks: list[LoopHook],
         token_mask: int | None,
+        same_coordinates: bool = True,
     ) -> LoopResult:
         taps = self._taps(gm) if self.recovery.distill == "hidden" else ()
+        if not same_coordinates:
+            taps = _comparable_taps(gm, teacher, taps, self.calibration)
         student = Tapped(gm, taps)
         objective = _Objective(
             Tapped(teacher, taps),
@@ -347,6 +366,33 @@ def _check_token_mask(index: int | None, example_inputs: Sequence[Any]) -> None:
             f"token_mask={index} must be the position of a [batch, sequence] tensor among the "
             f"{len(flat)} flattened example inputs (a tokenizer's attention mask)"
         )
+
+
+def _comparable_taps(
+    student: torch.fx.GraphModule, teacher: torch.fx.GraphModule, taps: tuple[str, ...], data: Calibration
+) -> tuple[str, ...]:
+    """The hidden taps the teacher has too, in the same coordinates and shapes.
+
+    For a teacher that is not the graph the student started from (the unpruned model, after
+    channel pruning): taps it lacks or shapes it differs in are dropped, and all of them when a
+    reordering changed the student's coordinates (the outputs are never reordered, so output
+    distillation always applies).
+    """
+    if not taps:
+        return taps
+    records = get_metadata(student).params.values()
+    if any(isinstance(r, Permutation) for rs in records for r in rs):
+        log.info("RecoverSparsityPass: reordered coordinates, distilling the outputs only")
+        return ()
+    names = {n.name for n in teacher.graph.nodes}
+    present = tuple(t for t in taps if t in names)
+    inputs = next(iter(data))[0]
+    with torch.no_grad():
+        ours = Tapped(student, present, outputs=False)(inputs)[1]
+        theirs = Tapped(teacher, present, outputs=False)(inputs)[1]
+    kept = tuple(t for t, a, b in zip(present, ours, theirs, strict=True) if a.shape == b.shape)
+    log.info("RecoverSparsityPass: %d of %d hidden taps match the unpruned teacher", len(kept), len(taps))
+    return kept
 
 
 def token_mask_position(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> int | None:

@@ -52,7 +52,7 @@ class PassManager:
     def run(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any] = ()) -> PipelineResult:
         """The passes' result on a copy of ``gm``; ``gm`` itself (graph, weights, metadata) is untouched."""
         original, gm = gm, copy.deepcopy(gm)
-        am = AnalysisManager(gm, example_inputs)
+        am = AnalysisManager(gm, example_inputs, pipeline_input=original)
         for instrument in self.instruments:
             instrument.before_pipeline(original, am)
         ran: list[tuple[str, bool]] = []

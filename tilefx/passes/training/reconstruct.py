@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..analysis.weight_layers import WeightLayer, weight_layers
 from ..graph_utils import param_node
-from ..metadata import matrix_view
+from ..metadata import ChannelSelection, get_metadata, matrix_view
 from .calibration import Calibration
 from .gradual_pruning import MaskedWeight, lowest_block_mask
 from .loop import broadcast_from_rank0, show_progress
@@ -76,7 +76,10 @@ def reconstruct(
         disable=not show_progress(progress),
         dynamic_ncols=True,
     )
+    teacher_nodes = {n.name for n in teacher.graph.nodes}
     for node, group in bar:
+        if node not in teacher_nodes:  # a node a pass created: the dense model has no such input
+            continue
         h_ss, h_sd = _grams(
             Tapped(student, [node], outputs=False),
             Tapped(teacher, [node], outputs=False),
@@ -85,7 +88,9 @@ def reconstruct(
             token_mask,
         )
         for w, layer in group:
-            keep[w.name] = _refit(student, w, layer, h_ss, h_sd, damp)
+            keep[w.name] = _refit(
+                student, _dense_weight(student, teacher, w.name), w, layer, h_ss, h_sd, damp
+            )
     return keep
 
 
@@ -128,38 +133,60 @@ def _rows(x: torch.Tensor, layer: WeightLayer, mask: torch.Tensor | None) -> tor
     return x
 
 
+def _dense_weight(
+    student: torch.fx.GraphModule, teacher: torch.fx.GraphModule, name: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's matrix view and bias of the layer ``name``, on the student's output rows.
+
+    The same tensors as the student's before any refit when only blocks are pruned; after channel
+    pruning the teacher keeps every input column (its input is the dense one) and the student's
+    kept output channels select its rows (``ChannelSelection`` on dim 0).
+    """
+    weight = matrix_view(teacher.get_parameter(name).detach()).double()
+    layer = next(layer for layer in weight_layers(teacher) if layer.param == name)
+    bias_name = None if layer.bias is None else param_node(layer.bias)
+    bias = None if bias_name is None else teacher.get_parameter(bias_name).detach().double()
+    rows = [r for r in get_metadata(student).of(name, ChannelSelection) if r.dim == 0]
+    if rows:
+        kept = torch.as_tensor(rows[-1].kept)
+        weight, bias = weight[kept], None if bias is None else bias[kept]
+    return weight, bias
+
+
 def _refit(
     gm: torch.fx.GraphModule,
+    dense_weight: tuple[torch.Tensor, torch.Tensor | None],
     w: MaskedWeight,
     layer: WeightLayer,
     h_ss: torch.Tensor,
     h_sd: torch.Tensor,
     damp: float,
 ) -> torch.Tensor:
-    """Select ``w``'s blocks by OBS saliency, refit the kept weights (and bias); return the keep mask."""
+    """Select ``w``'s blocks by OBS saliency, refit the kept weights (and bias) to the dense layer's
+    output ``dense_weight`` computes from the dense input; return the keep mask."""
     bias = None if layer.bias is None else param_node(layer.bias)
     weight = matrix_view(w.weight.detach()).double()
-    dense = (
-        weight if bias is None else torch.cat([weight, gm.get_parameter(bias).detach().double()[:, None]], 1)
-    )
+    teacher, teacher_bias = dense_weight
+    dense = teacher if teacher_bias is None else torch.cat([teacher, teacher_bias[:, None]], 1)
     out, columns = weight.shape
     h = h_ss + damp * h_ss.diagonal().mean().clamp_min(1e-12) * torch.eye(h_ss.shape[0], dtype=h_ss.dtype)
     keep = _select(weight, h[:columns, :columns], w.block, w.sparsity)
     broadcast_from_rank0(keep)
-    target = dense @ h_sd.T  # [out, columns (+1)]: X_sᵀ X_d w_d for every row
+    target = dense @ h_sd.T  # [out, student columns (+1)]: X_sᵀ X_d w_d for every row
     kept = keep.repeat_interleave(w.block[1], 1)
-    refit = torch.zeros_like(dense)
+    refit = torch.zeros(out, h_ss.shape[0], dtype=torch.float64)
     rows = w.block[0]
-    for start in range(0, out, rows):
-        columns_kept = kept[start // rows].nonzero().flatten()
+    patterns, which = torch.unique(kept, dim=0, return_inverse=True)  # block-rows sharing columns
+    for index, pattern in enumerate(patterns):
+        columns_kept = pattern.nonzero().flatten()
         if bias is not None:
             columns_kept = torch.cat([columns_kept, columns_kept.new_tensor([columns])])
         if not columns_kept.numel():
             continue
-        solved = torch.linalg.solve(
-            h[columns_kept][:, columns_kept], target[start : start + rows, columns_kept].T
-        )
-        refit[start : start + rows, columns_kept] = solved.T
+        block_rows = (which == index).nonzero().flatten()
+        out_rows = (block_rows[:, None] * rows + torch.arange(rows)).flatten()
+        solved = torch.linalg.solve(h[columns_kept][:, columns_kept], target[out_rows][:, columns_kept].T)
+        refit[out_rows[:, None], columns_kept] = solved.T
     broadcast_from_rank0(refit)
     with torch.no_grad():
         w.weight.copy_(refit[:, :columns].reshape(w.weight.shape).to(w.weight.dtype))
