@@ -106,3 +106,61 @@ def test_refit_needs_calibration() -> None:
         tilefx.optimize(
             Tower().eval(), (torch.randn(4, 12),), tilefx.Recipe(channels=tilefx.ChannelPruning(refit=2))
         )
+
+
+def test_a_held_out_check_returns_the_start_when_training_only_hurts() -> None:
+    torch.manual_seed(0)
+    dense, data = Tower().eval(), _data(8)
+    x = _inputs()[0]
+    start = tilefx.optimize(
+        dense, (x,), tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, refit=6)), calibration=data
+    )
+    harmful = tilefx.Recovery(  # a learning rate that wrecks a good refit within a few steps
+        steps=20, lr=0.5, distill="output", output_loss="mse", warmup=0.0, progress=False
+    )
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, refit=6), recovery=harmful)
+    wrecked = tilefx.optimize(dense, (x,), recipe, calibration=data)
+    checked = tilefx.optimize(
+        dense,
+        (x,),
+        tilefx.Recipe(
+            channels=tilefx.ChannelPruning(ratio=0.5, refit=6),
+            recovery=tilefx.Recovery(**{**harmful.__dict__, "check_batches": 2, "check_every": 5}),
+        ),
+        calibration=data,
+    )
+    assert _error(wrecked, dense) > 2 * _error(start, dense)
+    for name, value in start.named_parameters():
+        torch.testing.assert_close(checked.get_parameter(name), value, rtol=0, atol=0)
+
+
+def test_a_held_out_check_keeps_training_that_helps() -> None:
+    torch.manual_seed(0)
+    dense, data = Tower().eval(), _data(8)
+    x = _inputs()[0]
+    recovery = tilefx.Recovery(
+        steps=60,
+        lr=3e-3,
+        distill="output",
+        output_loss="mse",
+        check_batches=2,
+        check_every=10,
+        progress=False,
+    )
+    plain = tilefx.optimize(
+        dense, (x,), tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, refit=6)), calibration=data
+    )
+    trained = tilefx.optimize(
+        dense,
+        (x,),
+        tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, refit=6), recovery=recovery),
+        calibration=data,
+    )
+    assert _error(trained, dense) < _error(plain, dense)
+    with pytest.raises(tilefx.PassError, match="holds out every calibration batch"):
+        tilefx.optimize(
+            dense,
+            (x,),
+            tilefx.Recipe(recovery=tilefx.Recovery(steps=2, check_batches=8, progress=False)),
+            calibration=data,
+        )

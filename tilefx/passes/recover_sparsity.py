@@ -54,6 +54,7 @@ from .prune_blocks import PruneBlocksPass
 from .training.calibration import Calibration, check_batch_shapes
 from .training.distill import DistillLoss, OutputLoss
 from .training.gradual_pruning import GradualBlockPruning, MaskedWeight, Score
+from .training.keep_best import KeepBest, held_out
 from .training.loop import LoopHook, LoopOptions, LoopResult, checkpoint_path, train
 from .training.reconstruct import reconstruct
 from .training.sparsity_schedule import SparsitySchedule
@@ -103,6 +104,10 @@ class Recovery(LoopOptions):
     layer on this many calibration batches before training (Optimal Brain Surgeon saliency, least
     squares against the dense layer's output); 0: magnitude, no refit. Best with a pretrained
     model and little training time.
+    check_batches: hold the last this-many calibration batches out of training and measure the objective
+    on them before the first step (once the schedule reaches its sparsity) and every
+    ``check_every`` steps; the run returns the weights of the best measurement, its start if
+    training never beat it (``training.keep_best``). 0: no check, the last step's weights.
     """
 
     steps: int = option(default=500, ge=0)
@@ -117,6 +122,8 @@ class Recovery(LoopOptions):
     hidden_taps: HiddenTaps = "norms"
     token_mask: int | Literal["auto"] | None = option(default="auto", ge=0)
     reconstruct: int = option(default=0, ge=0)
+    check_batches: int = option(default=0, ge=0)
+    check_every: int = option(default=50, ge=1)
 
     def check(self) -> None:
         if self.reconstruct and self.schedule != "oneshot":
@@ -268,7 +275,25 @@ class RecoverSparsityPass(PassBase):
             len(taps),
             len(trained),
         )
-        return train(student.module, objective, self.calibration, self.recovery, hooks)
+        data = self.calibration
+        if self.recovery.check_batches:
+            kept, check = held_out(list(self.calibration), self.recovery.check_batches)
+            if not check or not kept:
+                raise RecipeError(
+                    f"Recovery.check_batches={self.recovery.check_batches} holds out every calibration batch: "
+                    "give more batches or hold out fewer"
+                )
+            data = Calibration(kept, self.calibration.loss)
+
+            def evaluate() -> float:
+                return sum(float(objective(student.module, tuple(x), y)) for x, y in check) / len(check)
+
+            start = self._schedule().end if self.block is not None else 0  # once at the target sparsity
+            hooks = [
+                *hooks,
+                KeepBest(student.module, evaluate, self.recovery.steps, self.recovery.check_every, start),
+            ]
+        return train(student.module, objective, data, self.recovery, hooks)
 
     def _trained(self, gm: torch.fx.GraphModule) -> set[str]:
         """Every floating parameter, or (``trainable="layers"``) the linear/conv weights and biases:
