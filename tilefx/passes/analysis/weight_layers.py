@@ -207,7 +207,8 @@ class LayerSelection:
     ``per_layer`` maps a parameter name (e.g. ``"layer1.0.conv1.weight"``) to its own sparsity and
     overrides the pass's; a mapping given here is stored as sorted pairs so the options stay hashable.
     ``skip_first`` / ``skip_last`` leave the first / last layer in graph order dense; ``min_size``
-    leaves weights with fewer elements dense; ``kinds`` restricts to linears or convs.
+    leaves weights with fewer elements dense; ``kinds`` restricts to linears or convs; ``only``,
+    when given, to the named parameters (a per-layer plan, such as the speed search's).
     """
 
     skip_first: bool = False
@@ -215,6 +216,7 @@ class LayerSelection:
     min_size: int = 0
     kinds: tuple[str, ...] = ("linear", "conv")
     per_layer: tuple[tuple[str, float], ...] | Mapping[str, float] = ()
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.per_layer, Mapping):
@@ -237,6 +239,8 @@ class LayerSelection:
         return out
 
     def _skip_reason(self, index: int, count: int, layer: WeightLayer) -> str:
+        if self.only and layer.param not in self.only:
+            return "not in the layers selected by name"
         if layer.kind not in self.kinds:
             return f"kind {layer.kind} not selected"
         if self.skip_first and index == 0:

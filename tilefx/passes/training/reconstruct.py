@@ -42,7 +42,7 @@ from .gradual_pruning import MaskedWeight, lowest_block_mask
 from .loop import broadcast_from_rank0, show_progress
 from .taps import Tapped
 
-__all__ = ["reconstruct"]
+__all__ = ["dense_weight", "input_gram", "reconstruct", "refit"]
 
 
 def reconstruct(
@@ -88,14 +88,22 @@ def reconstruct(
             token_mask,
         )
         for w, layer in group:
-            keep[w.name] = _refit(
-                student, _dense_weight(student, teacher, w.name), w, layer, h_ss, h_sd, damp
+            keep[w.name] = refit(
+                student, dense_weight(student, teacher, w.name), w, layer, h_ss, h_sd, damp
             )
     return keep
 
 
 def _supported(layer: WeightLayer) -> bool:
     return not layer.transposed and (layer.kind == "linear" or layer.groups == 1)
+
+
+def input_gram(
+    gm: torch.fx.GraphModule, layer: WeightLayer, batches: Sequence[tuple[object, ...]], token_mask: int | None
+) -> torch.Tensor:
+    """``XᵀX`` per row of ``layer``'s input in ``gm`` (a ones column appended when it has a bias)."""
+    tapped = Tapped(gm, [layer.input.name], outputs=False)
+    return _grams(tapped, tapped, layer, batches, token_mask)[0]
 
 
 def _grams(
@@ -133,7 +141,7 @@ def _rows(x: torch.Tensor, layer: WeightLayer, mask: torch.Tensor | None) -> tor
     return x
 
 
-def _dense_weight(
+def dense_weight(
     student: torch.fx.GraphModule, teacher: torch.fx.GraphModule, name: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's matrix view and bias of the layer ``name``, on the student's output rows.
@@ -153,7 +161,7 @@ def _dense_weight(
     return weight, bias
 
 
-def _refit(
+def refit(
     gm: torch.fx.GraphModule,
     dense_weight: tuple[torch.Tensor, torch.Tensor | None],
     w: MaskedWeight,
@@ -161,16 +169,19 @@ def _refit(
     h_ss: torch.Tensor,
     h_sd: torch.Tensor,
     damp: float,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Select ``w``'s blocks by OBS saliency, refit the kept weights (and bias) to the dense layer's
-    output ``dense_weight`` computes from the dense input; return the keep mask."""
+    """Select ``w``'s blocks by OBS saliency (or take ``keep``, a block keep-mask), refit the kept
+    weights (and bias) to the dense layer's output ``dense_weight`` computes from the dense input;
+    return the keep mask."""
     bias = None if layer.bias is None else param_node(layer.bias)
     weight = matrix_view(w.weight.detach()).double()
     teacher, teacher_bias = dense_weight
     dense = teacher if teacher_bias is None else torch.cat([teacher, teacher_bias[:, None]], 1)
     out, columns = weight.shape
     h = h_ss + damp * h_ss.diagonal().mean().clamp_min(1e-12) * torch.eye(h_ss.shape[0], dtype=h_ss.dtype)
-    keep = _select(weight, h[:columns, :columns], w.block, w.sparsity)
+    if keep is None:
+        keep = _select(weight, h[:columns, :columns], w.block, w.sparsity)
     broadcast_from_rank0(keep)
     target = dense @ h_sd.T  # [out, student columns (+1)]: X_sᵀ X_d w_d for every row
     kept = keep.repeat_interleave(w.block[1], 1)

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from tilefx.errors import RecipeError
-from tilefx.passes.analysis.layer_search import Choice, LayerChoices, frontier, search
+from tilefx.passes.search.knapsack import Choice, LayerChoices, frontier, search
 
 
 def _toy(seed: int, layers: int = 5, choices: int = 4) -> list[LayerChoices]:

@@ -1,0 +1,138 @@
+"""Measured latency of one layer under one option, on this machine, cached: the search's time table.
+
+A layer option (a block sparsity, a number format) is timed as ``tilefx.compile`` runs it: a
+one-layer model of the layer's shape is optimized with that option and compiled (block sparsity
+at that density with a random pattern — a kernel's time depends on how many blocks it stores, not
+on where they are), and timed interleaved with dense torch (``tilefx.timing``). Times are cached in
+a JSON file per machine (CPU model and flags, thread count, tilefx, torch and TVM versions) in the
+tilefx cache directory, so a search measures each (shape, option) once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tilefx.passes.coverage import CoverageWarning
+from tilefx.passes.infra.manager import PassManager
+from tilefx.passes.infra.pass_base import PassBase
+from tilefx.passes.prune_blocks import PruneBlocksPass
+from tilefx.passes.search.losses import Option
+from tilefx.timing import interleaved_timings
+
+from ._version import __version__
+from .graph_capture import capture
+
+__all__ = ["LatencyTable", "LayerShape"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A linear layer as a GEMM: ``rows`` input rows (tokens × batch) of ``k`` features, ``n`` outputs."""
+
+    rows: int
+    k: int
+    n: int
+
+    @property
+    def key(self) -> str:
+        return f"linear {self.rows}x{self.k}->{self.n}"
+
+
+class LatencyTable:
+    """Median milliseconds of layer options on this machine, measured on first use and cached.
+
+    ``table.ms(shape, option)``: the option's time; ``table.ms(shape, Option())``: dense fp32 torch.
+    ``cache``: the JSON file (default: ``$TILEFX_CACHE_DIR``/latency-<machine>.json; None: memory).
+    """
+
+    def __init__(self, cache: Path | None | str = "default", rounds: int = 15) -> None:
+        self.rounds = rounds
+        self.path = _default_path() if cache == "default" else (Path(cache) if cache is not None else None)
+        self.times: dict[str, float] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                self.times = {str(k): float(v) for k, v in json.loads(self.path.read_text()).items()}
+            except (OSError, ValueError):
+                log.warning("latency cache %s is unreadable; measuring again", self.path)
+
+    def ms(self, shape: LayerShape, option: Option) -> float:
+        key = f"{shape.key}|{option.name}"
+        if key not in self.times:
+            self._measure(shape, option)
+        return self.times[key]
+
+    def _measure(self, shape: LayerShape, option: Option) -> None:
+        """Time dense torch and the option in one interleaved session; record both."""
+        torch.manual_seed(0)
+        layer = nn.Linear(shape.k, shape.n).eval()
+        x = torch.randn(shape.rows, shape.k)
+        calls = {"dense": lambda: layer(x)}
+        if option.block is not None or option.format != "fp32":
+            calls["option"] = _compiled(layer, x, option)
+        times = interleaved_timings(calls, rounds=self.rounds, warmup=2, burst=3)
+        self.times[f"{shape.key}|{Option().name}"] = times["dense"].median
+        self.times[f"{shape.key}|{option.name}"] = times["option" if "option" in times else "dense"].median
+        log.info("latency %s %s: %.3f ms (dense %.3f)", shape.key, option.name,
+                 self.times[f"{shape.key}|{option.name}"], times["dense"].median)  # fmt: skip
+        self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(self.times, indent=0, sort_keys=True))
+            partial.replace(self.path)
+        except OSError as exc:
+            log.warning("latency cache %s not written (%s); times stay in memory", self.path, exc)
+
+
+def _compiled(layer: nn.Module, x: torch.Tensor, option: Option) -> object:
+    """``layer`` with ``option`` applied by its passes and compiled, every kernel lowered."""
+    from tilefx.lowering.build import compile_graph  # tvm is imported only when compiling
+
+    passes: list[PassBase] = []
+    if option.block is not None:
+        passes.append(PruneBlocksPass(option.block, option.sparsity))
+    if option.format != "fp32":
+        passes.append(QuantizeLinearsPass(Quantization(format=option.format)))  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CoverageWarning)
+        pruned = PassManager(passes, verify=False).run(capture(layer, (x,)), (x,)).graph_module
+        compiled = compile_graph(pruned, "llvm", fallback="never")
+    return lambda: compiled(x)
+
+
+def _default_path() -> Path:
+    from .lowering import openmp_launch  # the cache directory tilefx keeps private (imports tvm)
+
+    return openmp_launch.cache_dir() / f"latency-{_machine()}.json"
+
+
+def _machine() -> str:
+    """This machine as latency sees it: CPU model and flags, threads, and the library versions."""
+    cpu = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next((line for line in info.splitlines() if line.startswith("model name")), "")
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+        cpu = model + flags
+    except OSError:
+        cpu = platform.processor()
+    import tvm
+
+    text = f"{cpu}|{torch.get_num_threads()}|{__version__}|{torch.__version__}|{tvm.__version__}"
+    return hashlib.sha1(text.encode()).hexdigest()[:16]

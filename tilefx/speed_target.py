@@ -1,0 +1,252 @@
+"""``Recipe(speedup=s)``: the model that is ``s`` times faster than dense torch, compiled, at the least loss.
+
+The steps, each measured on this machine and these calibration batches:
+
+1. **Units and options** (``passes.search.units``): every weight layer belongs to one unit — a
+   channel group with its producers and one consumer (an FFN's neurons, a block of attention
+   heads, a bottleneck's inner channels), or a layer alone. A unit may keep a fraction of its
+   channels (structured units), run in a narrower number format, and prune blocks.
+2. **Times** (``tilefx.latency``): each layer's dense torch time and each option's compiled time,
+   measured once per shape and cached; the rest of the model (attention core, norms, GELU, ...)
+   is the dense model's measured time minus its layers'.
+3. **Losses** (``passes.search.losses``): each option applied to its unit alone, the damage
+   measured at the model's output on held-out calibration batches.
+4. **Choice** (``passes.search.knapsack``): the least summed loss whose summed time fits
+   ``dense time / s`` — a multiple-choice knapsack, solved exactly by dynamic programming.
+5. **Make and measure**: the choice becomes verified passes (``passes.search.apply``), the result
+   is compiled and timed interleaved with dense torch. If the measured speed-up falls short of the
+   target, the budget shrinks by the shortfall and steps 4–5 repeat (``SpeedSearch.rounds``): the
+   latency model is additive and first-order, the measurement is not.
+
+``Recipe(quality=q)`` is the dual: the fastest choice whose estimated output similarity
+``1 − Σ‖y − y_dense‖² / Σ‖y_dense‖²`` stays at least ``q``, read off the same DP table.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.fx.passes.shape_prop import ShapeProp
+
+from tilefx.errors import RecipeError
+from tilefx.options import option, options
+from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
+from tilefx.passes.analysis.weight_layers import WeightLayer, weight_layers
+from tilefx.passes.cleanup import EliminateDeadCodePass
+from tilefx.passes.fold_batchnorm import FoldBatchNormPass
+from tilefx.passes.handlers.api import Attention
+from tilefx.passes.infra.analysis_manager import AnalysisManager
+from tilefx.passes.infra.manager import PassManager
+from tilefx.passes.infra.pass_base import PassBase
+from tilefx.passes.recover_sparsity import token_mask_position
+from tilefx.passes.search.apply import passes_for
+from tilefx.passes.search.knapsack import Choice, LayerChoices, frontier
+from tilefx.passes.search.losses import Option, OptionLosses, measure_losses
+from tilefx.passes.search.units import Unit, search_units
+from tilefx.passes.training.calibration import Calibration
+from tilefx.timing import interleaved_timings
+
+from .latency import LatencyTable, LayerShape
+
+__all__ = ["SearchReport", "SpeedSearch", "search_pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+@options
+class SpeedSearch:
+    """How ``Recipe(speedup=...)`` / ``Recipe(quality=...)`` search.
+
+    keeps: fractions of a structured unit's channels it may keep. formats: number formats a unit
+    may run in ("fp32", "int8", "bf16"). blocks / sparsities: the block sparsities a unit's layers
+    may take (a block is offered with every format whose kernels take it: int8 needs columns in
+    fours). calibration_batches: batches for Hessians and refits; check_batches: further batches,
+    held out, on which every option's damage is measured. rounds: make-and-measure rounds that
+    correct the latency model. attention: a structured attention unit is whole heads ("heads") or
+    head dims ("head_dims").
+    """
+
+    keeps: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
+    formats: tuple[str, ...] = ("fp32", "int8")
+    blocks: tuple[tuple[int, int], ...] = ((16, 1), (16, 4))
+    sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
+    calibration_batches: int = option(default=32, ge=1)
+    check_batches: int = option(default=4, ge=1)
+    rounds: int = option(default=3, ge=1)
+    attention: Attention = "heads"
+    progress: bool = True
+
+    def check(self) -> None:
+        if not self.keeps or any(not 0 < k <= 1 for k in self.keeps):
+            raise RecipeError(f"SpeedSearch.keeps must be fractions in (0, 1], got {self.keeps!r}")
+        unknown = set(self.formats) - {"fp32", "int8", "bf16"}
+        if unknown or "fp32" not in self.formats:
+            raise RecipeError(f"SpeedSearch.formats must include 'fp32', from 'fp32', 'int8', 'bf16'; got {self.formats!r}")
+        if any(not 0 < s < 1 for s in self.sparsities):
+            raise RecipeError(f"SpeedSearch.sparsities must be in (0, 1), got {self.sparsities!r}")
+
+    def options(self) -> list[Option]:
+        """Every option a unit may take (the structured keeps apply to dense options only)."""
+        found = [Option(keep=k, format=f) for k in sorted(set(self.keeps) | {1.0}) for f in self.formats]
+        for fmt in self.formats:
+            for block in self.blocks:
+                if fmt in ("int8", "bf16") and block[1] % (4 if fmt == "int8" else 2):
+                    continue
+                found += [Option(format=fmt, block=block, sparsity=s) for s in self.sparsities]
+        return found
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    """What the search chose and what it measured, round by round."""
+
+    chosen: dict[str, str]  # unit → option name
+    target: float | None
+    predicted: float  # predicted speed-up of the final choice
+    measured: tuple[float, ...]  # measured compiled speed-up of each round
+    estimated_quality: float  # 1 − summed relative output damage
+
+
+@dataclass
+class _Search:
+    units: list[Unit]
+    layers: dict[str, WeightLayer]
+    losses: dict[str, OptionLosses]
+    choices: list[LayerChoices]
+    options: dict[str, dict[str, Option]]  # unit → option name → option
+    dense_ms: float
+    rest_ms: float
+
+
+def search_pipeline(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    calibration: Calibration,
+    *,
+    speedup: float | None,
+    quality: float | None,
+    search: SpeedSearch,
+    tail: Sequence[PassBase] = (),
+    verify: bool = True,
+    tolerance: float = 1e-5,
+) -> tuple[torch.fx.GraphModule, SearchReport]:
+    """Run the search on ``gm`` (captured, unmodified) and return the optimized graph and the report.
+
+    ``tail``: passes to run after the search's (recovery training, for instance).
+    """
+    prefix: list[PassBase] = [FoldBatchNormPass(), EliminateDeadCodePass()]
+    folded = PassManager(prefix, verify=False).run(gm, example_inputs).graph_module
+    batches = [inputs for inputs, _ in calibration]
+    if len(batches) < search.calibration_batches + search.check_batches:
+        raise RecipeError(
+            f"Recipe(speedup=...) needs {search.calibration_batches + search.check_batches} calibration batches "
+            f"(SpeedSearch.calibration_batches + check_batches), got {len(batches)}"
+        )
+    state = _prepare(folded, example_inputs, batches, search)
+    target_ms = state.dense_ms / speedup if speedup is not None else None
+    budget = target_ms
+    measured: list[float] = []
+    result, chosen = folded, {}
+    for round_ in range(search.rounds):
+        chosen = _choose(state, budget, quality)
+        passes = [*prefix, *passes_for(state.units, chosen, {u: l.order for u, l in state.losses.items()},
+                                       Calibration(batches[: search.calibration_batches]),
+                                       search.calibration_batches, search.attention, search.progress), *tail]  # fmt: skip
+        result = PassManager(passes, verify=verify, tolerance=tolerance).run(gm, example_inputs).graph_module
+        achieved = _measured_speedup(gm, result, example_inputs)
+        measured.append(achieved)
+        log.info("speed search round %d: measured %.2fx (target %s)", round_ + 1, achieved, speedup)
+        if speedup is None or achieved >= 0.95 * speedup or budget is None:
+            break
+        budget *= achieved / speedup  # the model was optimistic by this much: ask for that much more
+    predicted = state.dense_ms / _predicted_ms(state, chosen)
+    damage = sum(state.losses[u.name].of(chosen[u.name]) for u in state.units)
+    report = SearchReport({u: o.name for u, o in chosen.items()}, speedup, predicted, tuple(measured), 1 - damage)
+    return result, report
+
+
+def _prepare(
+    gm: torch.fx.GraphModule, inputs: Sequence[Any], batches: list[tuple[Any, ...]], search: SpeedSearch
+) -> _Search:
+    """Units, their options' times and losses, and the dense time split into layers and the rest."""
+    am = AnalysisManager(gm, inputs)
+    layers = {layer.param: layer for layer in weight_layers(gm)}
+    units = search_units(am.get(ChannelGroupsAnalysis(attention=search.attention)), list(layers.values()))
+    offered = search.options()
+    calibration, check = batches[: search.calibration_batches], batches[search.calibration_batches :][: search.check_batches]
+    losses = measure_losses(
+        gm, units, layers, offered, calibration, check, token_mask_position(gm, inputs), search.progress
+    )
+    table = LatencyTable()
+    shapes = _shapes(gm, inputs, layers)
+    dense_layers = sum(table.ms(shape, Option()) for shape in shapes.values())
+    dense_ms = _model_ms(gm, inputs)
+    rest = max(dense_ms - dense_layers, 0.05 * dense_ms)
+    choices, by_name = [], {}
+    for unit in units:
+        allowed = [o for o in offered if (unit.structured or o.keep == 1.0) and math.isfinite(losses[unit.name].of(o))]
+        ms = {o.name: sum(table.ms(shapes[p], _layer_option(o)) for p in unit.layers) * o.keep for o in allowed}
+        choices.append(LayerChoices(unit.name, tuple(Choice(o.name, ms[o.name], losses[unit.name].of(o)) for o in allowed)))
+        by_name[unit.name] = {o.name: o for o in allowed}
+    log.info("speed search: dense %.2f ms, layers %.2f ms, rest %.2f ms", dense_ms, dense_layers, rest)
+    return _Search(units, layers, losses, choices, by_name, dense_ms, rest)
+
+
+def _choose(state: _Search, budget: float | None, quality: float | None) -> dict[str, Option]:
+    horizon = sum(max(c.ms for c in layer.choices) for layer in state.choices)
+    table = frontier(state.choices, horizon, buckets=4000)
+    if budget is not None:
+        picked = table.assignment(max(budget - state.rest_ms, 0.0))
+    elif quality is not None:
+        picked = table.fastest_within(1 - quality)
+    else:
+        raise RecipeError("the speed search needs Recipe(speedup=...) or Recipe(quality=...)")
+    return {unit: state.options[unit][choice.name] for unit, choice in picked.items()}
+
+
+def _predicted_ms(state: _Search, chosen: dict[str, Option]) -> float:
+    times = {c.layer: {choice.name: choice.ms for choice in c.choices} for c in state.choices}
+    return state.rest_ms + sum(times[u][o.name] for u, o in chosen.items())
+
+
+def _layer_option(option: Option) -> Option:
+    """The per-layer kernel an option runs (its kept fraction scales the time instead)."""
+    return Option(format=option.format, block=option.block, sparsity=option.sparsity)
+
+
+def _shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any], layers: dict[str, WeightLayer]) -> dict[str, LayerShape]:
+    """Each linear layer's GEMM shape on the example inputs (rows = every leading dim)."""
+    ShapeProp(copy.deepcopy(gm)).propagate(*pytree.tree_leaves(tuple(inputs)))
+    shapes = {}
+    for param, layer in layers.items():
+        meta = layer.input.meta.get("tensor_meta")
+        if layer.kind != "linear" or meta is None:
+            raise RecipeError(f"Recipe(speedup=...) times linear layers only for now; {param} is a {layer.kind}")
+        shape = tuple(meta.shape)
+        shapes[param] = LayerShape(math.prod(shape[:-1]), layer.in_channels, layer.out_channels)
+    return shapes
+
+
+def _model_ms(gm: torch.nn.Module, inputs: Sequence[Any]) -> float:
+    flat = pytree.tree_leaves(tuple(inputs))
+    return interleaved_timings({"dense": lambda: gm(*flat)}, rounds=15, warmup=3).get("dense").median  # type: ignore[union-attr]
+
+
+def _measured_speedup(dense: torch.nn.Module, optimized: torch.fx.GraphModule, inputs: Sequence[Any]) -> float:
+    """Dense torch over the compiled model, interleaved medians."""
+    from tilefx.lowering.build import compile_graph  # tvm is imported only when compiling
+
+    compiled = compile_graph(optimized, "llvm")
+    flat = pytree.tree_leaves(tuple(inputs))
+    times = interleaved_timings({"dense": lambda: dense(*flat), "compiled": lambda: compiled(*flat)}, rounds=15, warmup=3)
+    return times["dense"].median / times["compiled"].median
+
