@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import difflib
 import inspect
-import itertools
 import logging
 import os
 import warnings
@@ -21,6 +20,7 @@ from tilefx.lowering.fallback import FALLBACKS
 from tilefx.passes.analysis.detect_blocks import DetectBlocksPass, has_sparsity_records
 from tilefx.passes.coverage import CoverageWarning, warn_coverage
 from tilefx.passes.criteria import criterion
+from tilefx.passes.graph_utils import check_state_names
 from tilefx.passes.infra.instruments import Instrument, TimingInstrument
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.infra.pass_base import PassBase
@@ -70,8 +70,11 @@ def optimize(
     gm = capture(model, example_inputs)
     inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
     if recipe.channels is not None:
-        _check_protect(gm, recipe.channels.protect)
+        check_state_names(gm, recipe.channels.protect, "ChannelPruning.protect")
+    if recipe.quantize is not None:
+        check_state_names(gm, recipe.quantize.keep, "Quantization.keep")
     needs_data = recipe.channels is not None and criterion(recipe.channels.criterion).needs_calibration
+    needs_data |= recipe.quantize is not None and recipe.quantize.needs_calibration
     if needs_data or recipe.prior is not None:
         _check_calibration(calibration, inputs)
     pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)
@@ -222,19 +225,6 @@ def _check_calibration(calibration: object, example_inputs: tuple[Any, ...]) -> 
             )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise RecipeError(f"calibration batch 0, input {index} has non-finite values (NaN or inf)")
-
-
-def _check_protect(gm: torch.fx.GraphModule, protect: tuple[str, ...]) -> None:
-    """A ``protect`` entry that names no parameter is a typo that would protect nothing."""
-    names = [name for name, _ in itertools.chain(gm.named_parameters(), gm.named_buffers())]
-    for entry in protect:
-        prefix = entry.rstrip(".") + "."
-        if any(name == entry or name.startswith(prefix) for name in names):
-            continue
-        prefixes = {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
-        close = difflib.get_close_matches(entry, sorted(prefixes), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "; it takes parameter names or their prefixes"
-        raise RecipeError(f"ChannelPruning.protect: {entry!r} matches no parameter of the model{hint}")
 
 
 def _check_compile_options(options: dict[str, Any], signature: inspect.Signature) -> None:
