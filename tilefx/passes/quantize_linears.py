@@ -287,11 +287,6 @@ def quantize_layer(gm: torch.fx.GraphModule, param: str, nodes: Sequence[str], r
             weight.copy_(quant_ops.fake_quant_weight(weight, record.weight_scales))
     by_name = {node.name: node for node in gm.graph.nodes}
     target = quant_ops.FAKE_QUANT_OPS[(record.format, record.scheme)]
-    extra = (
-        (record.act_scale, record.act_zero_point)
-        if record.format == "int8" and record.scheme == "static"
-        else ()
-    )
     for name in nodes:
         node = by_name[name]
         x = node.args[0]
