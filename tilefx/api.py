@@ -25,7 +25,7 @@ from tilefx.passes.infra.instruments import Instrument, TimingInstrument
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.infra.pass_base import PassBase
 from tilefx.passes.infra.preconditions import require_aten_graph
-from tilefx.passes.metadata import get_metadata, set_metadata
+from tilefx.passes.metadata import Quantized, get_metadata, set_metadata
 from tilefx.passes.training.calibration import Calibration
 
 from .graph_capture import capture, check_capturable, check_finite
@@ -182,12 +182,17 @@ def _with_detected_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     The view shares ``gm``'s parameters and copies its graph and metadata, so ``gm`` is untouched.
     """
-    if has_sparsity_records(gm):
+    if has_sparsity_records(gm) or _is_quantized(gm):
         return gm
     view = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     view.meta.update(gm.meta)
     DetectBlocksPass()(view)
     return view
+
+
+def _is_quantized(gm: torch.fx.GraphModule) -> bool:
+    """Quantization runs last: its records are final, and a grid's zeros are no pruning to detect."""
+    return any(isinstance(r, Quantized) for records in get_metadata(gm).params.values() for r in records)
 
 
 def _check_sequence(name: str, items: Sequence[object], kind: type) -> None:

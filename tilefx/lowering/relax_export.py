@@ -286,7 +286,7 @@ class _Converters:
         out = int(weight.shape[0])
         layer = self.pruned.get(weight_name)
         block = layer.block if layer is not None else _dense_block(out)
-        mask = layer.sparsity.mask if layer is not None else None
+        mask = layer.sparsity.mask if layer is not None and layer.sparsity is not None else None
         try:
             packed = pack_bsr(weight, block, mask if mask is not None else _full_mask(weight, block))
         except LoweringError as exc:
