@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-__all__ = ["bf16_pair", "cvt_bf16", "dot_bf16"]
+__all__ = ["bf16_pair", "cvt_bf16", "dot_bf16", "round_bf16_func"]
 
 
 def cvt_bf16(lo: Any, hi: Any) -> Any:
@@ -37,3 +38,29 @@ def bf16_pair(v32: Any, p: int) -> Any:
 def dot_bf16(acc: Any, a: Any, b: Any) -> Any:
     """``acc[i] += a[2i]·b[2i] + a[2i+1]·b[2i+1]`` in fp32: one ``vdpbf16ps zmm``."""
     return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512bf16.dpbf16ps.512", acc, a, b)
+
+
+def round_bf16_func(size: int) -> tvm.tirx.PrimFunc:
+    """``Y = bf16(X)`` kept fp32, rounded to nearest even on the bits as torch's ``.bfloat16()``
+    does (for a bf16 fake-quant node no kernel absorbs; Relax's own bf16 cast rounds otherwise).
+    One spatial block, so Relax's pattern analysis can read it."""
+
+    @T.prim_func(s_tir=True)
+    def main(X: T.Buffer((size,), "float32"), Y: T.Buffer((size,), "float32")) -> None:
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for i in range(size):
+            with T.sblock("round_bf16"):
+                v = T.axis.spatial(size, i)
+                Y[v] = T.reinterpret(
+                    "float32",
+                    T.bitwise_and(
+                        T.reinterpret("uint32", X[v])
+                        + T.uint32(0x7FFF)
+                        + T.bitwise_and(
+                            T.shift_right(T.reinterpret("uint32", X[v]), T.uint32(16)), T.uint32(1)
+                        ),
+                        T.uint32(0xFFFF0000),
+                    ),
+                )
+
+    return main
