@@ -14,6 +14,7 @@ from tilefx.passes import quant_ops as Q
 from tilefx.passes.metadata import BlockSparsity, Quantized, get_metadata
 from tilefx.passes.quantize_linears import Quantization, QuantizeLinearsPass
 from tilefx.passes.training.calibration import Calibration
+from tilefx.report import quantization_summary
 
 aten, tfx = torch.ops.aten, torch.ops.tilefx
 X = torch.randn(24, 64)
@@ -147,3 +148,5 @@ def test_fallback_returns_the_sensitive_layer_to_fp32(caplog: pytest.LogCaptureF
         error = float((gm(x) - model(x)).norm() / model(x).norm())
     assert error <= 0.02
     assert "first.weight (cost" in caplog.text
+    summary = quantization_summary(gm)
+    assert summary is not None and "returned to fp32 by the tolerance: first.weight (cost" in summary
