@@ -163,7 +163,8 @@ def test_bf16_kernels_equal_bf16_rounded_reference(block, m, act) -> None:  # ty
 
 
 _PROBE = """
-import torch, tvm
+import numpy as np
+import tvm
 from tvm.script import tirx as T
 from tilefx.lowering import compat
 from tilefx.lowering.kernels.bf16_common import cvt_bf16, dot_bf16
@@ -177,12 +178,18 @@ def probe(X: T.Buffer((32,), "float32"), W: T.Buffer((32,), "float32"), C: T.Buf
         cvt_bf16(W[T.ramp(0, 1, 16)], W[T.ramp(16, 1, 16)]),
     )
 
+def bf16(a):  # round to nearest even on the bits, as torch's .bfloat16()
+    bits = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+
 built = compat.build(probe, compat.make_target("llvm"))
 assert "vdpbf16ps" in str(built.mod.inspect_source("asm"))
-x, w, c = torch.randn(32), torch.randn(32), torch.zeros(16)
-built["main"](x, w, c)
-expected = (x.bfloat16().double() * w.bfloat16().double()).reshape(16, 2).sum(1)
-assert float((c.double() - expected).abs().max()) < 1e-5, (c, expected)
+rng = np.random.default_rng(0)
+x, w = rng.standard_normal(32).astype(np.float32), rng.standard_normal(32).astype(np.float32)
+c = tvm.runtime.tensor(np.zeros(16, np.float32))
+built["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), c)
+expected = (bf16(x).astype(np.float64) * bf16(w)).reshape(16, 2).sum(1)
+assert float(np.abs(c.numpy() - expected).max()) < 1e-5, (c.numpy(), expected)
 print("probe ok")
 """
 
