@@ -56,8 +56,9 @@ def optimize(
     ``CaptureError`` for a model that is not an ``nn.Module``, has no data (meta device) or
     non-finite weights; ``RecipeError`` for a bad recipe, including ``protect`` names that match
     no parameter. A block recipe that leaves layers dense warns (``tilefx.CoverageWarning``).
-    ``calibration``: batches ``(inputs, labels)`` for data-driven criteria and for
-    ``Recipe(recovery=...)``, where ``labels=None`` means unlabeled (learn from the dense model).
+    ``calibration``: batches ``(inputs, labels)`` for data-driven criteria, for
+    ``Recipe(recovery=...)``, where ``labels=None`` means unlabeled (learn from the dense model),
+    and for ``Quantization(scheme="static")`` or ``tolerance`` (labels unused).
     ``report``: a directory to write ``report.html`` and its pictures into (``tilefx.report_html``).
     """
     recipe = Recipe() if recipe is None else recipe
@@ -97,7 +98,8 @@ def compile(
     target: str | dict[str, Any] = "llvm",
     **options: Any,
 ) -> torch.nn.Module:  # noqa: A001
-    """Lower a block-sparse model: sparse layers become TVM block-sparse kernels, the rest stays torch.
+    """Lower a block-sparse or quantized model: sparse layers become TVM block-sparse kernels,
+    int8/bf16 layers (``Recipe(quantize=...)``) int8/bf16 kernels, the rest stays torch.
 
     ``model`` is what ``tilefx.optimize`` returns, or any ``nn.Module`` (a model pruned elsewhere,
     a ``symbolic_trace`` graph), which is captured with ``example_inputs`` (``tilefx.capture``).
@@ -109,7 +111,9 @@ def compile(
     ``tilefx.lowering.fallback``. Other options go to ``tilefx.lowering.build.compile_graph``.
     Raises, before compiling anything: ``RecipeError`` for an unknown or ill-typed option;
     ``LoweringError`` for something that is not a model, a module that must be captured but has
-    no ``example_inputs``, an unknown target, or ``target="cuda"`` where torch sees no GPU;
+    no ``example_inputs``, an unknown target, ``target="cuda"`` where torch sees no GPU, or
+    quantized layers on a target without their CPU feature (``avx512vnni``, ``avx512bf16``) or on
+    CUDA;
     ``CaptureError`` when capturing fails. Warns (``tilefx.CoverageWarning``) when it lowers
     nothing: no block-sparse layer in the graph, or none whose kernel was faster; some layers kept
     dense by measurement is the design and is only logged (``lowering_choices`` has each decision).

@@ -145,7 +145,7 @@ class QuantizeLinearsPass(PassBase):
         metadata = get_metadata(gm)
         for layer in layers:
             if layer.param in records:
-                quantize_layer(gm, layer.param, layer.nodes, records[layer.param])
+                _quantize_layer(gm, layer.param, layer.nodes, records[layer.param])
                 metadata = metadata.with_annotation(layer.param, records[layer.param])
         if costs:
             metadata = replace(metadata, quantization=costs)
@@ -245,7 +245,7 @@ class QuantizeLinearsPass(PassBase):
         def error(params: Sequence[str]) -> float:
             trial = copy.deepcopy(gm)
             for param in params:
-                quantize_layer(trial, param, by_param[param].nodes, records[param])
+                _quantize_layer(trial, param, by_param[param].nodes, records[param])
             trial.recompile()
             return _relative_error(_outputs(trial, batches), reference)
 
@@ -276,7 +276,7 @@ class QuantizeLinearsPass(PassBase):
         return chosen, report
 
 
-def quantize_layer(gm: torch.fx.GraphModule, param: str, nodes: Sequence[str], record: Quantized) -> None:
+def _quantize_layer(gm: torch.fx.GraphModule, param: str, nodes: Sequence[str], record: Quantized) -> None:
     """Write ``record``'s weight grid into ``param`` and a fake-quant node before each linear in ``nodes``."""
     weight = attr_tensor(gm, param)
     with torch.no_grad():

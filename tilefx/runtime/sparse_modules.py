@@ -44,23 +44,11 @@ KernelFactory = Callable[[tuple[int, ...]], Kernel]
 TransposedFactory = Callable[[int, bool, bool], "Kernel | None"]
 
 
-class _BsrModule(torch.nn.Module):
-    """Shared state: packed weight, bias (zeros when the layer had none), kernels per input shape."""
+class _KernelModule(torch.nn.Module):
+    """What every kernel-calling module shares: kernels per input shape, input checks, alignment."""
 
-    w_data: torch.Tensor
-    w_indices: torch.Tensor
-    w_indptr: torch.Tensor
-    bias: torch.Tensor
-
-    def __init__(self, weight: BsrWeight, bias: torch.Tensor | None, kernel_for: KernelFactory) -> None:
+    def __init__(self, kernel_for: KernelFactory) -> None:
         super().__init__()
-        self.register_buffer("w_data", weight.data)
-        self.register_buffer("w_indices", weight.indices)
-        self.register_buffer("w_indptr", weight.indptr)
-        zeros = torch.zeros(weight.shape[0], dtype=torch.float32)
-        self.register_buffer("bias", (bias.detach().clone() if bias is not None else zeros).contiguous())
-        self.block = weight.block
-        self.out_features, self.in_features = weight.shape
         self._kernel_for = kernel_for
         self._kernels: dict[tuple[int, ...], Kernel] = {}
 
@@ -85,6 +73,25 @@ class _BsrModule(torch.nn.Module):
         if x.data_ptr() % _ALIGNMENT:  # a view into a larger tensor; TVM buffers assume alignment
             x = x.clone()
         return x
+
+
+class _BsrModule(_KernelModule):
+    """Shared state: packed weight, bias (zeros when the layer had none), kernels per input shape."""
+
+    w_data: torch.Tensor
+    w_indices: torch.Tensor
+    w_indptr: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(self, weight: BsrWeight, bias: torch.Tensor | None, kernel_for: KernelFactory) -> None:
+        super().__init__(kernel_for)
+        self.register_buffer("w_data", weight.data)
+        self.register_buffer("w_indices", weight.indices)
+        self.register_buffer("w_indptr", weight.indptr)
+        zeros = torch.zeros(weight.shape[0], dtype=torch.float32)
+        self.register_buffer("bias", (bias.detach().clone() if bias is not None else zeros).contiguous())
+        self.block = weight.block
+        self.out_features, self.in_features = weight.shape
 
     def _run(self, x: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
         x = self._aligned(x)
@@ -197,7 +204,7 @@ class BsrConv2d(_BsrModule):
         return self._run(x, (x.shape[0], self.out_features, oh, ow))
 
 
-class NarrowLinear(torch.nn.Module):
+class NarrowLinear(_KernelModule):
     """``act(x @ Wᵀ + b)`` by an int8 or bf16 kernel (dense or block-sparse), for x ``[..., in]``.
 
     X stays fp32 across the call: the kernel quantizes it (int8) or rounds it (bf16) itself, so
@@ -210,8 +217,8 @@ class NarrowLinear(torch.nn.Module):
     bias: torch.Tensor
 
     def __init__(self, weight: NarrowWeight, bias: torch.Tensor | None, kernel_for: KernelFactory) -> None:
-        super().__init__()
-        self._names = []
+        super().__init__(kernel_for)
+        self._names: list[str] = []
         for index, array in enumerate(weight.arrays):
             self.register_buffer(f"w_{index}", array.contiguous())
             self._names.append(f"w_{index}")
@@ -222,24 +229,10 @@ class NarrowLinear(torch.nn.Module):
         self.layout = weight.layout
         self.block = weight.block
         self.nnzb = weight.nnzb
-        self._kernel_for = kernel_for
-        self._kernels: dict[tuple[int, ...], Kernel] = {}
-
-    def kernel(self, shape: tuple[int, ...]) -> Kernel:
-        """The compiled kernel for ``[M, in]`` inputs, compiled (or fetched) on first use."""
-        kernel = self._kernels.get(shape)
-        if kernel is None:
-            kernel = self._kernels[shape] = self._kernel_for(shape)
-        return kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:
-            raise LoweringError(f"NarrowLinear: input must be float32, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise LoweringError(
-                f"NarrowLinear: input shape {tuple(x.shape)} does not match [..., {self.in_features}]"
-            )
-        rows = _BsrModule._aligned(x.reshape(-1, self.in_features))
+        self._check_input(x, x.dim() >= 1 and x.shape[-1] == self.in_features, f"[..., {self.in_features}]")
+        rows = self._aligned(x.reshape(-1, self.in_features))
         y = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32, device=x.device)
         arrays = [getattr(self, name) for name in self._names]
         self.kernel(tuple(rows.shape))(rows, *arrays, self.bias, y)
