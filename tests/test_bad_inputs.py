@@ -389,6 +389,48 @@ CASES: list[tuple[str, Callable[[], object], Callable[[Any], object], type[Excep
         tilefx.RecipeError,
         'criterion="dcp") needs calibration data',
     ),
+    (
+        "quantize/unknown-format",
+        ConvBN,
+        lambda m: tilefx.Recipe(quantize=tilefx.Quantization(format="int4")),  # type: ignore[arg-type]
+        tilefx.RecipeError,
+        "Quantization.format must be one of 'int8', 'bf16'; got 'int4'",
+    ),
+    (
+        "quantize/keep-typo",
+        ConvBN,
+        lambda m: tilefx.optimize(m, (X,), tilefx.Recipe(quantize=tilefx.Quantization(keep=("fcc",)))),
+        tilefx.RecipeError,
+        "Quantization.keep: 'fcc' matches no parameter of the model; did you mean 'fc'?",
+    ),
+    (
+        "quantize/static-without-calibration",
+        ConvBN,
+        lambda m: tilefx.optimize(m, (X,), tilefx.Recipe(quantize=tilefx.Quantization(scheme="static"))),
+        tilefx.RecipeError,
+        'Quantization(format="int8", scheme="static") needs calibration data',
+    ),
+    (
+        "quantize/tolerance-without-calibration",
+        ConvBN,
+        lambda m: tilefx.optimize(m, (X,), tilefx.Recipe(quantize=tilefx.Quantization(tolerance=0.01))),
+        tilefx.RecipeError,
+        "tolerance=0.01) needs calibration data",
+    ),
+    (
+        "quantize/bf16-static",
+        ConvBN,
+        lambda m: tilefx.Recipe(quantize=tilefx.Quantization(format="bf16", scheme="static")),
+        tilefx.RecipeError,
+        'scheme="static" is for int8 activations',
+    ),
+    (
+        "quantize/toml-wrong-type",
+        ConvBN,
+        lambda m: tilefx.Recipe.from_dict({"quantize": {"per_channel": "yes"}}),
+        tilefx.RecipeError,
+        "Recipe.quantize.per_channel must be True or False",
+    ),
 ]
 
 

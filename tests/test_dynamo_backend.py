@@ -15,7 +15,8 @@ import torch._dynamo
 import tilefx
 from tests.models import MLP
 from tilefx import dynamo_backend
-from tilefx.runtime.sparse_modules import BsrLinear
+from tilefx.lowering import compat
+from tilefx.runtime.sparse_modules import BsrLinear, NarrowLinear
 
 X = torch.randn(4, 64)
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,30 @@ def test_backend_runs_the_recipe_like_optimize_then_compile() -> None:
     expected = tilefx.optimize(model, (X,), recipe)(X)
     compiled = torch.compile(model, backend="tilefx", options={"recipe": recipe, "fallback": "never"})
     torch.testing.assert_close(compiled(X), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    "avx512vnni" not in compat.cpu_features(compat.make_target("llvm")), reason="CPU has no AVX512-VNNI"
+)
+def test_backend_with_a_quantization_recipe_runs_int8_kernels() -> None:
+    model = MLP().eval()
+    recipe = tilefx.Recipe(quantize=tilefx.Quantization())
+    expected = tilefx.optimize(model, (X,), recipe)(X)
+    calls: list[str] = []
+    forward = NarrowLinear.forward
+
+    def counted(self: NarrowLinear, x: torch.Tensor) -> torch.Tensor:
+        calls.append(self.number_format)
+        return forward(self, x)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NarrowLinear, "forward", counted)
+        compiled = torch.compile(model, backend="tilefx", options={"recipe": recipe})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", tilefx.CoverageWarning)
+            out = compiled(X)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert calls == ["int8", "int8"]
 
 
 def test_an_unsupported_graph_runs_eager_with_exactly_one_warning_naming_why() -> None:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         ChannelPruning,
         ConnectionPruning,
         DirichletScaleMixture,
+        Quantization,
         Recipe,
         Recovery,
     )
@@ -63,6 +64,7 @@ __all__ = [
     "OptimizeError",
     "PassError",
     "PreconditionError",
+    "Quantization",
     "Recipe",
     "RecipeError",
     "Recovery",
@@ -86,6 +88,7 @@ _TORCH_SIDE = {
     "DCPOptions": "tilefx.passes.criteria.dcp",
     "DirichletScaleMixture": "tilefx.recipe",
     "GANCompressionOptions": "tilefx.gan_training",
+    "Quantization": "tilefx.recipe",
     "Recipe": "tilefx.recipe",
     "Recovery": "tilefx.recipe",
     "VRPGEOptions": "tilefx.passes.criteria.vrpge",

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import difflib
 import inspect
-import itertools
 import logging
 import os
 import warnings
@@ -21,11 +20,12 @@ from tilefx.lowering.fallback import FALLBACKS
 from tilefx.passes.analysis.detect_blocks import DetectBlocksPass, has_sparsity_records
 from tilefx.passes.coverage import CoverageWarning, warn_coverage
 from tilefx.passes.criteria import criterion
+from tilefx.passes.graph_utils import check_state_names
 from tilefx.passes.infra.instruments import Instrument, TimingInstrument
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.infra.pass_base import PassBase
 from tilefx.passes.infra.preconditions import require_aten_graph
-from tilefx.passes.metadata import get_metadata, set_metadata
+from tilefx.passes.metadata import Quantized, get_metadata, set_metadata
 from tilefx.passes.training.calibration import Calibration
 
 from .graph_capture import capture, check_capturable, check_finite
@@ -56,8 +56,9 @@ def optimize(
     ``CaptureError`` for a model that is not an ``nn.Module``, has no data (meta device) or
     non-finite weights; ``RecipeError`` for a bad recipe, including ``protect`` names that match
     no parameter. A block recipe that leaves layers dense warns (``tilefx.CoverageWarning``).
-    ``calibration``: batches ``(inputs, labels)`` for data-driven criteria and for
-    ``Recipe(recovery=...)``, where ``labels=None`` means unlabeled (learn from the dense model).
+    ``calibration``: batches ``(inputs, labels)`` for data-driven criteria, for
+    ``Recipe(recovery=...)``, where ``labels=None`` means unlabeled (learn from the dense model),
+    and for ``Quantization(scheme="static")`` or ``tolerance`` (labels unused).
     ``report``: a directory to write ``report.html`` and its pictures into (``tilefx.report_html``).
     """
     recipe = Recipe() if recipe is None else recipe
@@ -70,11 +71,14 @@ def optimize(
     gm = capture(model, example_inputs)
     inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
     if recipe.channels is not None:
-        _check_protect(gm, recipe.channels.protect)
+        check_state_names(gm, recipe.channels.protect, "ChannelPruning.protect")
+    if recipe.quantize is not None:
+        check_state_names(gm, recipe.quantize.keep, "Quantization.keep")
     channels = recipe.channels
     needs_data = channels is not None and (
         criterion(channels.criterion).needs_calibration or channels.refit > 0
     )
+    needs_data |= recipe.quantize is not None and recipe.quantize.needs_calibration
     if needs_data or recipe.prior is not None:
         _check_calibration(calibration, inputs)
     pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)
@@ -97,7 +101,8 @@ def compile(
     target: str | dict[str, Any] = "llvm",
     **options: Any,
 ) -> torch.nn.Module:  # noqa: A001
-    """Lower a block-sparse model: sparse layers become TVM block-sparse kernels, the rest stays torch.
+    """Lower a block-sparse or quantized model: sparse layers become TVM block-sparse kernels,
+    int8/bf16 layers (``Recipe(quantize=...)``) int8/bf16 kernels, the rest stays torch.
 
     ``model`` is what ``tilefx.optimize`` returns, or any ``nn.Module`` (a model pruned elsewhere,
     a ``symbolic_trace`` graph), which is captured with ``example_inputs`` (``tilefx.capture``).
@@ -109,7 +114,9 @@ def compile(
     ``tilefx.lowering.fallback``. Other options go to ``tilefx.lowering.build.compile_graph``.
     Raises, before compiling anything: ``RecipeError`` for an unknown or ill-typed option;
     ``LoweringError`` for something that is not a model, a module that must be captured but has
-    no ``example_inputs``, an unknown target, or ``target="cuda"`` where torch sees no GPU;
+    no ``example_inputs``, an unknown target, ``target="cuda"`` where torch sees no GPU, or
+    quantized layers on a target without their CPU feature (``avx512vnni``, ``avx512bf16``) or on
+    CUDA;
     ``CaptureError`` when capturing fails. Warns (``tilefx.CoverageWarning``) when it lowers
     nothing: no block-sparse layer in the graph, or none whose kernel was faster; some layers kept
     dense by measurement is the design and is only logged (``lowering_choices`` has each decision).
@@ -143,7 +150,8 @@ def compile(
         )
     gm = _with_detected_blocks(_aten_graph(model, example_inputs))
     out = compile_graph(gm, target, **options)
-    _warn_nothing_lowered(lowering_choices(out))
+    if not _is_quantized(gm):  # compile_graph warned about quantized layers left to torch
+        _warn_nothing_lowered(lowering_choices(out))
     return out
 
 
@@ -182,12 +190,17 @@ def _with_detected_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     The view shares ``gm``'s parameters and copies its graph and metadata, so ``gm`` is untouched.
     """
-    if has_sparsity_records(gm):
+    if has_sparsity_records(gm) or _is_quantized(gm):
         return gm
     view = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     view.meta.update(gm.meta)
     DetectBlocksPass()(view)
     return view
+
+
+def _is_quantized(gm: torch.fx.GraphModule) -> bool:
+    """Quantization runs last: its records are final, and a grid's zeros are no pruning to detect."""
+    return any(isinstance(r, Quantized) for records in get_metadata(gm).params.values() for r in records)
 
 
 def _check_sequence(name: str, items: Sequence[object], kind: type) -> None:
@@ -225,19 +238,6 @@ def _check_calibration(calibration: object, example_inputs: tuple[Any, ...]) -> 
             )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise RecipeError(f"calibration batch 0, input {index} has non-finite values (NaN or inf)")
-
-
-def _check_protect(gm: torch.fx.GraphModule, protect: tuple[str, ...]) -> None:
-    """A ``protect`` entry that names no parameter is a typo that would protect nothing."""
-    names = [name for name, _ in itertools.chain(gm.named_parameters(), gm.named_buffers())]
-    for entry in protect:
-        prefix = entry.rstrip(".") + "."
-        if any(name == entry or name.startswith(prefix) for name in names):
-            continue
-        prefixes = {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
-        close = difflib.get_close_matches(entry, sorted(prefixes), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "; it takes parameter names or their prefixes"
-        raise RecipeError(f"ChannelPruning.protect: {entry!r} matches no parameter of the model{hint}")
 
 
 def _check_compile_options(options: dict[str, Any], signature: inspect.Signature) -> None:

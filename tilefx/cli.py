@@ -36,7 +36,7 @@ import tilefx.report
 from tilefx import saved
 from tilefx.errors import CaptureError, OptimizeError, RecipeError
 from tilefx.passes.infra import TimingInstrument
-from tilefx.report import count_parameters, max_relative_error, pass_table
+from tilefx.report import count_parameters, max_relative_error, pass_table, quantization_summary
 from tilefx.timing import interleaved_timings
 
 __all__ = ["main"]
@@ -249,6 +249,9 @@ def _optimize(args: argparse.Namespace) -> int:
     _say(args, f"optimized {args.factory} in {seconds:.1f} s\n\n{pass_table(timing.timings)}\n")
     _say(args, f"outputs vs the original: max relative error {error:.2e}")
     _say(args, f"parameters: {count_parameters(model):,} -> {count_parameters(optimized):,}")
+    quantized = quantization_summary(optimized)
+    if quantized is not None:
+        _say(args, quantized)
     _say(args, f"wrote {out}/ (next: tilefx compile {out} | tilefx bench {out} | tilefx report {out})")
     return 0
 

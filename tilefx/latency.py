@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tilefx.passes.coverage import CoverageWarning
 from tilefx.passes.infra.manager import PassManager
 from tilefx.passes.infra.pass_base import PassBase
 from tilefx.passes.prune_blocks import PruneBlocksPass
+from tilefx.passes.quantize_linears import Quantization, QuantizeLinearsPass
 from tilefx.passes.search.losses import Option
 from tilefx.timing import interleaved_timings
 
@@ -78,7 +80,7 @@ class LatencyTable:
         torch.manual_seed(0)
         layer = nn.Linear(shape.k, shape.n).eval()
         x = torch.randn(shape.rows, shape.k)
-        calls = {"dense": lambda: layer(x)}
+        calls: dict[str, Callable[[], object]] = {"dense": lambda: layer(x)}
         if option.block is not None or option.format != "fp32":
             calls["option"] = _compiled(layer, x, option)
         times = interleaved_timings(calls, rounds=self.rounds, warmup=2, burst=3)
@@ -100,7 +102,7 @@ class LatencyTable:
             log.warning("latency cache %s not written (%s); times stay in memory", self.path, exc)
 
 
-def _compiled(layer: nn.Module, x: torch.Tensor, option: Option) -> object:
+def _compiled(layer: nn.Module, x: torch.Tensor, option: Option) -> Callable[[], object]:
     """``layer`` with ``option`` applied by its passes and compiled, every kernel lowered."""
     from tilefx.lowering.build import compile_graph  # tvm is imported only when compiling
 

@@ -23,6 +23,7 @@ from tilefx.passes.materialize_masks import MaterializeChannelMasksPass
 from tilefx.passes.prune_blocks import PruneBlocksPass
 from tilefx.passes.prune_channels import PruneChannelsPass
 from tilefx.passes.prune_connections import PruneConnectionsPass
+from tilefx.passes.quantize_linears import QuantizeLinearsPass
 from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.refit_consumers import RefitConsumersPass
 from tilefx.passes.reorder_dims import ReorderDimsPass
@@ -46,7 +47,15 @@ def default_pipeline(recipe: Recipe, calibration: Any = None) -> list[PassBase]:
     training (or, with neither, only trains the channel-pruned model back toward the dense one);
     TETRIS orders are still chosen once, on the dense weights, and folded before it.
     ``recipe.prior`` (the DSM prior) trains and prunes its layers after any channel pruning.
+    ``recipe.quantize`` runs last, on the final (pruned, recovered) weights.
     """
+    passes = _pruning_pipeline(recipe, calibration)
+    if recipe.quantize is not None:
+        passes.append(_quantize_pass(recipe, calibration))
+    return passes
+
+
+def _pruning_pipeline(recipe: Recipe, calibration: Any) -> list[PassBase]:
     channels, connections, recovery = recipe.channels, recipe.connections, recipe.recovery
     channels_first = channels is not None and criterion(channels.criterion).reads_batch_norms
     connections_first = connections is not None and connections.criterion == "synaptic_strength"
@@ -148,6 +157,14 @@ def _block_passes(options: BlockPruning, skip: tuple[str, ...]) -> list[PassBase
 def _prior_pass(prior: DirichletScaleMixture, calibration: Any) -> PassBase:
     """The DSM prior trains on the folded graph, after any channel pruning, then prunes by |w|."""
     return TrainDSMPriorPass(prior, as_calibration(calibration, "Recipe.prior"))
+
+
+def _quantize_pass(recipe: Recipe, calibration: Any) -> PassBase:
+    """Quantization needs data only for static activation grids and the accuracy-aware fallback."""
+    options = recipe.quantize
+    assert options is not None
+    data = as_calibration(calibration, options.label) if options.needs_calibration else None
+    return QuantizeLinearsPass(options, data)
 
 
 def _recovery_passes(recipe: Recipe, recovery: Recovery, calibration: Any) -> list[PassBase]:

@@ -4,7 +4,8 @@ Every part is an ``@options`` class (:mod:`tilefx.options`): an unknown option, 
 wrong type or out of range raises :class:`RecipeError` (a ``ValueError``) naming the field, before
 any work starts. The parts that a pass reads whole are defined beside that pass and re-exported
 here — :class:`Recovery` (``passes.recover_sparsity``, which extends the training loop's
-``LoopOptions``) and :class:`DirichletScaleMixture` (``passes.train_dsm_prior``) — so each option
+``LoopOptions``), :class:`DirichletScaleMixture` (``passes.train_dsm_prior``) and
+:class:`Quantization` (``passes.quantize_linears``) — so each option
 is written once; the pipeline hands them to their passes as they are.
 """
 
@@ -19,6 +20,7 @@ from tilefx.passes.analysis.tetris import TetrisPreset
 from tilefx.passes.criteria import CriterionOptions, criteria, criterion
 from tilefx.passes.prune_channels import Attention, Scope
 from tilefx.passes.prune_connections import ConnectionCriterion
+from tilefx.passes.quantize_linears import Quantization
 from tilefx.passes.recover_sparsity import Recovery
 from tilefx.passes.train_dsm_prior import DirichletScaleMixture
 
@@ -27,6 +29,7 @@ __all__ = [
     "ChannelPruning",
     "ConnectionPruning",
     "DirichletScaleMixture",
+    "Quantization",
     "Recipe",
     "Recovery",
 ]
@@ -125,6 +128,8 @@ class Recipe:
     tolerance: allowed max abs error relative to the output scale in verification.
     recovery: train while pruning (see :class:`Recovery`); needs calibration batches.
     prior: train under a DSM prior and prune its layers (see :class:`DirichletScaleMixture`).
+    quantize: run linear layers in int8 or bf16 (see :class:`Quantization`), last, on the final
+    weights; its static scheme and tolerance need calibration batches.
     """
 
     fold_batchnorm: bool = True
@@ -136,6 +141,7 @@ class Recipe:
     tolerance: float = option(default=1e-5, gt=0, lt=1)
     recovery: Recovery | None = None
     prior: DirichletScaleMixture | None = None
+    quantize: Quantization | None = None
 
     def check(self) -> None:
         if self.recovery is not None:
@@ -175,4 +181,4 @@ class Recipe:
         return Recipe(**data)
 
 
-_SECTIONS = ("channels", "connections", "blocks", "recovery", "prior")
+_SECTIONS = ("channels", "connections", "blocks", "recovery", "prior", "quantize")

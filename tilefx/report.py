@@ -8,13 +8,14 @@ import torch
 
 from tilefx.passes.infra.instruments import PassTiming
 
-from .report_html import max_relative_error, write_report
+from .report_html import max_relative_error, quantization_summary, write_report
 
 __all__ = [
     "count_parameters",
     "embedding_quality",
     "max_relative_error",
     "pass_table",
+    "quantization_summary",
     "write_report",
 ]
 

@@ -32,6 +32,7 @@ from tilefx.passes.metadata import (
     ElementMask,
     NMSparsity,
     Permutation,
+    Quantized,
     get_metadata,
     matrix_view,
     set_metadata,
@@ -39,7 +40,7 @@ from tilefx.passes.metadata import (
 
 from .graph_capture import capture
 
-__all__ = ["LayerRow", "layer_rows", "max_relative_error", "write_report"]
+__all__ = ["LayerRow", "layer_rows", "max_relative_error", "quantization_summary", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def write_report(
         _timings_section(out, timings or ()),
         _verification_section(get_metadata(optimized_gm).verification),
         _recovery_section(out, get_metadata(optimized_gm).recovery_losses),
+        _quantization_section(optimized_gm),
     ]
     page = out / "report.html"
     page.write_text(_page("tilefx report", "\n".join(sections)), encoding="utf-8")
@@ -447,6 +449,52 @@ def _recovery_section(out: Path, losses: Sequence[float]) -> str:
         f"<p>{len(losses)} steps: loss {losses[0]:.4g} at the first, {losses[-1]:.4g} at the last. "
         "No quality metric is recorded per step.</p>"
     )
+
+
+def quantization_summary(gm: torch.fx.GraphModule) -> str | None:
+    """One line on what ``Recipe.quantize`` did (None if it did not run): the quantized weights
+    by format and scheme, and those the accuracy-aware fallback returned to fp32 with their cost."""
+    metadata = get_metadata(gm)
+    records = [r for records in metadata.params.values() for r in records if isinstance(r, Quantized)]
+    if not records and not metadata.quantization:
+        return None
+    kinds = sorted({f"{r.format} ({r.scheme})" if r.format == "int8" else r.format for r in records})
+    line = f"quantized: {len(records)} linear weights, {', '.join(kinds) or 'none'}"
+    returned = [c for c in metadata.quantization if not c.quantized]
+    if metadata.quantization:
+        named = ", ".join(f"{c.param} (cost {c.cost:.2e})" for c in returned) or "none"
+        line += f"; returned to fp32 by the tolerance: {named}"
+    return line
+
+
+def _quantization_section(gm: torch.fx.GraphModule) -> str:
+    """Per quantized weight: format, activation grid, and the fallback's cost where it measured one."""
+    summary = quantization_summary(gm)
+    if summary is None:
+        return "<h2>Quantization</h2><p>No layer was quantized.</p>"
+    metadata = get_metadata(gm)
+    costs = {c.param: c for c in metadata.quantization}
+    rows = []
+    for name, records in metadata.params.items():
+        for record in records:
+            if isinstance(record, Quantized):
+                grid = (
+                    "per row, at run time"
+                    if record.scheme == "dynamic"
+                    else (f"scale {record.act_scale:.3g}, zero point {record.act_zero_point}")
+                )
+                weights = "per channel" if record.per_channel else "per tensor"
+                cost = f"{costs[name].cost:.2e}" if name in costs else "not measured"
+                rows.append([name, record.format, grid if record.format == "int8" else "bf16", weights, cost])
+    rows += [
+        [c.param, "fp32 (returned)", "", "", f"{c.cost:.2e}"]
+        for c in metadata.quantization
+        if not c.quantized
+    ]
+    table = _table(
+        ["weight", "format", "activations", "int8 weight scales", "cost (output error alone)"], rows
+    )
+    return f"<h2>Quantization</h2><p>{html.escape(summary)}</p>{table}"
 
 
 def _summary(

@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from tilefx.errors import CaptureError
+from tilefx.passes import quant_ops  # noqa: F401  (registers torch.ops.tilefx, which saved graphs may call)
 from tilefx.passes.infra.instruments import PassTiming
 from tilefx.passes.metadata import Metadata, get_metadata, set_metadata
 

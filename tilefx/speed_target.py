@@ -29,7 +29,6 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,7 +89,9 @@ class SpeedSearch:
             raise RecipeError(f"SpeedSearch.keeps must be fractions in (0, 1], got {self.keeps!r}")
         unknown = set(self.formats) - {"fp32", "int8", "bf16"}
         if unknown or "fp32" not in self.formats:
-            raise RecipeError(f"SpeedSearch.formats must include 'fp32', from 'fp32', 'int8', 'bf16'; got {self.formats!r}")
+            raise RecipeError(
+                f"SpeedSearch.formats must include 'fp32', from 'fp32', 'int8', 'bf16'; got {self.formats!r}"
+            )
         if any(not 0 < s < 1 for s in self.sparsities):
             raise RecipeError(f"SpeedSearch.sparsities must be in (0, 1), got {self.sparsities!r}")
 
@@ -158,9 +159,12 @@ def search_pipeline(
     result, chosen = folded, {}
     for round_ in range(search.rounds):
         chosen = _choose(state, budget, quality)
-        passes = [*prefix, *passes_for(state.units, chosen, {u: l.order for u, l in state.losses.items()},
-                                       Calibration(batches[: search.calibration_batches]),
-                                       search.calibration_batches, search.attention, search.progress), *tail]  # fmt: skip
+        orders = {unit: losses.order for unit, losses in state.losses.items()}
+        data = Calibration(batches[: search.calibration_batches])
+        made = passes_for(
+            state.units, chosen, orders, data, search.calibration_batches, search.attention, search.progress
+        )
+        passes = [*prefix, *made, *tail]
         result = PassManager(passes, verify=verify, tolerance=tolerance).run(gm, example_inputs).graph_module
         achieved = _measured_speedup(gm, result, example_inputs)
         measured.append(achieved)
@@ -170,7 +174,9 @@ def search_pipeline(
         budget *= achieved / speedup  # the model was optimistic by this much: ask for that much more
     predicted = state.dense_ms / _predicted_ms(state, chosen)
     damage = sum(state.losses[u.name].of(chosen[u.name]) for u in state.units)
-    report = SearchReport({u: o.name for u, o in chosen.items()}, speedup, predicted, tuple(measured), 1 - damage)
+    report = SearchReport(
+        {u: o.name for u, o in chosen.items()}, speedup, predicted, tuple(measured), 1 - damage
+    )
     return result, report
 
 
@@ -182,7 +188,10 @@ def _prepare(
     layers = {layer.param: layer for layer in weight_layers(gm)}
     units = search_units(am.get(ChannelGroupsAnalysis(attention=search.attention)), list(layers.values()))
     offered = search.options()
-    calibration, check = batches[: search.calibration_batches], batches[search.calibration_batches :][: search.check_batches]
+    calibration, check = (
+        batches[: search.calibration_batches],
+        batches[search.calibration_batches :][: search.check_batches],
+    )
     losses = measure_losses(
         gm, units, layers, offered, calibration, check, token_mask_position(gm, inputs), search.progress
     )
@@ -193,9 +202,19 @@ def _prepare(
     rest = max(dense_ms - dense_layers, 0.05 * dense_ms)
     choices, by_name = [], {}
     for unit in units:
-        allowed = [o for o in offered if (unit.structured or o.keep == 1.0) and math.isfinite(losses[unit.name].of(o))]
-        ms = {o.name: sum(table.ms(shapes[p], _layer_option(o)) for p in unit.layers) * o.keep for o in allowed}
-        choices.append(LayerChoices(unit.name, tuple(Choice(o.name, ms[o.name], losses[unit.name].of(o)) for o in allowed)))
+        allowed = [
+            o
+            for o in offered
+            if (unit.structured or o.keep == 1.0) and math.isfinite(losses[unit.name].of(o))
+        ]
+        ms = {
+            o.name: sum(table.ms(shapes[p], _layer_option(o)) for p in unit.layers) * o.keep for o in allowed
+        }
+        choices.append(
+            LayerChoices(
+                unit.name, tuple(Choice(o.name, ms[o.name], losses[unit.name].of(o)) for o in allowed)
+            )
+        )
         by_name[unit.name] = {o.name: o for o in allowed}
     log.info("speed search: dense %.2f ms, layers %.2f ms, rest %.2f ms", dense_ms, dense_layers, rest)
     return _Search(units, layers, losses, choices, by_name, dense_ms, rest)
@@ -223,14 +242,18 @@ def _layer_option(option: Option) -> Option:
     return Option(format=option.format, block=option.block, sparsity=option.sparsity)
 
 
-def _shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any], layers: dict[str, WeightLayer]) -> dict[str, LayerShape]:
+def _shapes(
+    gm: torch.fx.GraphModule, inputs: Sequence[Any], layers: dict[str, WeightLayer]
+) -> dict[str, LayerShape]:
     """Each linear layer's GEMM shape on the example inputs (rows = every leading dim)."""
     ShapeProp(copy.deepcopy(gm)).propagate(*pytree.tree_leaves(tuple(inputs)))
     shapes = {}
     for param, layer in layers.items():
         meta = layer.input.meta.get("tensor_meta")
         if layer.kind != "linear" or meta is None:
-            raise RecipeError(f"Recipe(speedup=...) times linear layers only for now; {param} is a {layer.kind}")
+            raise RecipeError(
+                f"Recipe(speedup=...) times linear layers only for now; {param} is a {layer.kind}"
+            )
         shape = tuple(meta.shape)
         shapes[param] = LayerShape(math.prod(shape[:-1]), layer.in_channels, layer.out_channels)
     return shapes
@@ -241,12 +264,15 @@ def _model_ms(gm: torch.nn.Module, inputs: Sequence[Any]) -> float:
     return interleaved_timings({"dense": lambda: gm(*flat)}, rounds=15, warmup=3).get("dense").median  # type: ignore[union-attr]
 
 
-def _measured_speedup(dense: torch.nn.Module, optimized: torch.fx.GraphModule, inputs: Sequence[Any]) -> float:
+def _measured_speedup(
+    dense: torch.nn.Module, optimized: torch.fx.GraphModule, inputs: Sequence[Any]
+) -> float:
     """Dense torch over the compiled model, interleaved medians."""
     from tilefx.lowering.build import compile_graph  # tvm is imported only when compiling
 
     compiled = compile_graph(optimized, "llvm")
     flat = pytree.tree_leaves(tuple(inputs))
-    times = interleaved_timings({"dense": lambda: dense(*flat), "compiled": lambda: compiled(*flat)}, rounds=15, warmup=3)
+    times = interleaved_timings(
+        {"dense": lambda: dense(*flat), "compiled": lambda: compiled(*flat)}, rounds=15, warmup=3
+    )
     return times["dense"].median / times["compiled"].median
-

@@ -11,9 +11,14 @@ graph module is never modified.
 
 Compiled kernels are cached in memory for the process and, with ``cache_dir``, as shared
 libraries on disk. The key is the kernel spec (op geometry incl. input shape, output features,
-block, stored-block count, epilogue) plus the target. The sparsity pattern itself is not part of
+block, stored-block count, epilogue, number format) plus the target. The sparsity pattern itself is not part of
 the key on purpose: the kernels take ``indices``/``indptr`` as run-time arguments, so every
 pattern with the same block count shares one kernel. Its hash is recorded for the log only.
+
+Quantized layers (int8/bf16, ``lowering.narrow``) always run a kernel of their format, replacing
+the linear and its fake-quant node; their measured choice is block-sparse against dense kernel
+of that format. A target that cannot run them (CUDA, a CPU without AVX512-VNNI / BF16) is a
+``LoweringError`` before anything compiles.
 """
 
 from __future__ import annotations
@@ -37,13 +42,15 @@ import tvm
 from tilefx.errors import LoweringError
 
 from ..passes.analysis.weight_layers import layer_of
+from ..passes.coverage import warn_coverage
 from ..passes.graph_utils import unique_attr_name
 from ..runtime.packing import BsrWeight, pack_bsr, pattern_hash
-from ..runtime.sparse_modules import BsrConv2d, BsrLinear, Kernel
+from ..runtime.sparse_modules import BsrConv2d, BsrLinear, Kernel, NarrowLinear
 from . import compat, native_cache, openmp_launch
 from .fallback import Fallback, LayerChoice, Timer, check_fallback, choose, interleaved_median_ms
 from .hand_over import decide_hand_overs
 from .kernels.spec import Conv2dGeometry, KernelSpec
+from .narrow import check_narrow_target, narrow_options, narrow_spec, pack_narrow
 from .plan import SparseLayer, plan_graph
 from .schedules.cpu import cpu_kernel, takes_transposed
 from .schedules.cuda import cuda_kernel
@@ -53,7 +60,7 @@ __all__ = ["KernelCache", "compile_graph", "kernel_func", "layer_spec", "lowerin
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a template changes, so stale on-disk kernels are never loaded.
-_KERNEL_VERSION = "5"
+_KERNEL_VERSION = "6"
 
 
 def kernel_func(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
@@ -187,7 +194,8 @@ def compile_graph(
     if compat.is_cuda(tvm_target):
         policy = "never"
     plan = plan_graph(gm, fuse_activations=fuse_activations)
-    layers = [layer for layer in plan.layers if _runs_on(layer, tvm_target)]
+    check_narrow_target(plan.layers, compat.is_cuda(tvm_target), lambda: compat.cpu_features(tvm_target))
+    layers = [layer for layer in plan.layers if layer.quantized is None and _runs_on(layer, tvm_target)]
     packed = {layer.node: _pack(gm, layer) for layer in layers}
     cache = KernelCache(cache_dir)
     device = _device_for(tvm_target)
@@ -213,7 +221,13 @@ def compile_graph(
         dataclasses.replace(choice, transposed_to=layer.consumers) if layer.transposed_output else choice
         for layer, choice in zip(decided, choices, strict=True)
     ]
-    out = _calling_modules(gm, decided, lowered)
+    narrow = [layer for layer in plan.layers if layer.quantized is not None]
+    narrow_modules, narrow_choices = _lower_narrow(gm, narrow, cache, tvm_target, policy, timer)
+    modules: dict[str, torch.nn.Module] = {**lowered, **narrow_modules}
+    order = {layer.node: index for index, layer in enumerate(plan.layers)}
+    choices = sorted([*choices, *narrow_choices], key=lambda choice: order[choice.node])
+    layers += narrow
+    out = _calling_modules(gm, [*decided, *narrow], modules)
     out.meta["lowering_choices"] = tuple(choices)
     spin = None if compat.is_cuda(tvm_target) else openmp_launch.contention_warning(torch.get_num_threads())
     if spin and any(c.lowered for c in choices):
@@ -226,6 +240,89 @@ def compile_graph(
         cache.compile_seconds,
     )
     return out
+
+
+def _lower_narrow(
+    gm: torch.fx.GraphModule,
+    layers: Sequence[SparseLayer],
+    cache: KernelCache,
+    target: tvm.target.Target,
+    policy: Fallback,
+    timer: Timer,
+) -> tuple[dict[str, torch.nn.Module], list[LayerChoice]]:
+    """Modules and choices for the quantized layers: block-sparse or dense kernel of their format."""
+    modules: dict[str, torch.nn.Module] = {}
+    choices: list[LayerChoice] = []
+    torch_left: list[tuple[str, str]] = []
+    dense_left: list[tuple[str, str]] = []
+    for layer in layers:
+        options = narrow_options(layer)
+        if not options.dense:
+            log.warning("node %s stays torch's fake-quant simulation: %s", layer.node, options.why_torch)
+            torch_left.append((options.why_torch, layer.node))
+            continue
+        if options.why_dense:
+            log.info("node %s runs the dense kernel (zeros computed): %s", layer.node, options.why_dense)
+            dense_left.append((options.why_dense, layer.node))
+        weight = _layer_weight(gm, layer)
+        dense = _narrow_module(gm, layer, weight, None, cache, target)
+        dense.kernel(_rows(layer.input_shape))  # compile now: errors and compile time belong here
+        choice = LayerChoice(layer.node, lowered=True, number_format=layer.quantized.format, sparse=False)  # type: ignore[union-attr]
+        module: NarrowLinear = dense
+        if options.sparse_block is not None:
+            sparse = _narrow_module(gm, layer, weight, options.sparse_block, cache, target)
+            sparse.kernel(_rows(layer.input_shape))
+            x = torch.randn(layer.input_shape)
+            choice = choose(
+                layer.node,
+                lambda: sparse(x),  # noqa: B023 - called before the loop moves on
+                lambda: dense(x),  # noqa: B023
+                policy,
+                timer,
+                number_format=layer.quantized.format,  # type: ignore[union-attr]
+            )
+            module = sparse if choice.sparse else dense
+        modules[layer.node] = module
+        choices.append(choice)
+    fmt = "quantized layers"
+    warn_coverage(
+        "tilefx.compile",
+        len(layers),
+        f"{fmt} left as torch's fake-quant simulation (correct but slow)",
+        torch_left,
+        "Pad or prune those layers to sizes the int8/bf16 kernels take, or leave them fp32 with Quantization.keep",
+    )
+    warn_coverage(
+        "tilefx.compile",
+        len(layers),
+        f"block-sparse {fmt} run their format's dense kernel (zeros computed)",
+        dense_left,
+        "Prune int8 layers with blocks of (16, 4) or (r, 4) for r in 1, 2, 4, 8 (bf16: (r, 2)), or multiples of them",
+    )
+    return modules, choices
+
+
+def _rows(input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D shape a linear's kernel sees: leading dims flattened."""
+    return math.prod(input_shape[:-1]), input_shape[-1]
+
+
+def _narrow_module(
+    gm: torch.fx.GraphModule,
+    layer: SparseLayer,
+    weight: torch.Tensor,
+    block: tuple[int, int] | None,
+    cache: KernelCache,
+    target: tvm.target.Target,
+) -> NarrowLinear:
+    """The runtime module of quantized ``layer`` with its block-sparse (``block``) or dense kernel."""
+    packed = pack_narrow(layer, weight, block)
+    bias = _tensor(gm, layer.bias) if layer.bias is not None else None
+
+    def kernel_for(shape: tuple[int, ...]) -> Kernel:
+        return cache.kernel(narrow_spec(layer, shape, block, packed.nnzb), target)
+
+    return NarrowLinear(packed, bias, kernel_for)
 
 
 def lowering_choices(model: torch.nn.Module) -> tuple[LayerChoice, ...]:
@@ -293,6 +390,7 @@ def _runs_on(layer: SparseLayer, target: tvm.target.Target) -> bool:
 
 def _pack(gm: torch.fx.GraphModule, layer: SparseLayer) -> BsrWeight:
     weight = _layer_weight(gm, layer)
+    assert layer.sparsity is not None  # fp32 layers are planned for their blocks
     try:
         packed = pack_bsr(weight, layer.block, layer.sparsity.mask)
     except LoweringError as exc:
@@ -352,11 +450,15 @@ def _calling_modules(
 def _swap_node(out: torch.fx.GraphModule, layer: SparseLayer, module: torch.nn.Module) -> None:
     nodes = {node.name: node for node in out.graph.nodes}
     node = nodes[layer.node]
-    name = unique_attr_name(out, f"bsr_{layer.node}")
+    prefix = layer.quantized.format if layer.quantized is not None else "bsr"
+    name = unique_attr_name(out, f"{prefix}_{layer.node}")
     out.add_submodule(name, module)
     source = layer_of(out, node)
     assert source is not None  # the plan was made from this graph
     x = source.input
+    if layer.quant_node is not None:  # the kernel quantizes X itself: it reads the fp32 input
+        assert x.name == layer.quant_node and isinstance(x.args[0], torch.fx.Node)
+        x = x.args[0]
     with out.graph.inserting_before(node):
         call = out.graph.call_module(name, (x,))
     call.meta.update(node.meta)

@@ -21,6 +21,7 @@ from tilefx.errors import LoweringError
 __all__ = [
     "KNOWN_TARGETS",
     "build",
+    "cpu_features",
     "cuda_ptx",
     "cuda_source",
     "host_mcpu",
@@ -82,9 +83,14 @@ def is_cuda(target: tvm.target.Target) -> bool:
 
 def vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
     """fp32 lanes of the widest vector register the target has (AVX-512: 16, AVX2: 8, else 4)."""
-    features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    features = cpu_features(target)
     width = 512 if "avx512f" in features else 256 if "avx2" in features or "avx" in features else 128
     return width // dtype_bits
+
+
+def cpu_features(target: tvm.target.Target) -> frozenset[str]:
+    """LLVM's feature names for a CPU target (``avx512vnni``, ``avx512bf16``, ``amx-int8``, ...)."""
+    return frozenset(str(f) for f in codegen.llvm_get_cpu_features(target))
 
 
 def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:

@@ -13,6 +13,11 @@ both alike and neither is timed right after the other's thread pool; the quartil
 beside the medians (``LayerChoice.describe``), so a close call shows as one. ``"never"`` always
 lowers (benchmarks, tests, targets whose device is absent).
 
+A quantized (int8/bf16) layer always runs a kernel of its format: torch's fake-quant graph is
+the slow simulation of it, not a contender. What is measured there is its block-sparse kernel
+against the dense kernel of the same format (``number_format`` in :func:`choose`), and the
+faster is kept (``LayerChoice.sparse``).
+
 The timer is injectable so the decision logic is tested without timing anything. TVM-free.
 """
 
@@ -58,15 +63,24 @@ class LayerChoice:
     transposed_to: tuple[str, ...] = ()
     sparse_quartiles: tuple[float, float] | None = None
     dense_quartiles: tuple[float, float] | None = None
+    #: "fp32", or the quantized layer's format, whose kernels run whichever is chosen.
+    number_format: str = "fp32"
+    #: A quantized layer: its block-sparse kernel runs (False: its format's dense kernel). For
+    #: fp32 layers ``lowered`` says it all and this stays True.
+    sparse: bool = True
 
     def describe(self) -> str:
-        verdict = "block-sparse kernel" if self.lowered else "dense torch"
+        narrow = self.number_format != "fp32"
+        dense_name = f"{self.number_format} dense kernel" if narrow else "dense torch"
+        sparse_name = f"{self.number_format} block-sparse kernel" if narrow else "block-sparse kernel"
+        verdict = sparse_name if self.lowered and self.sparse else dense_name
         handoff = f", output Yᵀ to {', '.join(self.transposed_to)}" if self.transposed_to else ""
         if self.sparse_ms is None or self.dense_ms is None:
             return f"node {self.node}: {verdict} (not measured){handoff}"
+        dense_label = f"{self.number_format} dense" if narrow else "dense"
         return (
             f"node {self.node}: {verdict} (kernel {self.sparse_ms:.3f} ms{_range(self.sparse_quartiles)}, "
-            f"dense {self.dense_ms:.3f} ms{_range(self.dense_quartiles)}, "
+            f"{dense_label} {self.dense_ms:.3f} ms{_range(self.dense_quartiles)}, "
             f"{self.dense_ms / self.sparse_ms:.2f}x){handoff}"
         )
 
@@ -99,19 +113,25 @@ def choose(
     dense: Callable[[], object],
     fallback: Fallback,
     timer: Timer = interleaved_median_ms,
+    number_format: str = "fp32",
 ) -> LayerChoice:
-    """Keep the kernel for ``node`` unless, measured, it is not strictly faster than dense torch."""
+    """Keep the kernel for ``node`` unless, measured, it is not strictly faster than ``dense``:
+    dense torch, or for a quantized layer (``number_format`` int8/bf16) the dense kernel of its
+    format, which then runs instead (the layer stays lowered)."""
     if fallback == "never":
-        return LayerChoice(node, lowered=True)
+        return LayerChoice(node, lowered=True, number_format=number_format)
     timed = {name: _timing(value) for name, value in timer({"sparse": sparse, "dense": dense}).items()}
     kernel, torch_ = timed["sparse"], timed["dense"]
+    faster = kernel.median < torch_.median
     choice = LayerChoice(
         node,
-        kernel.median < torch_.median,
+        faster or number_format != "fp32",
         kernel.median,
         torch_.median,
         sparse_quartiles=(kernel.low, kernel.high),
         dense_quartiles=(torch_.low, torch_.high),
+        number_format=number_format,
+        sparse=faster or number_format == "fp32",
     )
     log.info("%s", choice.describe())
     return choice

@@ -1,8 +1,11 @@
 """Which nodes of a pruned graph become which block-sparse kernels (TVM-free).
 
 Reads only the ATen-level fx graph (``torch.export(...).module()``) and the ``BlockSparsity``
-records of ``tilefx.passes.metadata``: an ``aten.linear`` or ``aten.conv2d`` whose weight is a
-``get_attr`` with a block-sparsity record becomes a kernel; so does a linear written as
+and ``Quantized`` records of ``tilefx.passes.metadata``: an ``aten.linear`` or ``aten.conv2d``
+whose weight is a ``get_attr`` with a block-sparsity record becomes a kernel; so does an
+``aten.linear`` whose weight has a ``Quantized`` record (block-sparse or not), together with the
+fake-quant node in front of it (``passes.quant_ops``), which the int8/bf16 kernel computes
+itself (``SparseLayer.quantized``, ``quant_node``); so does a linear written as
 ``aten.addmm`` / ``aten.mm`` / ``aten.matmul`` with a parameter operand (the forms
 ``passes.analysis.weight_layers`` recognises). One stored ``[in, out]`` is planned as a linear on
 ``weight.T`` with its record transposed (``SparseLayer.weight_transposed``; the contract is in
@@ -32,7 +35,9 @@ import torch.fx
 from tilefx.errors import LoweringError
 
 from ..passes.analysis.weight_layers import WeightLayer, layer_of
-from ..passes.metadata import BlockSparsity, get_metadata
+from ..passes.metadata import BlockSparsity, Quantized, get_metadata
+from ..passes.quant_ops import FAKE_QUANT_OPS
+from ..passes.quantize_linears import quantized_input
 from .kernels.spec import Activation
 
 __all__ = ["Plan", "SparseLayer", "conv_pair", "plan_graph"]
@@ -40,6 +45,7 @@ __all__ = ["Plan", "SparseLayer", "conv_pair", "plan_graph"]
 log = logging.getLogger(__name__)
 
 _CONV2D = torch.ops.aten.conv2d.default
+_LINEAR = torch.ops.aten.linear.default
 _RELU = torch.ops.aten.relu.default
 _GELU = torch.ops.aten.gelu.default
 _SUPPORTED_DTYPES = (torch.float32,)
@@ -53,7 +59,7 @@ class SparseLayer:
     op: Literal["linear", "conv2d"]
     weight: str
     bias: str | None
-    sparsity: BlockSparsity
+    sparsity: BlockSparsity | None  # None: a dense quantized layer
     input_shape: tuple[int, ...]
     out_features: int
     kernel: tuple[int, int] = (1, 1)
@@ -71,9 +77,15 @@ class SparseLayer:
     # The parameter is stored [in, out] (addmm / mm / matmul): the kernel's weight is its transpose,
     # and ``sparsity`` is already stated on that [out, in] view.
     weight_transposed: bool = False
+    # The weight's ``Quantized`` record (int8 or bf16 kernels), and the fake-quant node feeding the
+    # linear, which the lowered module replaces along with it.
+    quantized: Quantized | None = None
+    quant_node: str | None = None
 
     @property
     def block(self) -> tuple[int, int]:
+        if self.sparsity is None:
+            raise ValueError(f"node {self.node} is a dense quantized layer: it has no block")
         return self.sparsity.block
 
 
@@ -94,14 +106,18 @@ def plan_graph(gm: torch.fx.GraphModule, *, fuse_activations: bool = True) -> Pl
         if layer is None or layer.kind == "conv" and node.target != _CONV2D:
             continue
         records = metadata.of(layer.param, BlockSparsity)
-        if not records:
+        quantized = metadata.of(layer.param, Quantized)
+        if not records and not quantized:
             continue
         why_dense = _no_kernel_for(node, layer.bias)
         if why_dense is not None:
             log.warning("node %s: %s, it stays dense torch", node.name, why_dense)
             continue
-        record = records[-1].transposed() if layer.transposed else records[-1]
-        layers.append(_plan_node(gm, layer, record, fuse_activations))
+        record = (records[-1].transposed() if layer.transposed else records[-1]) if records else None
+        planned = _plan_node(gm, layer, record, fuse_activations)
+        if quantized:
+            planned = _with_quantization(layer, planned, quantized[-1])
+        layers.append(planned)
     layers = _with_consumers(gm, layers)
     log.debug("planned %d sparse layers", len(layers))
     return Plan(tuple(layers))
@@ -130,13 +146,47 @@ def _no_kernel_for(node: torch.fx.Node, bias: torch.fx.Node | None) -> str | Non
     return None
 
 
+def _with_quantization(layer: WeightLayer, planned: SparseLayer, record: Quantized) -> SparseLayer:
+    """``planned`` with its ``Quantized`` record and the fake-quant node the kernel absorbs.
+
+    The graph must say what the record says: a linear read in its stored orientation, fed by the
+    record's fake-quant op with the record's grid. Anything else is a graph edited after the
+    pass, and a kernel built from the record would compute something else.
+    """
+    where = f"node {layer.node.name!r} (weight {layer.param!r})"
+    if layer.node.target != _LINEAR or layer.transposed:
+        raise LoweringError(
+            f"{where}: a Quantized record is lowered only on aten.linear, got {layer.node.target}"
+        )
+    fake = quantized_input(layer.node)
+    expected = FAKE_QUANT_OPS[(record.format, record.scheme)]
+    if fake is None or fake.target != expected:
+        found = fake.target if fake is not None else "no fake-quant node"
+        raise LoweringError(
+            f"{where}: its Quantized record ({record.format}, {record.scheme}) needs {expected} in front "
+            f"of the linear, the graph has {found}; rerun tilefx.optimize instead of editing its graph"
+        )
+    if (
+        record.format == "int8"
+        and record.scheme == "static"
+        and tuple(fake.args[1:])
+        != (
+            record.act_scale,
+            record.act_zero_point,
+        )
+    ):
+        raise LoweringError(f"{where}: the static grid in the graph {fake.args[1:]} differs from its record")
+    return dataclasses.replace(planned, quantized=record, quant_node=fake.name)
+
+
 def _with_consumers(gm: torch.fx.GraphModule, layers: list[SparseLayer]) -> list[SparseLayer]:
-    """``layers`` with ``consumers`` filled in for linears whose output only feeds sparse linears."""
-    linears = {layer.node for layer in layers if layer.op == "linear"}
+    """``layers`` with ``consumers`` filled in for fp32 linears whose output only feeds sparse linears
+    (quantized linears read a fake-quant node, so they are never a hand-over's reader)."""
+    linears = {layer.node for layer in layers if layer.op == "linear" and layer.quantized is None}
     nodes = {node.name: node for node in gm.graph.nodes}
     done = []
     for layer in layers:
-        if layer.op == "linear":
+        if layer.node in linears:
             output = nodes[layer.fused_node or layer.node]
             consumers = _sparse_consumers(output, linears)
             if consumers:
@@ -163,7 +213,7 @@ def _sparse_consumers(output: torch.fx.Node, linears: set[str]) -> tuple[str, ..
 
 
 def _plan_node(
-    gm: torch.fx.GraphModule, layer: WeightLayer, record: BlockSparsity, fuse_activations: bool
+    gm: torch.fx.GraphModule, layer: WeightLayer, record: BlockSparsity | None, fuse_activations: bool
 ) -> SparseLayer:
     node, weight_name = layer.node, layer.param
     weight = _attr(gm, weight_name)
@@ -174,16 +224,9 @@ def _plan_node(
         raise LoweringError(
             f"{where}: block-sparse kernels support float32, got {weight.dtype}; cast the model first"
         )
-    rows, cols = record.block
     out, rest = weight.shape[0], math.prod(weight.shape[1:])
-    if rows <= 0 or cols <= 0 or out % rows or rest % cols:
-        raise LoweringError(
-            f"{where}: block {record.block} does not tile the weight's matrix view {(out, rest)}"
-        )
-    if tuple(record.mask.shape) != (out // rows, rest // cols):
-        raise LoweringError(
-            f"{where}: block mask {tuple(record.mask.shape)} does not match the grid {(out // rows, rest // cols)}"
-        )
+    if record is not None:
+        _check_record(record, out, rest, where)
     bias = _bias_name(gm, layer.bias, out, where)
     input_shape = _input_shape(layer.input, where)
     fused = _fusable_activation(node) if fuse_activations else None
@@ -206,9 +249,21 @@ def _plan_node(
     return _plan_conv(node, record, weight, bias, input_shape, fused, where)
 
 
+def _check_record(record: BlockSparsity, out: int, rest: int, where: str) -> None:
+    rows, cols = record.block
+    if rows <= 0 or cols <= 0 or out % rows or rest % cols:
+        raise LoweringError(
+            f"{where}: block {record.block} does not tile the weight's matrix view {(out, rest)}"
+        )
+    if tuple(record.mask.shape) != (out // rows, rest // cols):
+        raise LoweringError(
+            f"{where}: block mask {tuple(record.mask.shape)} does not match the grid {(out // rows, rest // cols)}"
+        )
+
+
 def _plan_conv(
     node: torch.fx.Node,
-    record: BlockSparsity,
+    record: BlockSparsity | None,
     weight: torch.Tensor,
     bias: str | None,
     input_shape: tuple[int, ...],

@@ -11,6 +11,12 @@ our block-sparse kernels (``lowering.schedules.cpu``), its packed weight a Relax
   pipeline leaves dense matmul and conv as naive loops; our templates at full density are
   within reach of torch's GEMM, so the dense part of the model does not make the artifact slow.
 
+A quantized layer (``Quantized`` record, ``lowering.narrow``) becomes a ``call_tir`` of its int8
+or bf16 kernel (block-sparse where a template takes its blocks, else dense) with the codes,
+scales, column sums and static grid as Relax constants; the fake-quant node in front of it
+is folded (the kernel quantizes X itself). A fake-quant node feeding anything else is computed
+with Relax ops, as the torch graph computes it.
+
 A relu or exact GELU that is the only user of a layer is folded into the kernel's epilogue.
 Whatever else remains (attention's batched matmuls, norms, softmax, elementwise) is TVM's own
 legalised TIR; ``relax_pipeline`` gives it the dlight CPU rules and parallelises the loop nests
@@ -20,6 +26,7 @@ no rule takes (``schedules.cpu_generic``). An op the importer does not know is a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -39,8 +46,10 @@ from tilefx.errors import CaptureError, LoweringError, UnsupportedOpError
 
 from ..runtime.packing import pack_bsr
 from . import compat
+from .kernels.bf16_common import round_bf16_func
 from .kernels.spec import Activation, Conv2dGeometry, KernelSpec
-from .plan import conv_pair, plan_graph
+from .narrow import check_narrow_target, narrow_options, narrow_spec, pack_narrow
+from .plan import SparseLayer, conv_pair, plan_graph
 from .schedules.cpu import cpu_kernel
 from .schedules.cpu_generic import schedule_leftovers
 
@@ -67,6 +76,7 @@ class ExportedLayer:
     pruned: bool  # False: a dense layer packed at full density
     activation: Activation | None
     kernel: str
+    number_format: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -92,9 +102,19 @@ def relax_program(
     if compat.is_cuda(target):
         raise LoweringError("export supports llvm targets only; CUDA artifacts are not built yet")
     plan = plan_graph(gm)
-    pruned = {layer.weight: layer for layer in plan.layers if not layer.weight_transposed}
+    check_narrow_target(plan.layers, False, lambda: compat.cpu_features(target))
+    pruned = {
+        layer.weight: layer
+        for layer in plan.layers
+        if not layer.weight_transposed and layer.quantized is None
+    }
+    quantized = {
+        layer.weight: layer
+        for layer in plan.layers
+        if layer.quantized is not None and narrow_options(layer).dense
+    }
     program = _export(gm, example_inputs)
-    converters = _Converters(program, pruned, target)
+    converters = _Converters(program, pruned, target, quantized)
     _check_supported(program, ExportedProgramImporter().create_convert_map(), converters.table())
     module = from_exported_program(program, run_ep_decomposition=False, custom_convert_map=converters.table())
     names = tuple(spec.arg.name for spec in program.graph_signature.input_specs if _is_user_input(spec))
@@ -151,9 +171,16 @@ def _check_supported(program: Any, known: dict[str, Any], custom: dict[str, Any]
 class _Converters:
     """The ``custom_convert_map`` entries: layers to kernels, folded activations to their layer."""
 
-    def __init__(self, program: Any, pruned: dict[str, Any], target: tvm.target.Target) -> None:
+    def __init__(
+        self,
+        program: Any,
+        pruned: dict[str, Any],
+        target: tvm.target.Target,
+        quantized: dict[str, SparseLayer] | None = None,
+    ) -> None:
         self.program = program
         self.pruned = pruned
+        self.quantized = quantized or {}
         self.target = target
         self.params = dict(program.graph_signature.inputs_to_parameters)
         self.params.update(program.graph_signature.inputs_to_buffers)
@@ -161,12 +188,16 @@ class _Converters:
         self.defaults: dict[str, Callable[[torch.fx.Node], relax.Expr]] = {}
         self.layers: list[ExportedLayer] = []
         self.kernels: dict[KernelSpec, tvm.ir.GlobalVar] = {}
+        self.helpers: dict[str, tvm.ir.GlobalVar] = {}
         self.folded: set[str] = set()  # activation nodes whose producer's kernel computes them
 
     def table(self) -> dict[str, Callable[[torch.fx.Node, Any], relax.Expr]]:
         return {
             _LINEAR: self.layer,
             _CONV2D: self.layer,
+            "fake_quant_rows.default": self.fake_quant,
+            "fake_quant_tensor.default": self.fake_quant,
+            "round_bf16.default": self.fake_quant,
             "relu.default": self.activation,
             "gelu.default": self.activation,
             "to.device": self.to_device,
@@ -239,8 +270,43 @@ class _Converters:
             return importer.env[node.args[0]]
         return self._default(node, importer)
 
+    def fake_quant(self, node: torch.fx.Node, importer: Any) -> relax.Expr:
+        """Folded into the quantized kernels reading it (they quantize X themselves); else computed."""
+        x = importer.env[node.args[0]]
+        if node.users and all(self._quantized_layer(user) is not None for user in node.users):
+            return x
+        if getattr(node.target, "__name__", "") == "round_bf16.default":
+            return self._round_bf16(x, node, importer)
+        return _fake_quant_expr(importer.block_builder, x, node)
+
+    def _round_bf16(self, x: relax.Expr, node: torch.fx.Node, importer: Any) -> relax.Expr:
+        """bf16 rounding (nearest even) on the fp32 bits: Relax's bf16 cast does not round the
+        way torch does (it made a 1-layer artifact differ by 4e-4 of the output scale on average)."""
+        shape = tuple(int(d) for d in node.meta["val"].shape)
+        size = math.prod(shape)
+        name = f"tilefx_round_bf16_{size}"
+        gvar = self.helpers.get(name)
+        if gvar is None:
+            func = round_bf16_func(size).with_attr("global_symbol", name)
+            func = func.with_attr("op_pattern", _OPAQUE).with_attr("tirx.is_scheduled", True)
+            gvar = self.helpers[name] = importer.block_builder.add_func(func, name)
+        builder = importer.block_builder
+        flat = builder.emit(relax.op.reshape(x, (size,)))
+        rounded = builder.emit(relax.call_tir(gvar, [flat], relax.TensorType((size,), "float32")))
+        return builder.emit(relax.op.reshape(rounded, shape))
+
+    def _quantized_layer(self, node: torch.fx.Node) -> SparseLayer | None:
+        """The quantized plan layer ``node`` (a linear of the exported program) lowers, if any."""
+        if getattr(node.target, "__name__", "") != _LINEAR or node.kwargs:
+            return None
+        weight = self._stored(node.args[1])
+        return self.quantized.get(weight) if weight is not None else None
+
     def layer(self, node: torch.fx.Node, importer: Any) -> relax.Expr:
         name = getattr(node.target, "__name__", "")
+        quantized = self._quantized_layer(node)
+        if quantized is not None:
+            return self._call_narrow_kernel(node, quantized, importer)
         weight_name, bias_name = self._stored(node.args[1]), self._stored(_arg(node, 2))
         why = self._why_not(node, name, weight_name, bias_name)
         if why is not None:
@@ -286,7 +352,7 @@ class _Converters:
         out = int(weight.shape[0])
         layer = self.pruned.get(weight_name)
         block = layer.block if layer is not None else _dense_block(out)
-        mask = layer.sparsity.mask if layer is not None else None
+        mask = layer.sparsity.mask if layer is not None and layer.sparsity is not None else None
         try:
             packed = pack_bsr(weight, block, mask if mask is not None else _full_mask(weight, block))
         except LoweringError as exc:
@@ -317,6 +383,42 @@ class _Converters:
                 layer is not None,
                 activation,
                 kernel.name_hint,
+            )
+        )
+        return y
+
+    def _call_narrow_kernel(self, node: torch.fx.Node, layer: SparseLayer, importer: Any) -> relax.Expr:
+        """An int8/bf16 kernel (block-sparse where a template takes the blocks, else dense)."""
+        record = layer.quantized
+        assert record is not None
+        block = narrow_options(layer).sparse_block
+        weight = self.state[layer.weight].detach()
+        packed = pack_narrow(layer, weight, block)
+        shape = tuple(int(d) for d in node.args[0].meta["val"].shape)  # type: ignore[union-attr]
+        activation = self._fold_activation(node)
+        spec = dataclasses.replace(narrow_spec(layer, shape, block, packed.nnzb), activation=activation)
+        kernel = self._kernel(spec, importer)
+        bias_name = self._stored(_arg(node, 2))
+        out = layer.out_features
+        bias = self.state[bias_name].detach() if bias_name is not None else torch.zeros(out)
+        builder = importer.block_builder
+        x = builder.emit(relax.op.reshape(importer.env[node.args[0]], spec.x_shape))
+        args = [x, *(_const(t) for t in (*packed.arrays, bias))]
+        y = builder.emit(relax.call_tir(kernel, args, relax.TensorType(spec.y_shape, "float32")))
+        y = builder.emit(relax.op.reshape(y, (*shape[:-1], out)))
+        rows, cols = spec.block
+        self.layers.append(
+            ExportedLayer(
+                node.name,
+                "linear",
+                layer.weight,
+                spec.block,
+                packed.nnzb,
+                (out // rows) * (shape[-1] // cols),
+                block is not None,
+                activation,
+                kernel.name_hint,
+                record.format,
             )
         )
         return y
@@ -366,6 +468,32 @@ class _Converters:
         gvar = importer.block_builder.add_func(func, name)
         self.kernels[spec] = gvar
         return gvar
+
+
+def _fake_quant_expr(builder: Any, x: relax.Expr, node: torch.fx.Node) -> relax.Expr:
+    """``passes.quant_ops``' fake quantization of ``x`` as Relax ops (for a node no kernel absorbs)."""
+    name = getattr(node.target, "__name__", "")
+    op, f32 = relax.op, "float32"
+
+    def const(value: float) -> relax.Expr:
+        return relax.const(value, f32)
+
+    if name == "fake_quant_tensor.default":
+        scale, zero = float(node.args[1]), float(node.args[2])  # type: ignore[arg-type]
+        codes = op.clip(
+            op.add(op.round(op.multiply(x, op.divide(const(1.0), const(scale)))), const(zero)), 0, 255
+        )
+        return builder.emit(op.multiply(const(scale), op.subtract(codes, const(zero))))
+    low = op.minimum(op.min(x, axis=[-1], keepdims=True), const(0.0))
+    high = op.maximum(op.max(x, axis=[-1], keepdims=True), const(0.0))
+    spread = builder.emit(op.subtract(high, low))
+    scale = builder.emit(
+        op.where(op.greater(spread, const(0.0)), op.divide(spread, const(255.0)), const(1.0))
+    )
+    inverse = builder.emit(op.divide(const(1.0), scale))
+    zero = builder.emit(op.clip(op.round(op.multiply(op.negative(low), inverse)), 0, 255))
+    codes = op.clip(op.add(op.round(op.multiply(x, inverse)), zero), 0, 255)
+    return builder.emit(op.multiply(scale, op.subtract(codes, zero)))
 
 
 def _dense_block(out: int) -> tuple[int, int]:

@@ -3,13 +3,20 @@ and the op sets several passes recognise."""
 
 from __future__ import annotations
 
+import difflib
+import itertools
+
 import torch
 import torch.fx
+
+from tilefx.errors import RecipeError
 
 __all__ = [
     "BATCH_NORM",
     "BATCH_NORMS",
     "attr_tensor",
+    "check_state_names",
+    "matches_state_name",
     "get_attr_users",
     "param_node",
     "set_attr_tensor",
@@ -85,3 +92,21 @@ def param_node(arg: object) -> str | None:
 def get_attr_users(gm: torch.fx.GraphModule, target: str) -> list[torch.fx.Node]:
     """Every node reading ``target`` through any get_attr node (weights may be read twice)."""
     return [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users]
+
+
+def matches_state_name(name: str, entry: str) -> bool:
+    """Whether parameter or buffer ``name`` is ``entry`` or lies under the module path ``entry``."""
+    return name == entry or name.startswith(entry.rstrip(".") + ".")
+
+
+def check_state_names(gm: torch.nn.Module, entries: tuple[str, ...], option: str) -> None:
+    """Raise ``RecipeError`` for an entry of ``option`` that names no parameter or buffer of ``gm``
+    (nor a module holding one): a typo there would silently select nothing."""
+    names = [name for name, _ in itertools.chain(gm.named_parameters(), gm.named_buffers())]
+    for entry in entries:
+        if any(matches_state_name(name, entry) for name in names):
+            continue
+        prefixes = {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
+        close = difflib.get_close_matches(entry, sorted(prefixes), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; it takes parameter names or their prefixes"
+        raise RecipeError(f"{option}: {entry!r} matches no parameter of the model{hint}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.fx
@@ -42,6 +42,8 @@ __all__ = [
     "Metadata",
     "NMSparsity",
     "Permutation",
+    "QuantizationCost",
+    "Quantized",
     "apply_masks",
     "get_metadata",
     "matrix_view",
@@ -150,8 +152,49 @@ class Permutation:
         )
 
 
-Annotation = ElementMask | NMSparsity | BlockSparsity | ChannelSelection | Permutation
-A = TypeVar("A", ElementMask, NMSparsity, BlockSparsity, ChannelSelection, Permutation)
+@dataclass(frozen=True, eq=False)
+class Quantized:
+    """The weight and its linear's input run in a narrower number format (``QuantizeLinearsPass``).
+
+    ``format="int8"``: the weight holds ``weight_scales[n] · q`` with int8 codes ``q`` in
+    [-127, 127] (``weight_scales`` fp32 ``[out]``, all equal when not ``per_channel``), and the
+    linear's input goes through ``tilefx::fake_quant_rows`` (``scheme="dynamic"``: asymmetric
+    uint8 per row at run time) or ``tilefx::fake_quant_tensor(x, act_scale, act_zero_point)``
+    (``"static"``: one grid from calibration). ``format="bf16"``: the weight holds bf16-rounded
+    values and the input goes through ``tilefx::round_bf16``; no scales. ``cost`` is the model
+    output's relative error with only this layer quantized, when the accuracy-aware fallback
+    measured it. The scheme itself is in ``passes.quant_ops``.
+    """
+
+    format: Literal["int8", "bf16"]
+    scheme: Literal["dynamic", "static"] = "dynamic"
+    weight_scales: torch.Tensor | None = None
+    per_channel: bool = True
+    act_scale: float | None = None
+    act_zero_point: int | None = None
+    cost: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.format == "int8":
+            _check(self.weight_scales is not None, "an int8 record needs its weight scales")
+        if self.format == "int8" and self.scheme == "static":
+            _check(
+                self.act_scale is not None and self.act_zero_point is not None,
+                "a static int8 record needs the activation scale and zero point",
+            )
+
+
+@dataclass(frozen=True)
+class QuantizationCost:
+    """One layer as the accuracy-aware fallback saw it: its cost, and whether it stayed quantized."""
+
+    param: str
+    cost: float
+    quantized: bool
+
+
+Annotation = ElementMask | NMSparsity | BlockSparsity | ChannelSelection | Permutation | Quantized
+A = TypeVar("A", ElementMask, NMSparsity, BlockSparsity, ChannelSelection, Permutation, Quantized)
 
 
 @dataclass(frozen=True)
@@ -164,6 +207,8 @@ class Metadata:
     recovery_losses: tuple[float, ...] = ()
     #: How ``tilefx.optimize`` verified each modifying pass (``PassCheck``s; the report lists them).
     verification: tuple[Any, ...] = ()
+    #: The accuracy-aware quantization fallback's per-layer costs, when it ran (costliest first).
+    quantization: tuple[QuantizationCost, ...] = ()
 
     def of(self, name: str, kind: type[A]) -> list[A]:
         return [a for a in self.params.get(name, ()) if isinstance(a, kind)]
@@ -189,6 +234,8 @@ class Metadata:
 
 def _replaces(new: Annotation, old: Annotation) -> bool:
     sparsity = (ElementMask, NMSparsity, BlockSparsity)
+    if isinstance(new, Quantized):
+        return isinstance(old, Quantized)
     return isinstance(new, sparsity) and isinstance(old, sparsity)
 
 

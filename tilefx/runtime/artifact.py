@@ -209,7 +209,14 @@ def _check_tvm(manifest: Mapping[str, Any]) -> None:
 def _check_host(manifest: Mapping[str, Any]) -> None:
     if manifest["arch"] != platform.machine():
         raise ArtifactError(f"artifact built for {manifest['arch']}, this machine is {platform.machine()}")
-    missing = sorted(set(manifest["cpu_features"]) - host_cpu_features())
+    host = host_cpu_features()
+    for number_format, feature in dict(manifest.get("required_features") or {}).items():
+        if feature not in host:
+            raise ArtifactError(
+                f"artifact's {number_format} kernels need the CPU feature {feature!r}, which this host "
+                f"lacks; export it again without quantization (or with another format) for this machine"
+            )
+    missing = sorted(set(manifest["cpu_features"]) - host)
     if missing:
         raise ArtifactError(
             f"artifact built for target {manifest['target']!r} uses CPU features this host lacks: "

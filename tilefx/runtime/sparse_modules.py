@@ -28,9 +28,9 @@ import torch
 from tilefx.errors import LoweringError
 
 from .layout import token_pitch
-from .packing import BsrWeight
+from .packing import BsrWeight, NarrowWeight
 
-__all__ = ["BsrConv2d", "BsrLinear", "Kernel", "KernelFactory", "TransposedFactory"]
+__all__ = ["BsrConv2d", "BsrLinear", "Kernel", "KernelFactory", "NarrowLinear", "TransposedFactory"]
 
 #: Byte alignment TVM assumes for buffer data (``tvm.tirx`` default ``data_alignment``).
 _ALIGNMENT = 64
@@ -44,23 +44,11 @@ KernelFactory = Callable[[tuple[int, ...]], Kernel]
 TransposedFactory = Callable[[int, bool, bool], "Kernel | None"]
 
 
-class _BsrModule(torch.nn.Module):
-    """Shared state: packed weight, bias (zeros when the layer had none), kernels per input shape."""
+class _KernelModule(torch.nn.Module):
+    """What every kernel-calling module shares: kernels per input shape, input checks, alignment."""
 
-    w_data: torch.Tensor
-    w_indices: torch.Tensor
-    w_indptr: torch.Tensor
-    bias: torch.Tensor
-
-    def __init__(self, weight: BsrWeight, bias: torch.Tensor | None, kernel_for: KernelFactory) -> None:
+    def __init__(self, kernel_for: KernelFactory) -> None:
         super().__init__()
-        self.register_buffer("w_data", weight.data)
-        self.register_buffer("w_indices", weight.indices)
-        self.register_buffer("w_indptr", weight.indptr)
-        zeros = torch.zeros(weight.shape[0], dtype=torch.float32)
-        self.register_buffer("bias", (bias.detach().clone() if bias is not None else zeros).contiguous())
-        self.block = weight.block
-        self.out_features, self.in_features = weight.shape
         self._kernel_for = kernel_for
         self._kernels: dict[tuple[int, ...], Kernel] = {}
 
@@ -85,6 +73,25 @@ class _BsrModule(torch.nn.Module):
         if x.data_ptr() % _ALIGNMENT:  # a view into a larger tensor; TVM buffers assume alignment
             x = x.clone()
         return x
+
+
+class _BsrModule(_KernelModule):
+    """Shared state: packed weight, bias (zeros when the layer had none), kernels per input shape."""
+
+    w_data: torch.Tensor
+    w_indices: torch.Tensor
+    w_indptr: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(self, weight: BsrWeight, bias: torch.Tensor | None, kernel_for: KernelFactory) -> None:
+        super().__init__(kernel_for)
+        self.register_buffer("w_data", weight.data)
+        self.register_buffer("w_indices", weight.indices)
+        self.register_buffer("w_indptr", weight.indptr)
+        zeros = torch.zeros(weight.shape[0], dtype=torch.float32)
+        self.register_buffer("bias", (bias.detach().clone() if bias is not None else zeros).contiguous())
+        self.block = weight.block
+        self.out_features, self.in_features = weight.shape
 
     def _run(self, x: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
         x = self._aligned(x)
@@ -195,3 +202,42 @@ class BsrConv2d(_BsrModule):
         )
         oh, ow = self._output_hw(x.shape[2], x.shape[3])
         return self._run(x, (x.shape[0], self.out_features, oh, ow))
+
+
+class NarrowLinear(_KernelModule):
+    """``act(x @ Wᵀ + b)`` by an int8 or bf16 kernel (dense or block-sparse), for x ``[..., in]``.
+
+    X stays fp32 across the call: the kernel quantizes it (int8) or rounds it (bf16) itself, so
+    nothing new crosses DLPack and callers see an fp32 layer. The packed arrays
+    (:class:`~tilefx.runtime.packing.NarrowWeight`: codes or pair panels, scales, column sums,
+    the static grid) are buffers ``w_0``, ``w_1``, ... in the kernel's argument order; the
+    kernel is called ``kernel(X, w_0, ..., bias, Y)``.
+    """
+
+    bias: torch.Tensor
+
+    def __init__(self, weight: NarrowWeight, bias: torch.Tensor | None, kernel_for: KernelFactory) -> None:
+        super().__init__(kernel_for)
+        self._names: list[str] = []
+        for index, array in enumerate(weight.arrays):
+            self.register_buffer(f"w_{index}", array.contiguous())
+            self._names.append(f"w_{index}")
+        zeros = torch.zeros(weight.shape[0], dtype=torch.float32)
+        self.register_buffer("bias", (bias.detach().clone() if bias is not None else zeros).contiguous())
+        self.out_features, self.in_features = weight.shape
+        self.number_format = weight.number_format
+        self.layout = weight.layout
+        self.block = weight.block
+        self.nnzb = weight.nnzb
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, x.dim() >= 1 and x.shape[-1] == self.in_features, f"[..., {self.in_features}]")
+        rows = self._aligned(x.reshape(-1, self.in_features))
+        y = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32, device=x.device)
+        arrays = [getattr(self, name) for name in self._names]
+        self.kernel(tuple(rows.shape))(rows, *arrays, self.bias, y)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = "dense" if self.layout == "dense" else f"block={self.block}, nnzb={self.nnzb}"
+        return f"{self.number_format}, in={self.in_features}, out={self.out_features}, {kind}"

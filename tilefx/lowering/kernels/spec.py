@@ -14,10 +14,14 @@ from typing import Literal
 
 from ...runtime.layout import token_pitch
 
-__all__ = ["Activation", "Conv2dGeometry", "KernelSpec"]
+__all__ = ["Activation", "Conv2dGeometry", "KernelSpec", "NumberFormat", "WeightLayout"]
 
 #: Fused epilogue after bias (``kernels.epilogue``); spec stays TVM-free, so the names live here.
 Activation = Literal["relu", "gelu"]
+#: What the kernel multiplies in: fp32, int8 (u8 activations × s8 weights, VNNI) or bf16.
+NumberFormat = Literal["fp32", "int8", "bf16"]
+#: How the weight is packed: BSR blocks, or dense panels (``runtime.packing``; int8 and bf16 only).
+WeightLayout = Literal["bsr", "dense"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class Conv2dGeometry:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One kernel instance: geometry, output features, BSR block, stored blocks, epilogue.
+    """One kernel instance: geometry, output features, BSR block, stored blocks, epilogue, format.
 
     For a linear layer, ``x_transposed`` means X arrives as ``Xᵀ [K, P]`` and ``y_transposed``
     that Y is written as ``Yᵀ [N, P]``: the token-major layout the ``tokens`` template computes
@@ -91,10 +95,22 @@ class KernelSpec:
     activation: Activation | None = None
     x_transposed: bool = False
     y_transposed: bool = False
+    number_format: NumberFormat = "fp32"
+    #: int8 only: activations on one grid given at run time (static scheme) instead of per row.
+    static_activations: bool = False
+    #: int8 and bf16: a dense weight in panels (``block`` and ``nnzb`` then describe no blocks).
+    weight_layout: WeightLayout = "bsr"
 
     def __post_init__(self) -> None:
         if (self.x_transposed or self.y_transposed) and not self.geometry.is_dense:
             raise ValueError(f"transposed X/Y layouts are for linear layers only, got {self.geometry}")
+        quantized = self.number_format != "fp32"
+        if quantized and (not self.geometry.is_dense or self.x_transposed or self.y_transposed):
+            raise ValueError(f"{self.number_format} kernels are row-major linear layers, got {self}")
+        if self.weight_layout == "dense" and not quantized:
+            raise ValueError("fp32 dense layers stay torch (or full-density BSR); dense panels are int8/bf16")
+        if self.static_activations and self.number_format != "int8":
+            raise ValueError("static activation grids are an int8 scheme")
 
     @property
     def x_shape(self) -> tuple[int, ...]:

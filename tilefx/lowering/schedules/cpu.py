@@ -20,6 +20,16 @@ along M would waste nearly all lanes on zero padding.
 Between two sparse linears (``takes_transposed``) ``tokens`` needs neither the transpose of X
 nor that of Y, which is a third to a half of its time at 90% sparsity on BERT's FFN; there it
 beat ``rows`` on AVX-512 even at 32×32, so the hand-over is taken on AVX-512 for every block.
+
+**int8 and bf16** (``narrow_kernel``; AVX-512 with VNNI / BF16 only, checked by
+``lowering.build``) have their own templates, chosen from the block alone, with the prototype's
+measured tiles (Zen 5, MiniLM and BERT-base FFN shapes): int8 ``(16, 4)`` blocks run
+``int8_bsr_rows`` (16 rows per task), ``(r, 4)`` with r ∈ {1, 2, 4, 8} ``int8_bsr_tokens``
+(1×4: 8 token vectors per task; 4×4: 4 at M ≥ 512, else 2 with 2 partial-sum chains), dense
+int8 ``int8_dense`` (8 rows × 3 vectors of 16 outputs, or 2 or 1 where 3 does not divide N/16).
+A coarser block whose sides are multiples of those is the same pattern in template blocks
+(``narrow_block``); any other block runs dense. bf16: ``(r, 2)`` blocks ``bf16_bsr_tokens``
+(4 token vectors), dense ``bf16_dense`` (6 rows × 3 vectors).
 """
 
 from __future__ import annotations
@@ -33,11 +43,25 @@ import tvm
 
 from ...runtime.layout import token_pitch
 from ..compat import vector_lanes
+from ..kernels.bf16_bsr_tokens import bf16_tokens_func
+from ..kernels.bf16_dense import bf16_dense_func
 from ..kernels.bsr_dense import row_lanes_func
 from ..kernels.bsr_tokens import token_lanes_func
-from ..kernels.spec import KernelSpec
+from ..kernels.int8_bsr_rows import ROWS_BLOCK, int8_rows_func
+from ..kernels.int8_bsr_tokens import TOKEN_ROWS, int8_tokens_func
+from ..kernels.int8_common import MAX_K as MAX_INT8_K
+from ..kernels.int8_dense import int8_dense_func
+from ..kernels.spec import KernelSpec, NumberFormat
 
-__all__ = ["CpuSchedule", "choose_cpu_schedule", "cpu_kernel", "takes_transposed"]
+__all__ = [
+    "CpuSchedule",
+    "choose_cpu_schedule",
+    "cpu_kernel",
+    "narrow_block",
+    "narrow_kernel",
+    "narrow_unsupported",
+    "takes_transposed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +171,78 @@ def cpu_kernel(
     spec: KernelSpec, target: tvm.target.Target, schedule: CpuSchedule | None = None
 ) -> tvm.tirx.PrimFunc:
     """The scheduled TensorIR for ``spec`` on the CPU ``target`` (``schedule`` overrides the choice)."""
+    if spec.number_format != "fp32":
+        return narrow_kernel(spec)
     if schedule is None:
         schedule = choose_cpu_schedule(spec, vector_lanes(target), int(target.attrs.get("num-cores", 1)))
     log.debug("cpu schedule for %s: %s", spec, schedule)
     if schedule.template == "rows":
         return row_lanes_func(spec, schedule.tile, schedule.row_chunk, schedule.group, schedule.parts)
     return token_lanes_func(spec, schedule.tile, schedule.row_chunk)
+
+
+#: Block widths of the narrow formats' templates: one VNNI word (4 k), one bf16 pair (2 k).
+_WIDTH: dict[NumberFormat, int] = {"int8": 4, "bf16": 2}
+#: Block heights of the token-lane templates.
+_HEIGHTS: dict[NumberFormat, tuple[int, ...]] = {"int8": TOKEN_ROWS, "bf16": (1, 2, 4, 8)}
+
+
+def narrow_block(number_format: NumberFormat, block: tuple[int, int]) -> tuple[int, int] | None:
+    """The template block that computes ``block``'s pattern exactly (a ``(32, 8)`` block is four
+    ``(16, 4)`` ones), or None when no int8/bf16 block template tiles it (the layer runs dense)."""
+    r, c = block
+    width = _WIDTH[number_format]
+    if c % width:
+        return None
+    if number_format == "int8" and r % ROWS_BLOCK[0] == 0:
+        return ROWS_BLOCK
+    return max(h for h in _HEIGHTS[number_format] if r % h == 0), width
+
+
+def narrow_unsupported(spec: KernelSpec) -> str | None:
+    """Why no template computes ``spec`` (its shape), or None when one does."""
+    k, n = spec.geometry.k, spec.n
+    if spec.number_format == "int8":
+        if k % 16 or n % 16:
+            return f"int8 kernels need in_features % 16 == 0 and out_features % 16 == 0, got {k} and {n}"
+        if k > MAX_INT8_K:
+            return f"in_features {k} could overflow int32 accumulators (at most {MAX_INT8_K})"
+        if spec.weight_layout == "bsr" and spec.block[0] < 16 and k % 64:
+            return f"int8 {spec.block[0]}x4 blocks need in_features % 64 == 0, got {k}"
+        return None
+    if k % 32 or n % 16:
+        return f"bf16 kernels need in_features % 32 == 0 and out_features % 16 == 0, got {k} and {n}"
+    return None
+
+
+def narrow_kernel(spec: KernelSpec) -> tvm.tirx.PrimFunc:
+    """The int8 or bf16 template for ``spec`` with the prototype's measured tiles (module docstring)."""
+    problem = narrow_unsupported(spec)
+    if problem is not None:
+        raise ValueError(f"{problem}: {spec}")
+    m, n, r = spec.geometry.m, spec.n, spec.block[0]
+    token_vectors = max(1, -(-m // 16))
+    if spec.number_format == "bf16":
+        if spec.weight_layout == "dense":
+            return bf16_dense_func(spec, row_tile=min(6, m), vectors=_vectors(n, 3))
+        return bf16_tokens_func(spec, vectors=_power_of_two_at_most(min(4, 24 // r), token_vectors))
+    if spec.weight_layout == "dense":
+        return int8_dense_func(spec, row_tile=min(8, m), vectors=_vectors(n, 3))
+    if spec.block == ROWS_BLOCK:
+        return int8_rows_func(spec, row_tile=min(16, m))
+    wide = {1: 8, 2: 8, 4: 4 if m >= 512 else 2, 8: 2}[r]
+    vectors = _power_of_two_at_most(wide, token_vectors)
+    chains = 2 if r == 4 and vectors == 2 else 1
+    return int8_tokens_func(spec, vectors=vectors, chains=chains)
+
+
+def _vectors(n: int, most: int) -> int:
+    """Output vectors of 16 per dense task: the most (≤ ``most``) dividing N/16."""
+    return _largest_divisor(n // 16, most)
+
+
+def _power_of_two_at_most(wanted: int, limit: int) -> int:
+    """``wanted`` halved until it is at most ``limit`` (never pad a small M by many vectors)."""
+    while wanted > 1 and wanted > limit:
+        wanted //= 2
+    return wanted

@@ -46,14 +46,18 @@ class ChosenChannels(Analysis[ChannelScores]):
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> ChannelScores:
         groups = am.get(ChannelGroupsAnalysis(attention=self.attention))  # type: ignore[arg-type]
-        units = {u.group: u for u in search_units(groups, am.get(WeightLayers())) if u.structured}
+        found = am.get(WeightLayers())
+        units = {u.group: u for u in search_units(groups, list(found)) if u.structured}
         scores, keep = {}, {}
         for group in groups.prunable():
             score = np.ones(group.units)
             unit = units.get(group.id)
             dropped = self.drop.get(unit.consumer or "", ()) if unit is not None else ()
             score[list(dropped)] = 0.0
-            scores[group.id], keep[group.id] = torch.as_tensor(score, dtype=torch.float64), group.units - len(dropped)
+            scores[group.id], keep[group.id] = (
+                torch.as_tensor(score, dtype=torch.float64),
+                group.units - len(dropped),
+            )
         return ChannelScores("search", scores, keep)
 
 

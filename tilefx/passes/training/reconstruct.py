@@ -88,9 +88,7 @@ def reconstruct(
             token_mask,
         )
         for w, layer in group:
-            keep[w.name] = refit(
-                student, dense_weight(student, teacher, w.name), w, layer, h_ss, h_sd, damp
-            )
+            keep[w.name] = refit(student, dense_weight(student, teacher, w.name), w, layer, h_ss, h_sd, damp)
     return keep
 
 
@@ -99,7 +97,10 @@ def _supported(layer: WeightLayer) -> bool:
 
 
 def input_gram(
-    gm: torch.fx.GraphModule, layer: WeightLayer, batches: Sequence[tuple[object, ...]], token_mask: int | None
+    gm: torch.fx.GraphModule,
+    layer: WeightLayer,
+    batches: Sequence[tuple[object, ...]],
+    token_mask: int | None,
 ) -> torch.Tensor:
     """``XᵀX`` per row of ``layer``'s input in ``gm`` (a ones column appended when it has a bias)."""
     tapped = Tapped(gm, [layer.input.name], outputs=False)
