@@ -22,16 +22,19 @@ from tilefx.passes.coverage import CoverageWarning, warn_coverage
 from tilefx.passes.criteria import criterion
 from tilefx.passes.graph_utils import check_state_names
 from tilefx.passes.infra.instruments import Instrument, TimingInstrument
-from tilefx.passes.infra.manager import PassManager
+from tilefx.passes.infra.manager import PassManager, PipelineResult
 from tilefx.passes.infra.pass_base import PassBase
 from tilefx.passes.infra.preconditions import require_aten_graph
 from tilefx.passes.metadata import Quantized, get_metadata, set_metadata
-from tilefx.passes.training.calibration import Calibration
+from tilefx.passes.recover_sparsity import RecoverSparsityPass
+from tilefx.passes.search.space import SpeedSearch
+from tilefx.passes.training.calibration import Calibration, as_calibration
 
 from .graph_capture import capture, check_capturable, check_finite
 from .pipeline import default_pipeline
 from .recipe import Recipe
 from .report_html import write_report
+from .speed_target import SearchReport, search_pipeline
 
 __all__ = ["compile", "optimize"]
 
@@ -81,18 +84,45 @@ def optimize(
     needs_data |= recipe.quantize is not None and recipe.quantize.needs_calibration
     if needs_data or recipe.prior is not None:
         _check_calibration(calibration, inputs)
-    pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)
     timing = TimingInstrument()
     if report is not None:
         instruments = (*instruments, timing)
-    manager = PassManager(pipeline, instruments, verify=recipe.verify, tolerance=recipe.tolerance)
-    result = manager.run(gm, inputs)
+    searched = None
+    if recipe.speedup is not None or recipe.quality is not None:
+        result, searched = _search(gm, inputs, recipe, calibration)
+    else:
+        pipeline = list(passes) if passes is not None else default_pipeline(recipe, calibration)
+        result = PassManager(pipeline, instruments, verify=recipe.verify, tolerance=recipe.tolerance).run(
+            gm, inputs
+        )
     out = result.graph_module
+    if searched is not None:
+        out.meta["speed_search"] = searched
     set_metadata(out, dataclasses.replace(get_metadata(out), recipe=recipe, verification=result.checks))
     log.info("optimize: ran %s", ", ".join(f"{n}{'*' if m else ''}" for n, m in result.ran))
     if report is not None:
         write_report(report, out, inputs, dense=gm, timings=timing.timings)
     return out
+
+
+def _search(
+    gm: torch.fx.GraphModule, inputs: tuple[Any, ...], recipe: Recipe, calibration: Any
+) -> tuple[PipelineResult, SearchReport]:
+    """``Recipe(speedup=...)`` / ``quality=...``: the speed search, then any recovery training."""
+    _check_calibration(calibration, inputs)
+    data = as_calibration(calibration, "Recipe.speedup" if recipe.speedup is not None else "Recipe.quality")
+    tail = [] if recipe.recovery is None else [RecoverSparsityPass(recipe.recovery, data)]
+    return search_pipeline(
+        gm,
+        inputs,
+        data,
+        speedup=recipe.speedup,
+        quality=recipe.quality,
+        search=recipe.search or SpeedSearch(),
+        tail=tail,
+        verify=recipe.verify,
+        tolerance=recipe.tolerance,
+    )
 
 
 def compile(

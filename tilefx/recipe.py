@@ -22,6 +22,7 @@ from tilefx.passes.prune_channels import Attention, Scope
 from tilefx.passes.prune_connections import ConnectionCriterion
 from tilefx.passes.quantize_linears import Quantization
 from tilefx.passes.recover_sparsity import Recovery
+from tilefx.passes.search.space import SpeedSearch
 from tilefx.passes.train_dsm_prior import DirichletScaleMixture
 
 __all__ = [
@@ -130,6 +131,12 @@ class Recipe:
     prior: train under a DSM prior and prune its layers (see :class:`DirichletScaleMixture`).
     quantize: run linear layers in int8 or bf16 (see :class:`Quantization`), last, on the final
     weights; its static scheme and tolerance need calibration batches.
+    speedup: instead of saying how to prune, say how fast: tilefx searches, per unit of the model,
+    which channels to keep, which blocks to prune and which number format to run, for the
+    least output damage whose *measured* compiled speed-up over dense torch is this
+    (``tilefx.speed_target``; ``search`` sets the space). Needs calibration batches.
+    quality: the dual — the fastest model whose estimated output similarity to the dense one,
+    ``1 − Σ‖y − y_dense‖² / Σ‖y_dense‖²`` on held-out calibration batches, stays at least this.
     """
 
     fold_batchnorm: bool = True
@@ -142,8 +149,13 @@ class Recipe:
     recovery: Recovery | None = None
     prior: DirichletScaleMixture | None = None
     quantize: Quantization | None = None
+    speedup: float | None = option(default=None, gt=1)
+    quality: float | None = option(default=None, gt=0, lt=1)
+    search: SpeedSearch | None = None
 
     def check(self) -> None:
+        if self.speedup is not None or self.quality is not None:
+            self._check_search()
         if self.recovery is not None:
             self._check_recovery()
         if self.prior is not None:
@@ -159,6 +171,19 @@ class Recipe:
         if self.connections is not None and self.connections.criterion != "l1":
             raise RecipeError(
                 'Recipe.recovery prunes connections gradually by magnitude: use ConnectionPruning(criterion="l1")'
+            )
+
+    def _check_search(self) -> None:
+        """The search decides channels, blocks and formats itself; recovery may train after it."""
+        if self.speedup is not None and self.quality is not None:
+            raise RecipeError("Recipe.speedup and Recipe.quality are two ways to ask the search: give one")
+        stated = [
+            name for name in ("channels", "connections", "blocks", "prior", "quantize") if getattr(self, name)
+        ]
+        if stated:
+            raise RecipeError(
+                f"Recipe.speedup/quality searches what {', '.join(stated)} would fix by hand: drop "
+                "them (Recipe(search=SpeedSearch(...)) sets what the search may choose)"
             )
 
     def _check_prior(self) -> None:
@@ -181,4 +206,4 @@ class Recipe:
         return Recipe(**data)
 
 
-_SECTIONS = ("channels", "connections", "blocks", "recovery", "prior", "quantize")
+_SECTIONS = ("channels", "connections", "blocks", "recovery", "prior", "quantize", "search")

@@ -37,73 +37,27 @@ import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import ShapeProp
 
 from tilefx.errors import RecipeError
-from tilefx.options import option, options
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.analysis.weight_layers import WeightLayer, weight_layers
 from tilefx.passes.cleanup import EliminateDeadCodePass
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
-from tilefx.passes.handlers.api import Attention
 from tilefx.passes.infra.analysis_manager import AnalysisManager
-from tilefx.passes.infra.manager import PassManager
+from tilefx.passes.infra.manager import PassManager, PipelineResult
 from tilefx.passes.infra.pass_base import PassBase
 from tilefx.passes.recover_sparsity import token_mask_position
 from tilefx.passes.search.apply import passes_for
 from tilefx.passes.search.knapsack import Choice, LayerChoices, frontier
 from tilefx.passes.search.losses import Option, OptionLosses, measure_losses
+from tilefx.passes.search.space import SpeedSearch
 from tilefx.passes.search.units import Unit, search_units
 from tilefx.passes.training.calibration import Calibration
 from tilefx.timing import interleaved_timings
 
 from .latency import LatencyTable, LayerShape
 
-__all__ = ["SearchReport", "SpeedSearch", "search_pipeline"]
+__all__ = ["SearchReport", "search_pipeline"]
 
 log = logging.getLogger(__name__)
-
-
-@options
-class SpeedSearch:
-    """How ``Recipe(speedup=...)`` / ``Recipe(quality=...)`` search.
-
-    keeps: fractions of a structured unit's channels it may keep. formats: number formats a unit
-    may run in ("fp32", "int8", "bf16"). blocks / sparsities: the block sparsities a unit's layers
-    may take (a block is offered with every format whose kernels take it: int8 needs columns in
-    fours). calibration_batches: batches for Hessians and refits; check_batches: further batches,
-    held out, on which every option's damage is measured. rounds: make-and-measure rounds that
-    correct the latency model. attention: a structured attention unit is whole heads ("heads") or
-    head dims ("head_dims").
-    """
-
-    keeps: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
-    formats: tuple[str, ...] = ("fp32", "int8")
-    blocks: tuple[tuple[int, int], ...] = ((16, 1), (16, 4))
-    sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
-    calibration_batches: int = option(default=32, ge=1)
-    check_batches: int = option(default=4, ge=1)
-    rounds: int = option(default=3, ge=1)
-    attention: Attention = "heads"
-    progress: bool = True
-
-    def check(self) -> None:
-        if not self.keeps or any(not 0 < k <= 1 for k in self.keeps):
-            raise RecipeError(f"SpeedSearch.keeps must be fractions in (0, 1], got {self.keeps!r}")
-        unknown = set(self.formats) - {"fp32", "int8", "bf16"}
-        if unknown or "fp32" not in self.formats:
-            raise RecipeError(
-                f"SpeedSearch.formats must include 'fp32', from 'fp32', 'int8', 'bf16'; got {self.formats!r}"
-            )
-        if any(not 0 < s < 1 for s in self.sparsities):
-            raise RecipeError(f"SpeedSearch.sparsities must be in (0, 1), got {self.sparsities!r}")
-
-    def options(self) -> list[Option]:
-        """Every option a unit may take (the structured keeps apply to dense options only)."""
-        found = [Option(keep=k, format=f) for k in sorted(set(self.keeps) | {1.0}) for f in self.formats]
-        for fmt in self.formats:
-            for block in self.blocks:
-                if fmt in ("int8", "bf16") and block[1] % (4 if fmt == "int8" else 2):
-                    continue
-                found += [Option(format=fmt, block=block, sparsity=s) for s in self.sparsities]
-        return found
 
 
 @dataclass(frozen=True)
@@ -139,11 +93,9 @@ def search_pipeline(
     tail: Sequence[PassBase] = (),
     verify: bool = True,
     tolerance: float = 1e-5,
-) -> tuple[torch.fx.GraphModule, SearchReport]:
-    """Run the search on ``gm`` (captured, unmodified) and return the optimized graph and the report.
-
-    ``tail``: passes to run after the search's (recovery training, for instance).
-    """
+) -> tuple[PipelineResult, SearchReport]:
+    """Run the search on ``gm`` (captured, unmodified): the last round's verified pipeline result
+    and the report. ``tail``: passes to run after the search's (recovery training, for instance)."""
     prefix: list[PassBase] = [FoldBatchNormPass(), EliminateDeadCodePass()]
     folded = PassManager(prefix, verify=False).run(gm, example_inputs).graph_module
     batches = [inputs for inputs, _ in calibration]
@@ -156,7 +108,8 @@ def search_pipeline(
     target_ms = state.dense_ms / speedup if speedup is not None else None
     budget = target_ms
     measured: list[float] = []
-    result, chosen = folded, {}
+    result: PipelineResult | None = None
+    chosen: dict[str, Option] = {}
     for round_ in range(search.rounds):
         chosen = _choose(state, budget, quality)
         orders = {unit: losses.order for unit, losses in state.losses.items()}
@@ -165,8 +118,8 @@ def search_pipeline(
             state.units, chosen, orders, data, search.calibration_batches, search.attention, search.progress
         )
         passes = [*prefix, *made, *tail]
-        result = PassManager(passes, verify=verify, tolerance=tolerance).run(gm, example_inputs).graph_module
-        achieved = _measured_speedup(gm, result, example_inputs)
+        result = PassManager(passes, verify=verify, tolerance=tolerance).run(gm, example_inputs)
+        achieved = _measured_speedup(gm, result.graph_module, example_inputs)
         measured.append(achieved)
         log.info("speed search round %d: measured %.2fx (target %s)", round_ + 1, achieved, speedup)
         if speedup is None or achieved >= 0.95 * speedup or budget is None:
@@ -177,6 +130,7 @@ def search_pipeline(
     report = SearchReport(
         {u: o.name for u, o in chosen.items()}, speedup, predicted, tuple(measured), 1 - damage
     )
+    assert result is not None  # rounds >= 1
     return result, report
 
 
