@@ -217,7 +217,8 @@ def _quantization_noise(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ..
     differ from torch's in the last bit, an element can land on the neighbouring code; the next
     layers then see inputs that differ by a quantization step and round differently again, so
     past a few layers the artifact and the torch graph are two draws of the same quantization
-    noise (all-MiniLM-L6-v2 int8: 2.1e-2 apart, each 0.9989 cosine to fp32). So quantized models
+    noise (all-MiniLM-L6-v2 int8: 2.7e-2 apart, each 0.9989 cosine to fp32;
+    ``benchmarks/results/quant_minilm_quality.md``). So quantized models
     are checked against that noise's own size rather than fp32 rounding: a wrong kernel (scales,
     zero points, layout) moves outputs by far more.
     """
