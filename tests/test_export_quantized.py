@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,23 @@ def test_bf16_artifact_equals_the_graph(tmp_path: Path) -> None:
         expected = gm(X).numpy()
     assert relative_error(loaded(X.numpy()), expected) <= 1e-4
     assert [layer["number_format"] for layer in loaded.manifest["layers"]] == ["bf16", "bf16", "fp32"]
+
+
+@needs_vnni
+def test_a_wrong_kernel_argument_fails_the_export_check(
+    optimized: torch.fx.GraphModule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The looser check for quantized artifacts still catches a kernel given wrong scales."""
+    from tilefx.lowering import relax_export
+
+    pack = relax_export.pack_narrow
+
+    def wrong_scales(*args, **kwargs):  # type: ignore[no-untyped-def]
+        packed = pack(*args, **kwargs)
+        arrays = list(packed.arrays)
+        arrays[3] = arrays[3] * 1.1  # sw: the per-channel weight scales
+        return dataclasses.replace(packed, arrays=tuple(arrays))
+
+    monkeypatch.setattr(relax_export, "pack_narrow", wrong_scales)
+    with pytest.raises(tilefx.VerificationError, match="relative Frobenius error"):
+        tilefx.export(optimized, (X,), tmp_path / "art")

@@ -9,6 +9,7 @@ writing, the artifact is run once on the example inputs and compared with the op
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -26,6 +27,7 @@ import torch.fx
 
 from tilefx._version import __version__
 from tilefx.errors import LoweringError, VerificationError
+from tilefx.passes.quant_ops import is_fake_quant as quantized_input_op
 from tilefx.runtime import artifact as runtime_artifact
 from tilefx.runtime.sparse_modules import BsrConv2d, BsrLinear, NarrowLinear
 
@@ -35,14 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Relative error the artifact may show against the optimized torch model on the example inputs.
 _TOLERANCE = 1e-4
-#: With quantized layers: the largest error one rounding flip may cause, and the mean error.
-#: A quantized layer rounds its input (to int8 codes, or to bf16); where the artifact's fp32 sums
-#: differ from torch's in the last bit, an element can land on the neighbouring code, which moves
-#: that row's outputs by up to one quantization step (1/255 of the row's range for int8, 2⁻⁸
-#: relative for bf16). Such flips are rare and local, so the mean error still shows a real
-#: mistake at fp32 precision while the maximum is bounded by a few steps.
-_QUANTIZED_MAX = 2e-2
-_QUANTIZED_MEAN = 1e-4
+#: Quantized models: the artifact may differ from the torch graph by this multiple of the
+#: activation quantization's own effect (see ``_quantization_noise``).
+_QUANTIZED_FACTOR = 2.0
 
 
 def export(
@@ -86,7 +83,9 @@ def export(
             staging,
             inputs,
             expected,
-            quantized=any(layer.number_format != "fp32" for layer in program.layers),
+            noise=_quantization_noise(optimized_gm, inputs, expected)
+            if any(layer.number_format != "fp32" for layer in program.layers)
+            else None,
         )
         if destination.exists():
             shutil.rmtree(destination)
@@ -190,25 +189,60 @@ def _recipe_json(recipe: Any) -> Any:
 
 
 def _verify(
-    directory: Path, inputs: tuple[torch.Tensor, ...], expected: Any, *, quantized: bool = False
+    directory: Path, inputs: tuple[torch.Tensor, ...], expected: Any, *, noise: float | None = None
 ) -> None:
+    """The artifact's outputs against the optimized model's: max error ≤ 1e-4 of the output scale,
+    or, with quantized layers (``noise`` given), relative Frobenius error ≤ 2 × ``noise``."""
     loaded = runtime_artifact.load(directory)
     got = loaded(*(x.detach().cpu().numpy() for x in inputs))
     pairs = zip(got, expected, strict=True) if isinstance(expected, tuple) else [(got, expected)]
     for index, (actual, reference) in enumerate(pairs):
-        error = relative_error(actual, reference)
-        mean = relative_error(actual, reference, mean=True)
-        allowed = _QUANTIZED_MAX if quantized else _TOLERANCE
-        if error > allowed or (quantized and mean > _QUANTIZED_MEAN):
+        if noise is None:
+            error, allowed, what = relative_error(actual, reference), _TOLERANCE, "max relative error"
+        else:
+            error, what = frobenius_error(actual, reference), "relative Frobenius error"
+            allowed = max(_TOLERANCE, _QUANTIZED_FACTOR * noise)
+        if error > allowed:
             raise VerificationError(
                 f"export: output {index} of the artifact differs from the optimized model "
-                f"(max relative error {error:.2e}, allowed {allowed:.0e}; mean {mean:.2e})"
+                f"({what} {error:.2e} > {allowed:.1e})"
             )
 
 
-def relative_error(actual: np.ndarray, reference: np.ndarray, *, mean: bool = False) -> float:
-    """Max (or, with ``mean``, mean) |actual - reference| over max |reference| (0 for two all-zero arrays)."""
+def _quantization_noise(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...], expected: Any) -> float:
+    """How much the activation fake-quant nodes move the optimized model's outputs (relative
+    Frobenius error of the model run with them bypassed; the largest over outputs).
+
+    A quantized layer rounds its input to int8 codes (or bf16). Where the artifact's fp32 sums
+    differ from torch's in the last bit, an element can land on the neighbouring code; the next
+    layers then see inputs that differ by a quantization step and round differently again, so
+    past a few layers the artifact and the torch graph are two draws of the same quantization
+    noise (all-MiniLM-L6-v2 int8: 2.7e-2 apart, each 0.9989 cosine to fp32;
+    ``benchmarks/results/quant_minilm_quality.md``). So quantized models
+    are checked against that noise's own size rather than fp32 rounding: a wrong kernel (scales,
+    zero points, layout) moves outputs by far more.
+    """
+    bypassed = copy.deepcopy(gm)
+    for node in list(bypassed.graph.nodes):
+        if quantized_input_op(node):
+            node.replace_all_uses_with(node.args[0])
+            bypassed.graph.erase_node(node)
+    bypassed.recompile()
+    plain = _outputs(bypassed, inputs)
+    quantized = expected if isinstance(expected, tuple) else (expected,)
+    unrounded = plain if isinstance(plain, tuple) else (plain,)
+    return max(frobenius_error(q, p) for q, p in zip(quantized, unrounded, strict=True))
+
+
+def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    """Max |actual - reference| over max |reference| (0 for two all-zero arrays)."""
     scale = float(np.abs(reference).max()) if reference.size else 0.0
-    errors = np.abs(actual.astype(np.float64) - reference)
-    diff = float(errors.mean() if mean else errors.max()) if reference.size else 0.0
+    diff = float(np.abs(actual.astype(np.float64) - reference).max()) if reference.size else 0.0
+    return diff / scale if scale else diff
+
+
+def frobenius_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    """‖actual − reference‖ / ‖reference‖ (Frobenius; the absolute norm for an all-zero reference)."""
+    diff = float(np.linalg.norm(actual.astype(np.float64) - reference))
+    scale = float(np.linalg.norm(reference.astype(np.float64)))
     return diff / scale if scale else diff

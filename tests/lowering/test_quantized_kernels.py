@@ -111,6 +111,28 @@ def test_int8_static_grid(block) -> None:  # type: ignore[no-untyped-def]
 
 
 @needs_vnni
+def test_int8_prepass_codes_on_zero_and_huge_rows() -> None:
+    """All-zero rows (scale 1) and rows of 1e4 quantize as the reference does, so the outputs stay
+    within a fraction of a step (a wrong code would move a row by whole steps)."""
+    k, n, m = 64, 32, 20
+    x = torch.randn(m, k)
+    x[::5] = 0
+    x[1::5] *= 1e4
+    q = Q.quantize_weight(torch.randn(n, k))
+    packed = pack_int8_dense(q.codes, q.scales, None)
+    spec = KernelSpec(
+        Conv2dGeometry.dense(m, k), n, (16, 4), packed.nnzb, number_format="int8", weight_layout="dense"
+    )
+    kernel = compat.build(narrow_kernel(spec), TARGET)["main"]
+    b, y = torch.zeros(n), torch.empty(m, n)
+    kernel(x, *packed.arrays, b, y)
+    reference = F.linear(Q.fake_quant_rows_ref(x).double(), q.dequantized().double())
+    step = Q.quantize_rows(x)[1].double()[:, None] * q.scales.double()[None, :]
+    assert float(((y.double() - reference).abs() / step).max()) < 0.05
+    assert bool((y[::5] == 0).all())
+
+
+@needs_vnni
 def test_int8_empty_weight_gives_bias() -> None:
     k, n, m = 64, 32, 20
     mask = torch.zeros(n // 16, k // 4, dtype=torch.bool)

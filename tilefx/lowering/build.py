@@ -264,24 +264,7 @@ def _lower_narrow(
         if options.why_dense:
             log.info("node %s runs the dense kernel (zeros computed): %s", layer.node, options.why_dense)
             dense_left.append((options.why_dense, layer.node))
-        weight = _layer_weight(gm, layer)
-        dense = _narrow_module(gm, layer, weight, None, cache, target)
-        dense.kernel(_rows(layer.input_shape))  # compile now: errors and compile time belong here
-        choice = LayerChoice(layer.node, lowered=True, number_format=layer.quantized.format, sparse=False)  # type: ignore[union-attr]
-        module: NarrowLinear = dense
-        if options.sparse_block is not None:
-            sparse = _narrow_module(gm, layer, weight, options.sparse_block, cache, target)
-            sparse.kernel(_rows(layer.input_shape))
-            x = torch.randn(layer.input_shape)
-            choice = choose(
-                layer.node,
-                lambda: sparse(x),  # noqa: B023 - called before the loop moves on
-                lambda: dense(x),  # noqa: B023
-                policy,
-                timer,
-                number_format=layer.quantized.format,  # type: ignore[union-attr]
-            )
-            module = sparse if choice.sparse else dense
+        module, choice = _narrow_choice(gm, layer, options.sparse_block, cache, target, policy, timer)
         modules[layer.node] = module
         choices.append(choice)
     fmt = "quantized layers"
@@ -300,6 +283,35 @@ def _lower_narrow(
         "Prune int8 layers with blocks of (16, 4) or (r, 4) for r in 1, 2, 4, 8 (bf16: (r, 2)), or multiples of them",
     )
     return modules, choices
+
+
+def _narrow_choice(
+    gm: torch.fx.GraphModule,
+    layer: SparseLayer,
+    sparse_block: tuple[int, int] | None,
+    cache: KernelCache,
+    target: tvm.target.Target,
+    policy: Fallback,
+    timer: Timer,
+) -> tuple[NarrowLinear, LayerChoice]:
+    """The module one quantized layer runs and why: its block-sparse kernel where a template takes
+    its blocks and (measured) it beats the format's dense kernel, else the dense kernel. Kernels
+    are compiled here, so errors and compile time belong to ``compile``."""
+    weight = _layer_weight(gm, layer)
+    fmt = layer.quantized.format  # type: ignore[union-attr]
+    shape = _rows(layer.input_shape)
+    if sparse_block is None or policy == "measure":
+        dense = _narrow_module(gm, layer, weight, None, cache, target)
+        dense.kernel(shape)
+        if sparse_block is None:
+            return dense, LayerChoice(layer.node, lowered=True, number_format=fmt, sparse=False)
+    sparse = _narrow_module(gm, layer, weight, sparse_block, cache, target)
+    sparse.kernel(shape)
+    if policy == "never":
+        return sparse, LayerChoice(layer.node, lowered=True, number_format=fmt)
+    x = torch.randn(layer.input_shape)
+    choice = choose(layer.node, lambda: sparse(x), lambda: dense(x), policy, timer, number_format=fmt)
+    return (sparse if choice.sparse else dense), choice
 
 
 def _rows(input_shape: tuple[int, ...]) -> tuple[int, int]:

@@ -222,13 +222,17 @@ class Metadata:
         """A copy where ``name``'s sparsity record follows ``weight.index_select(dim, index)``.
 
         Used when a pass permutes or slices a weight (``shape`` is the weight's shape before).
-        A reindexed block pattern is in general no longer blocks, so it becomes an ElementMask.
+        A reindexed block pattern is in general no longer blocks, so it becomes an ElementMask;
+        int8 scales follow the output channels (dim 0).
         """
         updated = self
         for record in self.params.get(name, ()):
             if isinstance(record, (ElementMask, NMSparsity, BlockSparsity)):
                 mask = record.element_mask(shape).index_select(dim, index)
                 updated = updated.with_annotation(name, ElementMask(mask))
+            if isinstance(record, Quantized) and record.weight_scales is not None and dim == 0:
+                scales = record.weight_scales.index_select(0, index.to(record.weight_scales.device))
+                updated = updated.with_annotation(name, replace(record, weight_scales=scales))
         return updated
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 
 __all__ = [
     "FAKE_QUANT_OPS",
@@ -40,6 +41,7 @@ __all__ = [
     "fake_quant_tensor",
     "fake_quant_tensor_ref",
     "fake_quant_weight",
+    "is_fake_quant",
     "quantize_rows",
     "quantize_static",
     "quantize_weight",
@@ -174,3 +176,11 @@ FAKE_QUANT_OPS = {
     ("bf16", "dynamic"): torch.ops.tilefx.round_bf16.default,
     ("bf16", "static"): torch.ops.tilefx.round_bf16.default,
 }
+
+
+def is_fake_quant(node: torch.fx.Node) -> bool:
+    """Whether ``node`` calls one of the fake-quant ops above."""
+    return node.op == "call_function" and node.target in _FAKE_QUANT_TARGETS
+
+
+_FAKE_QUANT_TARGETS = frozenset(FAKE_QUANT_OPS.values())

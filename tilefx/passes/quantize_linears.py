@@ -300,13 +300,7 @@ def _quantize_layer(gm: torch.fx.GraphModule, param: str, nodes: Sequence[str], 
 def quantized_input(node: torch.fx.Node) -> torch.fx.Node | None:
     """The fake-quant node feeding linear ``node`` (its first argument), or None."""
     x = node.args[0] if node.args else None
-    if (
-        isinstance(x, torch.fx.Node)
-        and x.op == "call_function"
-        and x.target in set(quant_ops.FAKE_QUANT_OPS.values())
-    ):
-        return x
-    return None
+    return x if isinstance(x, torch.fx.Node) and quant_ops.is_fake_quant(x) else None
 
 
 def _reference_layer(gm: torch.fx.GraphModule, param: str, record: Quantized) -> None:
