@@ -178,7 +178,20 @@ def _choose(state: _Search, budget: float | None, quality: float | None) -> dict
     horizon = sum(max(c.ms for c in layer.choices) for layer in state.choices)
     table = frontier(state.choices, horizon, buckets=4000)
     if budget is not None:
-        picked = table.assignment(max(budget - state.rest_ms, 0.0))
+        fastest = sum(min(c.ms for c in layer.choices) for layer in state.choices)
+        layers_budget = budget - state.rest_ms
+        if layers_budget < fastest:
+            log.warning(
+                "speed search: %.2fx is beyond what the options reach here (the fastest choice predicts "
+                "%.2fx); taking the fastest",
+                state.dense_ms / budget,
+                state.dense_ms / (state.rest_ms + fastest),
+            )
+            picked = {
+                c.layer: min(c.choices, key=lambda choice: (choice.ms, choice.loss)) for c in state.choices
+            }
+            return {unit: state.options[unit][choice.name] for unit, choice in picked.items()}
+        picked = table.assignment(layers_budget)
     elif quality is not None:
         picked = table.fastest_within(1 - quality)
     else:
