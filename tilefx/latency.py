@@ -16,12 +16,14 @@ import logging
 import os
 import platform
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from tilefx.passes.coverage import CoverageWarning
 from tilefx.passes.infra.manager import PassManager
@@ -74,6 +76,13 @@ class LatencyTable:
         if key not in self.times:
             self._measure(shape, option)
         return self.times[key]
+
+    def model_ms(self, model: torch.nn.Module, inputs: Sequence[Any]) -> float:
+        """The whole model's median milliseconds on ``inputs`` (measured each time: it is one run)."""
+        flat = pytree.tree_leaves(tuple(inputs))
+        return interleaved_timings({"model": lambda: model(*flat)}, rounds=self.rounds, warmup=3)[
+            "model"
+        ].median
 
     def _measure(self, shape: LayerShape, option: Option) -> None:
         """Time dense torch and the option in one interleaved session; record both."""

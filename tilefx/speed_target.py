@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,9 +93,13 @@ def search_pipeline(
     tail: Sequence[PassBase] = (),
     verify: bool = True,
     tolerance: float = 1e-5,
+    latency: LatencyTable | None = None,
+    measure: Callable[[torch.fx.GraphModule], float] | None = None,
 ) -> tuple[PipelineResult, SearchReport]:
     """Run the search on ``gm`` (captured, unmodified): the last round's verified pipeline result
-    and the report. ``tail``: passes to run after the search's (recovery training, for instance)."""
+    and the report. ``tail``: passes to run after the search's (recovery training, for instance).
+    ``latency``: the time table (default: measured on this machine, cached); ``measure``: the
+    speed-up of an optimized graph (default: compiled and timed against ``gm``)."""
     prefix: list[PassBase] = [FoldBatchNormPass(), EliminateDeadCodePass()]
     folded = PassManager(prefix, verify=False).run(gm, example_inputs).graph_module
     batches = [inputs for inputs, _ in calibration]
@@ -104,7 +108,8 @@ def search_pipeline(
             f"Recipe(speedup=...) needs {search.calibration_batches + search.check_batches} calibration batches "
             f"(SpeedSearch.calibration_batches + check_batches), got {len(batches)}"
         )
-    state = _prepare(folded, example_inputs, batches, search)
+    state = _prepare(folded, example_inputs, batches, search, latency or LatencyTable())
+    measure = measure or (lambda optimized: _measured_speedup(gm, optimized, example_inputs))
     target_ms = state.dense_ms / speedup if speedup is not None else None
     budget = target_ms
     measured: list[float] = []
@@ -113,13 +118,13 @@ def search_pipeline(
     for round_ in range(search.rounds):
         chosen = _choose(state, budget, quality)
         orders = {unit: losses.order for unit, losses in state.losses.items()}
-        data = Calibration(batches[: search.calibration_batches])
+        data = Calibration([(x, None) for x in batches[: search.calibration_batches]])
         made = passes_for(
             state.units, chosen, orders, data, search.calibration_batches, search.attention, search.progress
         )
         passes = [*prefix, *made, *tail]
         result = PassManager(passes, verify=verify, tolerance=tolerance).run(gm, example_inputs)
-        achieved = _measured_speedup(gm, result.graph_module, example_inputs)
+        achieved = measure(result.graph_module)
         measured.append(achieved)
         log.info("speed search round %d: measured %.2fx (target %s)", round_ + 1, achieved, speedup)
         if speedup is None or achieved >= 0.95 * speedup or budget is None:
@@ -135,7 +140,11 @@ def search_pipeline(
 
 
 def _prepare(
-    gm: torch.fx.GraphModule, inputs: Sequence[Any], batches: list[tuple[Any, ...]], search: SpeedSearch
+    gm: torch.fx.GraphModule,
+    inputs: Sequence[Any],
+    batches: list[tuple[Any, ...]],
+    search: SpeedSearch,
+    table: LatencyTable,
 ) -> _Search:
     """Units, their options' times and losses, and the dense time split into layers and the rest."""
     am = AnalysisManager(gm, inputs)
@@ -149,10 +158,9 @@ def _prepare(
     losses = measure_losses(
         gm, units, layers, offered, calibration, check, token_mask_position(gm, inputs), search.progress
     )
-    table = LatencyTable()
     shapes = _shapes(gm, inputs, layers)
     dense_layers = sum(table.ms(shape, Option()) for shape in shapes.values())
-    dense_ms = _model_ms(gm, inputs)
+    dense_ms = table.model_ms(gm, inputs)
     rest = max(dense_ms - dense_layers, 0.05 * dense_ms)
     choices, by_name = [], {}
     for unit in units:
@@ -224,11 +232,6 @@ def _shapes(
         shape = tuple(meta.shape)
         shapes[param] = LayerShape(math.prod(shape[:-1]), layer.in_channels, layer.out_channels)
     return shapes
-
-
-def _model_ms(gm: torch.nn.Module, inputs: Sequence[Any]) -> float:
-    flat = pytree.tree_leaves(tuple(inputs))
-    return interleaved_timings({"dense": lambda: gm(*flat)}, rounds=15, warmup=3).get("dense").median  # type: ignore[union-attr]
 
 
 def _measured_speedup(
