@@ -153,3 +153,46 @@ def test_speed_recipes_are_checked() -> None:
         SpeedSearch(formats=("int4",))
     with pytest.raises(tilefx.RecipeError, match="calibration"):
         tilefx.optimize(Tower().eval(), _batches(1)[0], tilefx.Recipe(speedup=2.0))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+class ConvLatency(FakeLatency):
+    def ms(self, shape: LayerShape, option: Option) -> float:
+        return shape.rows * shape.k * shape.n * (64 if shape.conv else 1) * 1e-6
+
+    def model_ms(self, model: torch.nn.Module, inputs: Any) -> float:
+        return 1e-6 * 4 * (3 * 16 * 64 + 16 * 32 * 64 + 32 * 10)
+
+
+def test_a_cnn_is_searched_over_its_channels_only() -> None:
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(4, 3, 8, 8, generator=generator),) for _ in range(8)]
+    model = SmallCNN().eval()
+    gm = tilefx.capture(model, batches[0])
+    data = Calibration([(b, None) for b in batches])
+    search = SpeedSearch(calibration_batches=5, check_batches=2, rounds=1, progress=False)
+    result, report = search_pipeline(
+        gm,
+        batches[0],
+        data,
+        speedup=1.6,
+        quality=None,
+        search=search,
+        latency=ConvLatency(),
+        measure=lambda g: 1.6,
+    )
+    assert set(report.chosen.values()) <= {"fp32"} | {f"keep {k:.3g} fp32" for k in search.keeps}
+    assert any(name.startswith("keep") for name in report.chosen.values())
+    assert result.graph_module.get_parameter("conv1.weight").shape[0] < 16

@@ -43,15 +43,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LayerShape:
-    """A linear layer as a GEMM: ``rows`` input rows (tokens × batch) of ``k`` features, ``n`` outputs."""
+    """A linear layer as a GEMM: ``rows`` input rows (tokens × batch) of ``k`` features, ``n``
+    outputs; or (``conv`` set) a 2-d convolution of input ``[rows, k, H, W]`` to ``n`` channels with
+    ``conv = (H, W, kh, kw, stride, padding, dilation, groups)``, timed dense only."""
 
     rows: int
     k: int
     n: int
+    conv: tuple[int, ...] | None = None
 
     @property
     def key(self) -> str:
-        return f"linear {self.rows}x{self.k}->{self.n}"
+        if self.conv is None:
+            return f"linear {self.rows}x{self.k}->{self.n}"
+        return f"conv {self.rows}x{self.k}x{self.conv[0]}x{self.conv[1]}->{self.n} {self.conv[2:]}"
+
+    def dense(self) -> tuple[nn.Module, torch.Tensor]:
+        """A random layer of this shape and an input for it."""
+        if self.conv is None:
+            return nn.Linear(self.k, self.n).eval(), torch.randn(self.rows, self.k)
+        h, w, kh, kw, stride, padding, dilation, groups = self.conv
+        layer = nn.Conv2d(self.k, self.n, (kh, kw), stride, padding, dilation, groups).eval()
+        return layer, torch.randn(self.rows, self.k, h, w)
 
 
 class LatencyTable:
@@ -87,8 +100,9 @@ class LatencyTable:
     def _measure(self, shape: LayerShape, option: Option) -> None:
         """Time dense torch and the option in one interleaved session; record both."""
         torch.manual_seed(0)
-        layer = nn.Linear(shape.k, shape.n).eval()
-        x = torch.randn(shape.rows, shape.k)
+        layer, x = shape.dense()
+        if shape.conv is not None and (option.block is not None or option.format != "fp32"):
+            raise ValueError(f"{shape.key}: convolutions are timed dense only, not {option.name}")
         calls: dict[str, Callable[[], object]] = {"dense": lambda: layer(x)}
         if option.block is not None or option.format != "fp32":
             calls["option"] = _compiled(layer, x, option)

@@ -24,7 +24,6 @@ The steps, each measured on this machine and these calibration batches:
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -164,10 +163,13 @@ def _prepare(
     rest = max(dense_ms - dense_layers, 0.05 * dense_ms)
     choices, by_name = [], {}
     for unit in units:
+        convs = any(shapes[p].conv is not None for p in unit.layers)
         allowed = [
             o
             for o in offered
-            if (unit.structured or o.keep == 1.0) and math.isfinite(losses[unit.name].of(o))
+            if (unit.structured or o.keep == 1.0)
+            and not (convs and (o.format != "fp32" or o.block is not None))  # convs: channels only
+            and math.isfinite(losses[unit.name].of(o))
         ]
         ms = {
             o.name: sum(table.ms(shapes[p], _layer_option(o)) for p in unit.layers) * o.keep for o in allowed
@@ -220,18 +222,36 @@ def _layer_option(option: Option) -> Option:
 def _shapes(
     gm: torch.fx.GraphModule, inputs: Sequence[Any], layers: dict[str, WeightLayer]
 ) -> dict[str, LayerShape]:
-    """Each linear layer's GEMM shape on the example inputs (rows = every leading dim)."""
-    ShapeProp(copy.deepcopy(gm)).propagate(*pytree.tree_leaves(tuple(inputs)))
+    """Each layer's shape on the example inputs: a linear's GEMM (rows = every leading dim), a conv's
+    input and geometry."""
+    ShapeProp(gm).propagate(*pytree.tree_leaves(tuple(inputs)))
     shapes = {}
     for param, layer in layers.items():
         meta = layer.input.meta.get("tensor_meta")
-        if layer.kind != "linear" or meta is None:
-            raise RecipeError(
-                f"Recipe(speedup=...) times linear layers only for now; {param} is a {layer.kind}"
-            )
+        if meta is None:
+            raise RecipeError(f"Recipe(speedup=...): the input shape of {param} is unknown")
         shape = tuple(meta.shape)
-        shapes[param] = LayerShape(math.prod(shape[:-1]), layer.in_channels, layer.out_channels)
+        if layer.kind == "linear":
+            shapes[param] = LayerShape(math.prod(shape[:-1]), layer.in_channels, layer.out_channels)
+            continue
+        stride, padding, dilation = (_first_of(v) for v in layer.conv_geometry)
+        geometry = (
+            shape[2],
+            shape[3],
+            layer.shape[2],
+            layer.shape[3],
+            stride,
+            padding,
+            dilation,
+            layer.groups,
+        )
+        shapes[param] = LayerShape(shape[0], shape[1], layer.out_channels, geometry)
     return shapes
+
+
+def _first_of(value: object) -> int:
+    """A conv argument as one int (tilefx's layers use square strides, paddings and dilations)."""
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)  # type: ignore[call-overload]
 
 
 def _measured_speedup(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -133,11 +134,19 @@ def measure_losses(
             for keep in (k for k in keeps if k < 1.0):
                 trial = without_channels(gm, unit, layers, order[: removed_count(unit, keep)], h)
                 keep_losses[keep] = output_damage(trial, check, dense_out)
+        linear = all(layers[p].kind == "linear" for p in unit.layers)  # formats and blocks: linears
         format_losses = {
-            fmt: 0.0 if fmt == "fp32" else _format_loss(gm, unit, fmt, check, dense_out) for fmt in formats
+            fmt: 0.0
+            if fmt == "fp32"
+            else _format_loss(gm, unit, fmt, check, dense_out)
+            if linear
+            else math.inf
+            for fmt in formats
         }
         sparse_losses = {
             (block, s): _sparse_loss(gm, unit, layers, block, s, gram, check, dense_out)
+            if linear
+            else math.inf
             for block, s in sparse
             if block is not None
         }
