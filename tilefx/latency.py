@@ -3,9 +3,10 @@
 A layer option (a block sparsity, a number format) is timed as ``tilefx.compile`` runs it: a
 one-layer model of the layer's shape is optimized with that option and compiled (block sparsity
 at that density with a random pattern — a kernel's time depends on how many blocks it stores, not
-on where they are), and timed interleaved with dense torch (``tilefx.timing``). Times are cached in
-a JSON file per machine (CPU model and flags, thread count, tilefx, torch and TVM versions) in the
-tilefx cache directory, so a search measures each (shape, option) once.
+on where they are), and timed interleaved with dense torch (``tilefx.timing``). The option's ratio
+over dense torch is cached in a JSON file per machine (CPU model and flags, thread count, tilefx,
+torch and TVM versions) in the tilefx cache directory, so a search compiles each (shape, option)
+once; dense times are measured afresh by every search.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tilefx.passes.infra.pass_base import PassBase
 from tilefx.passes.prune_blocks import PruneBlocksPass
 from tilefx.passes.quantize_linears import Quantization, QuantizeLinearsPass
 from tilefx.passes.search.losses import Option
-from tilefx.timing import interleaved_timings
+from tilefx.timing import Timing, interleaved_timings
 
 from ._version import __version__
 from .graph_capture import capture
@@ -68,27 +69,39 @@ class LayerShape:
 
 
 class LatencyTable:
-    """Median milliseconds of layer options on this machine, measured on first use and cached.
+    """Milliseconds of layer options on this machine.
 
-    ``table.ms(shape, option)``: the option's time; ``table.ms(shape, Option())``: dense fp32 torch.
-    ``cache``: the JSON file (default: ``$TILEFX_CACHE_DIR``/latency-<machine>.json; None: memory).
+    ``table.ms(shape, Option())``: dense fp32 torch, measured once per table (a search makes one);
+    ``table.ms(shape, option)``: that times the option's speed ratio over dense torch, measured in
+    one interleaved session with dense torch on first use and cached. Only ratios are cached: a
+    busy machine slows both contenders of a session alike but makes absolute times of one hour
+    useless the next. ``cache``: the JSON file (default:
+    ``$TILEFX_CACHE_DIR``/latency-<machine>.json; None: memory only).
     """
 
     def __init__(self, cache: Path | None | str = "default", rounds: int = 15) -> None:
         self.rounds = rounds
         self.path = _default_path() if cache == "default" else (Path(cache) if cache is not None else None)
-        self.times: dict[str, float] = {}
+        self.ratios: dict[str, float] = {}
+        self.dense: dict[str, float] = {}
         if self.path is not None and self.path.exists():
             try:
-                self.times = {str(k): float(v) for k, v in json.loads(self.path.read_text()).items()}
+                self.ratios = {str(k): float(v) for k, v in json.loads(self.path.read_text()).items()}
             except (OSError, ValueError):
                 log.warning("latency cache %s is unreadable; measuring again", self.path)
 
     def ms(self, shape: LayerShape, option: Option) -> float:
+        if shape.key not in self.dense:
+            self.dense[shape.key] = self._time(shape, None)["dense"].median
+        if option.block is None and option.format == "fp32":
+            return self.dense[shape.key]
         key = f"{shape.key}|{option.name}"
-        if key not in self.times:
-            self._measure(shape, option)
-        return self.times[key]
+        if key not in self.ratios:
+            times = self._time(shape, option)
+            self.ratios[key] = times["option"].median / times["dense"].median
+            log.info("latency %s %s: %.3f of dense", shape.key, option.name, self.ratios[key])
+            self._save()
+        return self.dense[shape.key] * self.ratios[key]
 
     def model_ms(self, model: torch.nn.Module, inputs: Sequence[Any]) -> float:
         """The whole model's median milliseconds on ``inputs`` (measured each time: it is one run)."""
@@ -97,21 +110,16 @@ class LatencyTable:
             "model"
         ].median
 
-    def _measure(self, shape: LayerShape, option: Option) -> None:
-        """Time dense torch and the option in one interleaved session; record both."""
+    def _time(self, shape: LayerShape, option: Option | None) -> dict[str, Timing]:
+        """Dense torch, and the option compiled, timed in one interleaved session."""
         torch.manual_seed(0)
         layer, x = shape.dense()
-        if shape.conv is not None and (option.block is not None or option.format != "fp32"):
-            raise ValueError(f"{shape.key}: convolutions are timed dense only, not {option.name}")
         calls: dict[str, Callable[[], object]] = {"dense": lambda: layer(x)}
-        if option.block is not None or option.format != "fp32":
+        if option is not None:
+            if shape.conv is not None:
+                raise ValueError(f"{shape.key}: convolutions are timed dense only, not {option.name}")
             calls["option"] = _compiled(layer, x, option)
-        times = interleaved_timings(calls, rounds=self.rounds, warmup=2, burst=3)
-        self.times[f"{shape.key}|{Option().name}"] = times["dense"].median
-        self.times[f"{shape.key}|{option.name}"] = times["option" if "option" in times else "dense"].median
-        log.info("latency %s %s: %.3f ms (dense %.3f)", shape.key, option.name,
-                 self.times[f"{shape.key}|{option.name}"], times["dense"].median)  # fmt: skip
-        self._save()
+        return interleaved_timings(calls, rounds=self.rounds, warmup=2, burst=3)
 
     def _save(self) -> None:
         if self.path is None:
@@ -119,10 +127,10 @@ class LatencyTable:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_text(json.dumps(self.times, indent=0, sort_keys=True))
+            partial.write_text(json.dumps(self.ratios, indent=0, sort_keys=True))
             partial.replace(self.path)
         except OSError as exc:
-            log.warning("latency cache %s not written (%s); times stay in memory", self.path, exc)
+            log.warning("latency cache %s not written (%s); ratios stay in memory", self.path, exc)
 
 
 def _compiled(layer: nn.Module, x: torch.Tensor, option: Option) -> Callable[[], object]:
