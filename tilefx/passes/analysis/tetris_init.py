@@ -25,10 +25,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from tilefx.errors import RecipeError
 
+from .balanced_assignment import balanced_groups
 from .block_selection import block_sums
 from .tetris_grow import grown_orders
 from .tetris_problem import Problem
@@ -102,18 +102,16 @@ def cluster_order(
     """Balanced k-means of the slices' block-magnitude profiles into ``n // block`` groups of ``block``.
 
     k-means (:func:`kmeans_centres`, two seeded runs) gives centroids; an exact balanced assignment
-    (``linear_sum_assignment`` on squared distances, each centroid offered ``block`` times) makes
-    every group exactly one block; groups are laid out in centroid order, each group's slices in
-    their original order.
+    (``linear_sum_assignment``'s on squared distances, each centroid offered ``block`` times, found
+    by :func:`.balanced_assignment.balanced_groups`) makes every group exactly one block; groups are
+    laid out in centroid order, each group's slices in their original order.
     """
     groups = n // block
     if groups < 2 or n % block:
         return profile_order(magnitudes, n)
     profiles = np.concatenate([_profile(m, axis, sizes)[:n] for m, axis, sizes in magnitudes], axis=1)
     cost = _squared_distances(profiles, _norms(profiles), kmeans_centres(profiles, groups, seed))
-    rows, slots = linear_sum_assignment(np.repeat(cost, block, axis=1))
-    group = np.empty(n, dtype=np.int64)
-    group[rows] = slots // block
+    group = balanced_groups(cost, block)
     return np.lexsort((np.arange(n), group)).astype(np.int64)
 
 
