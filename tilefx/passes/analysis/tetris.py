@@ -32,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from tilefx.options import option, options
 
@@ -153,14 +154,18 @@ def tetris(
     sparsity: float,
     options: TetrisOptions = FAITHFUL,
     initial: Mapping[Hashable, torch.Tensor] | None = None,
+    *,
+    progress: bool = False,
 ) -> TetrisResult:
     """Jointly reorder and block-prune ``operands`` (:mod:`.tetris_problem` states the contract).
 
     ``initial`` optionally warm-starts some variables' orders (it overrides ``options.init`` for them).
+    ``progress``: draw tqdm bars (see :func:`search`).
     """
     start = time.perf_counter()
     problem = Problem.build(operands, sparsity, pad=options.pad)
-    return tetris_result(problem, search(problem, options, initial), time.perf_counter() - start)
+    state = search(problem, options, initial, progress=progress)
+    return tetris_result(problem, state, time.perf_counter() - start)
 
 
 def search(
@@ -168,33 +173,48 @@ def search(
     options: TetrisOptions,
     initial: Mapping[Hashable, torch.Tensor] | None = None,
     m_step: MStep = greedy_swaps,
+    *,
+    progress: bool = False,
 ) -> State:
     """EM from every start, then the restarts: the best state found.
 
     ``m_step`` replaces the authors' M-step solver (benchmarks/tetris_experiments.py tries an exact one).
+    ``progress``: draw two tqdm bars on stderr, the starting orders (one step per permutation
+    variable) and the EM rounds (all runs together, with the pruned L1 so far). The caller decides
+    (``show_progress`` in tilefx/passes/training/loop.py: asked for and stderr is a terminal).
     """
-    run = partial(
-        em,
-        problem,
-        tol=options.tol,
-        max_iters=options.max_iters,
-        final_e_step=options.final_e_step,
-        m_step=m_step,
-    )
-    best: State | None = None
-    for orders in _starts(problem, options):
-        state = run(warm_started(problem, orders, initial or {}))
-        if best is None or state.objective < best.objective - options.tol:
-            best = state
-    assert best is not None
-    rng = np.random.default_rng(options.seed)
-    for _ in range(options.restarts):
-        trial = run(_perturbed(best.orders, options.perturb, rng))
-        winner = trial if trial.objective < best.objective - options.tol else best
-        # The history stays the best trajectory: one entry per restart, the best objective so far.
-        best = replace(
-            winner, history=best.history + (winner.objective,), iterations=best.iterations + trial.iterations
+    starts = _starts(problem, options, progress)
+    with tqdm(desc="TETRIS EM", unit=" rounds", disable=not progress, dynamic_ncols=True) as bar:
+
+        def on_round(iterations: int, objective: float) -> None:
+            bar.update(1)
+            bar.set_postfix(pruned_l1=f"{objective:.6g}", refresh=False)
+
+        run = partial(
+            em,
+            problem,
+            tol=options.tol,
+            max_iters=options.max_iters,
+            final_e_step=options.final_e_step,
+            m_step=m_step,
+            on_round=on_round,
         )
+        best: State | None = None
+        for orders in starts:
+            state = run(warm_started(problem, orders, initial or {}))
+            if best is None or state.objective < best.objective - options.tol:
+                best = state
+        assert best is not None
+        rng = np.random.default_rng(options.seed)
+        for _ in range(options.restarts):
+            trial = run(_perturbed(best.orders, options.perturb, rng))
+            winner = trial if trial.objective < best.objective - options.tol else best
+            # The history stays the best trajectory: one entry per restart, the best objective so far.
+            best = replace(
+                winner,
+                history=best.history + (winner.objective,),
+                iterations=best.iterations + trial.iterations,
+            )
     return best
 
 
@@ -220,12 +240,20 @@ def tetris_result(problem: Problem, state: State, seconds: float) -> TetrisResul
     )
 
 
-def _starts(problem: Problem, options: TetrisOptions) -> list[dict[Hashable, np.ndarray]]:
+def _starts(problem: Problem, options: TetrisOptions, progress: bool) -> list[dict[Hashable, np.ndarray]]:
     """The orders EM starts from: one, or for ``init="multi"`` identity, cluster and grow."""
-    if options.init != "multi":
-        return [initial_orders(problem, options.init, options.seed)]
-    starts = [initial_orders(problem, start, options.seed) for start in ("identity", "cluster")]
-    grown = grown_orders(problem)  # where growth does not apply it would repeat "profile"
+    kinds = 3 if options.init == "multi" else 1
+    total = kinds * len(problem.uses)
+    with tqdm(
+        total=total, desc="TETRIS starts", unit=" groups", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        if options.init != "multi":
+            return [initial_orders(problem, options.init, options.seed, bar.update)]
+        starts = [
+            initial_orders(problem, start, options.seed, bar.update) for start in ("identity", "cluster")
+        ]
+        grown = grown_orders(problem)  # where growth does not apply it would repeat "profile"
+        bar.update(len(problem.uses))
     return starts if grown is None else [*starts, grown]
 
 

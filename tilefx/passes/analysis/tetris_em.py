@@ -99,10 +99,12 @@ def em(
     max_iters: int,
     final_e_step: bool,
     m_step: MStep = greedy_swaps,
+    on_round: Callable[[int, float], None] | None = None,
 ) -> State:
     """EM from ``orders``; ``final_e_step`` re-selects the blocks once more after convergence.
 
     The authors return the mask of the last E-step; the final one can only lower the objective.
+    ``on_round(iterations, objective)`` is called after every E+M round (a progress bar).
     """
     sweep = _Sweep(problem, orders)
     current = sweep.e_step()
@@ -116,6 +118,8 @@ def em(
         for var in problem.uses:
             value = sweep.move(var, value, tol, m_step)
             history.append(value)
+        if on_round is not None:
+            on_round(iterations, value)
         if prev - value < tol or iterations >= max_iters:
             break
         current = sweep.e_step()

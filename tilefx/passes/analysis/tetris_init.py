@@ -20,7 +20,7 @@ Deterministic for a seed.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -46,12 +46,24 @@ __all__ = [
 Start = Literal["identity", "norm", "profile", "cluster", "grow", "auto"]
 
 
-def initial_orders(problem: Problem, start: Start, seed: int) -> dict[Hashable, np.ndarray]:
-    """Every variable's starting order (see the module docstring for each ``start``)."""
+def initial_orders(
+    problem: Problem, start: Start, seed: int, done: Callable[[int], object] | None = None
+) -> dict[Hashable, np.ndarray]:
+    """Every variable's starting order (see the module docstring for each ``start``).
+
+    ``done(count)`` is told how many variables have their order, as they get it (a progress bar).
+    """
     grown = grown_orders(problem) if start in ("grow", "auto") else None
     if grown is not None:
+        if done is not None:
+            done(len(problem.uses))
         return grown
-    return {var: _variable_order(problem, var, start, seed) for var in problem.uses}
+    orders = {}
+    for var in problem.uses:
+        orders[var] = _variable_order(problem, var, start, seed)
+        if done is not None:
+            done(1)
+    return orders
 
 
 def warm_started(
