@@ -139,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args(argv)
-    print(f"tilefx from {os.path.dirname(tilefx.__file__)}; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores visible")
+    print(
+        f"tilefx from {os.path.dirname(tilefx.__file__)}; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores visible"
+    )
     for _ in range(args.repeat):
         for name in args.models:
             r = measure(name, args.preset)
