@@ -32,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from tilefx.options import option, options
@@ -161,10 +162,17 @@ def tetris(
 
     ``initial`` optionally warm-starts some variables' orders (it overrides ``options.init`` for them).
     ``progress``: draw tqdm bars (see :func:`search`).
+
+    numpy's BLAS runs on one thread meanwhile: the search's products are narrow (k-means against
+    a few candidates, one row of blocks at a time), so a second thread mostly waits for the first;
+    on two shared cores that tripled the CPU time of BERT-base's search. OpenBLAS splits a
+    product's output between threads, not its sums, so the numbers do not change (BERT-base and
+    MiniLM get the same orders and masks either way: benchmarks/tetris_time.py).
     """
     start = time.perf_counter()
     problem = Problem.build(operands, sparsity, pad=options.pad)
-    state = search(problem, options, initial, progress=progress)
+    with threadpool_limits(limits=1, user_api="blas"):
+        state = search(problem, options, initial, progress=progress)
     return tetris_result(problem, state, time.perf_counter() - start)
 
 
