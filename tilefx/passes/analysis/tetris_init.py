@@ -114,9 +114,10 @@ def cluster_order(
     """Balanced k-means of the slices' block-magnitude profiles into ``n // block`` groups of ``block``.
 
     k-means (:func:`kmeans_centres`, two seeded runs) gives centroids; an exact balanced assignment
-    (``linear_sum_assignment``'s on squared distances, each centroid offered ``block`` times, found
-    by :func:`.balanced_assignment.balanced_groups`) makes every group exactly one block; groups are
-    laid out in centroid order, each group's slices in their original order.
+    on squared distances (:func:`.balanced_assignment.balanced_groups`: what
+    ``linear_sum_assignment`` gives with each centroid offered ``block`` times) makes every group
+    exactly one block; groups are laid out in centroid order, each group's slices in their original
+    order.
     """
     groups = n // block
     if groups < 2 or n % block:
