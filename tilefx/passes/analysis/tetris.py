@@ -14,7 +14,10 @@ problem. :class:`TetrisOptions` says how to search; the three presets are what
 - :data:`BEST`: the best of EM from the identity, k-means and growth starts, then two perturbation
   restarts (iterated local search: a random ``perturb`` fraction of each variable's positions
   reshuffled, EM re-run, the result kept if the objective fell); the combination measured best on
-  MiniLM (benchmarks/tetris_quality.py).
+  MiniLM (benchmarks/tetris_quality.py);
+- :data:`SKETCH`: :data:`FAST` with the k-means of the cluster start on a 64-wide random
+  projection of the profiles (``sketch_dims``): an approximation, so other orders than FAST's, for
+  wide layers whose k-means dominates (BERT-base's 3072-wide FFN groups; benchmarks/tetris_time.py).
 
 Errors: :class:`RecipeError` (a ``ValueError``) for sparsity outside ``[0, 1)``, a block that does
 not tile an axis (unless ``pad=True``), mismatched variable sizes, malformed operands or options;
@@ -48,6 +51,7 @@ __all__ = [
     "FAITHFUL",
     "FAST",
     "PRESETS",
+    "SKETCH",
     "TetrisPreset",
     "Concat",
     "Operand",
@@ -72,6 +76,9 @@ class TetrisOptions:
     ``init``: the starting orders (:mod:`.tetris_init`), or ``"multi"``: EM from "identity",
     "cluster" and "grow" (where it applies), keeping the best. ``restarts``: perturbation restarts
     of the best result, each reshuffling a ``perturb`` fraction of every variable's positions.
+    ``sketch_dims``: k-means of the cluster start on a seeded random projection of the slice
+    profiles to this many dimensions (0: on the profiles themselves; approximate, see
+    :func:`~.tetris_init.sketched_centres`).
     ``final_e_step``: one more E-step after convergence. ``tol``, ``max_iters``: EM stops when a
     round gains less than ``tol`` or after ``max_iters`` rounds. ``skip_unit_blocks``
     (:func:`tetris_weight` only): no variable for an axis of block size 1 (permuting it cannot
@@ -88,15 +95,17 @@ class TetrisOptions:
     skip_unit_blocks: bool = False
     pad: bool = False
     seed: int = 0
+    sketch_dims: int = option(default=0, ge=0)
 
 
 FAITHFUL = TetrisOptions()
 BEST = TetrisOptions(init="multi", restarts=2, final_e_step=True, skip_unit_blocks=True)
 FAST = TetrisOptions(init="auto", final_e_step=True, skip_unit_blocks=True)
+SKETCH = replace(FAST, sketch_dims=64)
 
-TetrisPreset = Literal["faithful", "fast", "best"]
+TetrisPreset = Literal["faithful", "fast", "best", "sketch"]
 #: The presets ``tilefx.BlockPruning(tetris=...)`` names.
-PRESETS: dict[str, TetrisOptions] = {"faithful": FAITHFUL, "fast": FAST, "best": BEST}
+PRESETS: dict[str, TetrisOptions] = {"faithful": FAITHFUL, "fast": FAST, "best": BEST, "sketch": SKETCH}
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,10 +264,12 @@ def _starts(problem: Problem, options: TetrisOptions, progress: bool) -> list[di
     with tqdm(
         total=total, desc="TETRIS starts", unit=" groups", disable=not progress, dynamic_ncols=True
     ) as bar:
+        sketch = options.sketch_dims
         if options.init != "multi":
-            return [initial_orders(problem, options.init, options.seed, bar.update)]
+            return [initial_orders(problem, options.init, options.seed, bar.update, sketch)]
         starts = [
-            initial_orders(problem, start, options.seed, bar.update) for start in ("identity", "cluster")
+            initial_orders(problem, start, options.seed, bar.update, sketch)
+            for start in ("identity", "cluster")
         ]
         grown = grown_orders(problem)  # where growth does not apply it would repeat "profile"
         bar.update(len(problem.uses))
