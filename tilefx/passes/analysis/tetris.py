@@ -4,7 +4,7 @@ A pure function over tensors (no fx; docs/methods.md, TETRIS). :func:`tetris` st
 (:mod:`.tetris_problem`: operands whose axes carry shared permutation variables), picks starting
 orders (:mod:`.tetris_init`), runs the authors' EM from each (:mod:`.tetris_em`) and returns the
 best orders with the block masks they give. :func:`tetris_weight` is the authors' single-tensor
-problem. :class:`TetrisOptions` says how to search; the three presets are what
+problem. :class:`TetrisOptions` says how to search; the presets are what
 ``BlockPruning(tetris=...)`` selects:
 
 - :data:`FAITHFUL`: the authors' algorithm (identity start, greedy max-gain swaps): for a single
