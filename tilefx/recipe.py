@@ -107,7 +107,8 @@ class BlockPruning:
     """Prune whole (rows, cols) blocks of weight matrices, after TETRIS reordering by default.
 
     tetris: the TETRIS preset — "faithful" (the authors' EM from identity orders), "fast"
-    (clustered initial orders, one EM run) or "best" (several starts and restarts; slowest).
+    (clustered initial orders, one EM run), "best" (several starts and restarts; slowest) or
+    "sketch" ("fast" with its k-means on a random projection: approximate, faster on wide layers).
     """
 
     block: tuple[int, int] = (32, 1)

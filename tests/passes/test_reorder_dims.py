@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -10,6 +12,7 @@ from tests.models import randomize_bn, tiny_bert
 from tests.passes.test_prune_channels import Concat, Grouped, Residual
 from tilefx.errors import RecipeError
 from tilefx.graph_capture import capture
+from tilefx.passes.analysis.tetris_planner import TetrisPlanner
 from tilefx.passes.fold_batchnorm import FoldBatchNormPass
 from tilefx.passes.infra import PassManager
 from tilefx.passes.metadata import Permutation, get_metadata
@@ -69,3 +72,20 @@ def test_second_run_without_orders_is_unmodified_and_bad_orders_are_rejected() -
         PassManager([ReorderDimsPass(orders={"nope.weight": [0]})]).run(gm, (x,))
     with pytest.raises(RecipeError, match="model output"):
         PassManager([ReorderDimsPass(orders={"head.weight": [1, 0, 2, 3, 4]})]).run(gm, (x,))
+
+
+def test_tetris_planner_draws_its_bars_only_on_a_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_bert()
+    ids = torch.randint(0, 50, (2, 7))
+    gm = capture(model.eval(), (ids,))
+    ReorderDimsPass(planner=TetrisPlanner((4, 1), 0.5))(gm, example_inputs=(ids,))
+    assert "TETRIS" not in capsys.readouterr().err  # pytest's stderr is not a terminal: no bar, no print
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    quiet = TetrisPlanner((4, 1), 0.5, progress=False)
+    ReorderDimsPass(planner=quiet)(capture(model.eval(), (ids,)), example_inputs=(ids,))
+    assert "TETRIS" not in capsys.readouterr().err
+    ReorderDimsPass(planner=TetrisPlanner((4, 1), 0.5))(capture(model.eval(), (ids,)), example_inputs=(ids,))
+    err = capsys.readouterr().err
+    assert "TETRIS starts" in err and "TETRIS EM" in err

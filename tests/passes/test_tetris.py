@@ -7,6 +7,7 @@ held to the same contract here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -27,6 +28,7 @@ from tilefx.passes.analysis.tetris import (
     BEST,
     FAITHFUL,
     FAST,
+    SKETCH,
     Concat,
     Operand,
     TetrisOptions,
@@ -34,6 +36,7 @@ from tilefx.passes.analysis.tetris import (
     tetris,
     tetris_weight,
 )
+from tilefx.passes.analysis.tetris_planner import _identity_pruned_l1
 
 Method = Callable[[torch.Tensor, tuple[int, int], float], TetrisResult]
 METHODS: list[Method] = [
@@ -210,6 +213,21 @@ def test_concat_axis_is_permuted_block_diagonally() -> None:
     assert (np.diff(history) <= 1e-9 * history[0]).all()
     with pytest.raises(RecipeError, match="add up"):
         tetris([Operand(consumer, (None, Concat((("a", 32), ("b", 40)))), (0, 8))], 0.5)
+
+
+def test_sketch_preset_is_a_valid_repeatable_start_and_full_width_sketch_is_fast() -> None:
+    w1, w2 = _structured(256, 96, seed=14), _structured(96, 256, seed=15)  # an FFN pair: one shared order
+    ops = [Operand(w1, ("f", None), (16, 1)), Operand(w2, (None, "f"), (16, 1))]
+    a, b = tetris(ops, 0.8, SKETCH), tetris(ops, 0.8, SKETCH)
+    assert torch.equal(a.orders["f"], b.orders["f"]) and a.history == b.history
+    assert _is_bijection(a.orders["f"], 256)
+    history = np.asarray(a.history)
+    assert (np.diff(history) <= 1e-9 * history[0]).all()
+    assert a.kept_fraction > 1 - _identity_pruned_l1(ops, 0.8) / a.total_l1  # beats no reordering
+    wide = tetris(ops, 0.8, replace(SKETCH, sketch_dims=10_000))  # no narrower than the profiles: no sketch
+    fast = tetris(ops, 0.8, FAST)
+    assert torch.equal(wide.orders["f"], fast.orders["f"]) and wide.history == fast.history
+    assert not torch.equal(a.orders["f"], fast.orders["f"])  # the sketch does change the start
 
 
 REFINE_STEPS = 300

@@ -4,7 +4,7 @@ A pure function over tensors (no fx; docs/methods.md, TETRIS). :func:`tetris` st
 (:mod:`.tetris_problem`: operands whose axes carry shared permutation variables), picks starting
 orders (:mod:`.tetris_init`), runs the authors' EM from each (:mod:`.tetris_em`) and returns the
 best orders with the block masks they give. :func:`tetris_weight` is the authors' single-tensor
-problem. :class:`TetrisOptions` says how to search; the three presets are what
+problem. :class:`TetrisOptions` says how to search; the presets are what
 ``BlockPruning(tetris=...)`` selects:
 
 - :data:`FAITHFUL`: the authors' algorithm (identity start, greedy max-gain swaps): for a single
@@ -14,7 +14,10 @@ problem. :class:`TetrisOptions` says how to search; the three presets are what
 - :data:`BEST`: the best of EM from the identity, k-means and growth starts, then two perturbation
   restarts (iterated local search: a random ``perturb`` fraction of each variable's positions
   reshuffled, EM re-run, the result kept if the objective fell); the combination measured best on
-  MiniLM (benchmarks/tetris_quality.py).
+  MiniLM (benchmarks/tetris_quality.py);
+- :data:`SKETCH`: :data:`FAST` with the k-means of the cluster start on a 64-wide random
+  projection of the profiles (``sketch_dims``): an approximation, so other orders than FAST's, for
+  wide layers whose k-means dominates (BERT-base's 3072-wide FFN groups; benchmarks/tetris_time.py).
 
 Errors: :class:`RecipeError` (a ``ValueError``) for sparsity outside ``[0, 1)``, a block that does
 not tile an axis (unless ``pad=True``), mismatched variable sizes, malformed operands or options;
@@ -32,6 +35,8 @@ from typing import Literal
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from tilefx.options import option, options
 
@@ -46,6 +51,7 @@ __all__ = [
     "FAITHFUL",
     "FAST",
     "PRESETS",
+    "SKETCH",
     "TetrisPreset",
     "Concat",
     "Operand",
@@ -70,6 +76,9 @@ class TetrisOptions:
     ``init``: the starting orders (:mod:`.tetris_init`), or ``"multi"``: EM from "identity",
     "cluster" and "grow" (where it applies), keeping the best. ``restarts``: perturbation restarts
     of the best result, each reshuffling a ``perturb`` fraction of every variable's positions.
+    ``sketch_dims``: k-means of the cluster start on a seeded random projection of the slice
+    profiles to this many dimensions (0: on the profiles themselves; approximate, see
+    :func:`~.tetris_init.sketched_centres`).
     ``final_e_step``: one more E-step after convergence. ``tol``, ``max_iters``: EM stops when a
     round gains less than ``tol`` or after ``max_iters`` rounds. ``skip_unit_blocks``
     (:func:`tetris_weight` only): no variable for an axis of block size 1 (permuting it cannot
@@ -86,15 +95,17 @@ class TetrisOptions:
     skip_unit_blocks: bool = False
     pad: bool = False
     seed: int = 0
+    sketch_dims: int = option(default=0, ge=0)
 
 
 FAITHFUL = TetrisOptions()
 BEST = TetrisOptions(init="multi", restarts=2, final_e_step=True, skip_unit_blocks=True)
 FAST = TetrisOptions(init="auto", final_e_step=True, skip_unit_blocks=True)
+SKETCH = replace(FAST, sketch_dims=64)
 
-TetrisPreset = Literal["faithful", "fast", "best"]
+TetrisPreset = Literal["faithful", "fast", "best", "sketch"]
 #: The presets ``tilefx.BlockPruning(tetris=...)`` names.
-PRESETS: dict[str, TetrisOptions] = {"faithful": FAITHFUL, "fast": FAST, "best": BEST}
+PRESETS: dict[str, TetrisOptions] = {"faithful": FAITHFUL, "fast": FAST, "best": BEST, "sketch": SKETCH}
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,14 +164,25 @@ def tetris(
     sparsity: float,
     options: TetrisOptions = FAITHFUL,
     initial: Mapping[Hashable, torch.Tensor] | None = None,
+    *,
+    progress: bool = False,
 ) -> TetrisResult:
     """Jointly reorder and block-prune ``operands`` (:mod:`.tetris_problem` states the contract).
 
     ``initial`` optionally warm-starts some variables' orders (it overrides ``options.init`` for them).
+    ``progress``: draw tqdm bars (see :func:`search`).
+
+    numpy's BLAS runs on one thread meanwhile: the search's products are narrow (k-means against
+    a few candidates, one row of blocks at a time), so a second thread mostly waits for the first;
+    on two shared cores that tripled the CPU time of BERT-base's search. OpenBLAS splits a
+    product's output between threads, not its sums, so the numbers do not change (BERT-base and
+    MiniLM get the same orders and masks either way: benchmarks/tetris_time.py).
     """
     start = time.perf_counter()
     problem = Problem.build(operands, sparsity, pad=options.pad)
-    return tetris_result(problem, search(problem, options, initial), time.perf_counter() - start)
+    with threadpool_limits(limits=1, user_api="blas"):
+        state = search(problem, options, initial, progress=progress)
+    return tetris_result(problem, state, time.perf_counter() - start)
 
 
 def search(
@@ -168,33 +190,48 @@ def search(
     options: TetrisOptions,
     initial: Mapping[Hashable, torch.Tensor] | None = None,
     m_step: MStep = greedy_swaps,
+    *,
+    progress: bool = False,
 ) -> State:
     """EM from every start, then the restarts: the best state found.
 
     ``m_step`` replaces the authors' M-step solver (benchmarks/tetris_experiments.py tries an exact one).
+    ``progress``: draw two tqdm bars on stderr, the starting orders (one step per permutation
+    variable) and the EM rounds (all runs together, with the pruned L1 so far). The caller decides
+    (``show_progress`` in tilefx/passes/training/loop.py: asked for and stderr is a terminal).
     """
-    run = partial(
-        em,
-        problem,
-        tol=options.tol,
-        max_iters=options.max_iters,
-        final_e_step=options.final_e_step,
-        m_step=m_step,
-    )
-    best: State | None = None
-    for orders in _starts(problem, options):
-        state = run(warm_started(problem, orders, initial or {}))
-        if best is None or state.objective < best.objective - options.tol:
-            best = state
-    assert best is not None
-    rng = np.random.default_rng(options.seed)
-    for _ in range(options.restarts):
-        trial = run(_perturbed(best.orders, options.perturb, rng))
-        winner = trial if trial.objective < best.objective - options.tol else best
-        # The history stays the best trajectory: one entry per restart, the best objective so far.
-        best = replace(
-            winner, history=best.history + (winner.objective,), iterations=best.iterations + trial.iterations
+    starts = _starts(problem, options, progress)
+    with tqdm(desc="TETRIS EM", unit=" rounds", disable=not progress, dynamic_ncols=True) as bar:
+
+        def on_round(iterations: int, objective: float) -> None:
+            bar.update(1)
+            bar.set_postfix(pruned_l1=f"{objective:.6g}", refresh=False)
+
+        run = partial(
+            em,
+            problem,
+            tol=options.tol,
+            max_iters=options.max_iters,
+            final_e_step=options.final_e_step,
+            m_step=m_step,
+            on_round=on_round,
         )
+        best: State | None = None
+        for orders in starts:
+            state = run(warm_started(problem, orders, initial or {}))
+            if best is None or state.objective < best.objective - options.tol:
+                best = state
+        assert best is not None
+        rng = np.random.default_rng(options.seed)
+        for _ in range(options.restarts):
+            trial = run(_perturbed(best.orders, options.perturb, rng))
+            winner = trial if trial.objective < best.objective - options.tol else best
+            # The history stays the best trajectory: one entry per restart, the best objective so far.
+            best = replace(
+                winner,
+                history=best.history + (winner.objective,),
+                iterations=best.iterations + trial.iterations,
+            )
     return best
 
 
@@ -220,12 +257,22 @@ def tetris_result(problem: Problem, state: State, seconds: float) -> TetrisResul
     )
 
 
-def _starts(problem: Problem, options: TetrisOptions) -> list[dict[Hashable, np.ndarray]]:
+def _starts(problem: Problem, options: TetrisOptions, progress: bool) -> list[dict[Hashable, np.ndarray]]:
     """The orders EM starts from: one, or for ``init="multi"`` identity, cluster and grow."""
-    if options.init != "multi":
-        return [initial_orders(problem, options.init, options.seed)]
-    starts = [initial_orders(problem, start, options.seed) for start in ("identity", "cluster")]
-    grown = grown_orders(problem)  # where growth does not apply it would repeat "profile"
+    kinds = 3 if options.init == "multi" else 1
+    total = kinds * len(problem.uses)
+    with tqdm(
+        total=total, desc="TETRIS starts", unit=" groups", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        sketch = options.sketch_dims
+        if options.init != "multi":
+            return [initial_orders(problem, options.init, options.seed, bar.update, sketch)]
+        starts = [
+            initial_orders(problem, start, options.seed, bar.update, sketch)
+            for start in ("identity", "cluster")
+        ]
+        grown = grown_orders(problem)  # where growth does not apply it would repeat "profile"
+        bar.update(len(problem.uses))
     return starts if grown is None else [*starts, grown]
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .block_selection import block_sums, lowest_blocks
-from .tetris_problem import Problem, Use
+from .tetris_problem import Problem
 
 __all__ = ["MStep", "State", "e_step", "em", "greedy_swaps"]
 
@@ -57,7 +57,9 @@ def greedy_swaps(cost: np.ndarray, tol: float) -> np.ndarray:
     n = len(s)
     order = np.arange(n)
     d = np.diagonal(s).copy()
-    g = d[:, None] + d[None, :] - s - s.T
+    g = np.add.outer(d, d)  # G = diag(S) + diag(S)ᵀ − S − Sᵀ, in that order of operations
+    g -= s
+    g -= s.T
     arg = g.argmax(axis=1)
     best = g[np.arange(n), arg]
     while True:
@@ -77,21 +79,16 @@ def greedy_swaps(cost: np.ndarray, tol: float) -> np.ndarray:
         rows = np.flatnonzero(stale)
         arg[rows] = g[rows].argmax(axis=1)
         best[rows] = g[rows, arg[rows]]
-        for k in (i, j):
-            better = g[:, k] > best
+        for k in (i, j):  # rows and columns i, j were just written alike: read the contiguous row
+            column = g[k]
+            better = column > best
             arg[better] = k
-            best[better] = g[better, k]
+            best[better] = column[better]
 
 
 def e_step(problem: Problem, orders: Mapping[Hashable, np.ndarray]) -> State:
     """Every operand's lowest-L1 blocks under ``orders``."""
-    grids, objective = [], 0.0
-    for k in range(len(problem.magnitudes)):
-        sums = block_sums(problem.permuted(k, orders), problem.sizes[k])
-        keep = lowest_blocks(sums, problem.rates[k])
-        grids.append(keep)
-        objective += float(sums[~keep].sum())
-    return State(dict(orders), tuple(grids), objective)
+    return _Sweep(problem, orders).e_step()
 
 
 def em(
@@ -102,79 +99,126 @@ def em(
     max_iters: int,
     final_e_step: bool,
     m_step: MStep = greedy_swaps,
+    on_round: Callable[[int, float], None] | None = None,
 ) -> State:
     """EM from ``orders``; ``final_e_step`` re-selects the blocks once more after convergence.
 
     The authors return the mask of the last E-step; the final one can only lower the objective.
+    ``on_round(iterations, objective)`` is called after every E+M round (a progress bar).
     """
-    current = e_step(problem, orders)
-    orders = current.orders
+    sweep = _Sweep(problem, orders)
+    current = sweep.e_step()
     history: list[float] = []
     iterations = 0
     while True:
         iterations += 1
         history.append(current.objective)
         prev = current.objective
-        grids = current.grids
         value = prev
         for var in problem.uses:
-            value, orders = _move(problem, var, orders, grids, value, tol, m_step)
+            value = sweep.move(var, value, tol, m_step)
             history.append(value)
+        if on_round is not None:
+            on_round(iterations, value)
         if prev - value < tol or iterations >= max_iters:
             break
-        current = e_step(problem, orders)
-    final = State(orders, grids, value, tuple(history), iterations)
+        current = sweep.e_step()
+    final = State(dict(sweep.orders), sweep.grids, value, tuple(history), iterations)
     if not final_e_step:
         return final
-    refreshed = e_step(problem, orders)
+    refreshed = sweep.e_step()
     if refreshed.objective > value:
         return final
     return replace(refreshed, history=final.history + (refreshed.objective,), iterations=iterations)
 
 
-def _move(
-    problem: Problem,
-    var: Hashable,
-    orders: dict[Hashable, np.ndarray],
-    grids: Sequence[np.ndarray],
-    value: float,
-    tol: float,
-    m_step: MStep,
-) -> tuple[float, dict[Hashable, np.ndarray]]:
-    """One M-step for ``var``: the new objective and orders (unchanged where it would not help)."""
-    n = problem.lengths[var]
-    cost = np.zeros((n, n))
-    for use in problem.uses[var]:
-        cost += _swap_cost(problem, use, orders, grids[use.operand], n)
-    relative = m_step(cost, tol)
-    if np.array_equal(relative, np.arange(n)):
-        return value, orders
-    moved = {**orders, var: orders[var][relative]}
-    new_value = _objective(problem, moved, grids)
-    if new_value > value:  # only possible when a variable labels two axes of one operand
-        return value, orders
-    return new_value, moved
+class _Sweep:
+    """The EM's working state: orders, the mask, and each operand's magnitude in the current orders.
+
+    Every number is computed by the same numpy calls on the same arrays as a from-scratch
+    evaluation (``problem.permuted`` then ``block_sums``), so results are bit-identical to one; what
+    is saved is repetition. An operand is re-gathered only when one of its own orders moves (not
+    for every use of every variable), the swap-cost table of an (operand, axis) is computed once
+    per M-step however many segments of it the variable owns (one per attention head), and the
+    objective after a move re-sums only the operands the moved variable touches.
+    """
+
+    def __init__(self, problem: Problem, orders: Mapping[Hashable, np.ndarray]) -> None:
+        self.problem = problem
+        self.orders = dict(orders)
+        self.arrays = [problem.permuted(k, self.orders) for k in range(len(problem.magnitudes))]
+        self.grids: tuple[np.ndarray, ...] = ()
+        self.pruned: list[float] = []  # per operand: its pruned L1 under the orders and grids
+        self.touches = {var: sorted({use.operand for use in uses}) for var, uses in problem.uses.items()}
+
+    def e_step(self) -> State:
+        """Every operand's lowest-L1 blocks under the current orders."""
+        grids, pruned, objective = [], [], 0.0
+        for k, array in enumerate(self.arrays):
+            sums = block_sums(array, self.problem.sizes[k])
+            keep = lowest_blocks(sums, self.problem.rates[k])
+            grids.append(keep)
+            pruned.append(float(sums[~keep].sum()))
+            objective += pruned[-1]
+        self.grids, self.pruned = tuple(grids), pruned
+        return State(dict(self.orders), self.grids, objective)
+
+    def move(self, var: Hashable, value: float, tol: float, m_step: MStep) -> float:
+        """One M-step for ``var``: the new objective (the orders unchanged where it would not help)."""
+        n = self.problem.lengths[var]
+        relative = m_step(self._cost(var, n), tol)
+        if np.array_equal(relative, np.arange(n)):
+            return value
+        moved = {**self.orders, var: self.orders[var][relative]}
+        arrays = {k: self.problem.permuted(k, moved) for k in self.touches[var]}
+        pruned = list(self.pruned)
+        for k, array in arrays.items():
+            pruned[k] = float(block_sums(array, self.problem.sizes[k])[~self.grids[k]].sum())
+        new_value = sum(pruned)
+        if new_value > value:  # only possible when a variable labels two axes of one operand
+            return value
+        self.orders, self.pruned = moved, pruned
+        for k, array in arrays.items():
+            self.arrays[k] = array
+        return new_value
+
+    def _cost(self, var: Hashable, n: int) -> np.ndarray:
+        """``S[i, j]``: pruned magnitude, summed over every use of ``var``, if slice i moves to position j."""
+        cost: np.ndarray | None = None
+        tables: dict[tuple[int, int], np.ndarray] = {}
+        for use in self.problem.uses[var]:
+            key = (use.operand, use.axis)
+            if key not in tables:
+                tables[key] = _table(
+                    self.arrays[use.operand],
+                    self.grids[use.operand],
+                    self.problem.sizes[use.operand],
+                    use.axis,
+                )
+            part = _segment(tables[key], use.offset, n, self.problem.sizes[use.operand][use.axis])
+            if cost is None:  # 0 + x is x: every entry is a sum of magnitudes, never -0 or NaN
+                cost = part.copy() if np.shares_memory(part, tables[key]) else part
+            else:
+                cost += part
+        assert cost is not None, f"variable {var!r} has no use"
+        return cost
 
 
-def _objective(problem: Problem, orders: Mapping[Hashable, np.ndarray], grids: Sequence[np.ndarray]) -> float:
-    return sum(
-        float(block_sums(problem.permuted(k, orders), problem.sizes[k])[~grids[k]].sum())
-        for k in range(len(problem.magnitudes))
-    )
-
-
-def _swap_cost(
-    problem: Problem, use: Use, orders: Mapping[Hashable, np.ndarray], grid: np.ndarray, n: int
-) -> np.ndarray:
-    """``S[i, j]``: this use's pruned magnitude if current slice i is put at position j."""
-    sizes = problem.sizes[use.operand]
-    permuted = problem.permuted(use.operand, orders)
-    # Sum within blocks along every other axis, then contract with the block mask: T[i, r].
-    others = [b if a != use.axis else 1 for a, b in enumerate(sizes)]
+def _table(permuted: np.ndarray, grid: np.ndarray, sizes: Sequence[int], axis: int) -> np.ndarray:
+    """``T[i, r]``: slice i's magnitude that block row r of ``axis`` would prune (every other axis summed in blocks)."""
+    others = [b if a != axis else 1 for a, b in enumerate(sizes)]
     reduced = block_sums(permuted, others)
     pruned = (~grid).astype(np.float64)
-    table = np.moveaxis(reduced, use.axis, 0).reshape(reduced.shape[use.axis], -1) @ (
-        np.moveaxis(pruned, use.axis, 0).reshape(pruned.shape[use.axis], -1).T
+    return np.moveaxis(reduced, axis, 0).reshape(reduced.shape[axis], -1) @ (
+        np.moveaxis(pruned, axis, 0).reshape(pruned.shape[axis], -1).T
     )
-    positions = use.offset + np.arange(n)
-    return table[positions][:, positions // sizes[use.axis]]
+
+
+def _segment(table: np.ndarray, offset: int, n: int, block: int) -> np.ndarray:
+    """``table[p][:, p // block]`` for the positions ``p`` of one segment (a view where it can be)."""
+    rows = table[offset : offset + n]
+    if block == 1:
+        return rows[:, offset : offset + n]
+    if offset % block == 0 and n % block == 0:
+        return np.repeat(rows[:, offset // block : (offset + n) // block], block, axis=1)
+    return rows[:, (offset + np.arange(n)) // block]

@@ -10,7 +10,9 @@
   singular vector of their centred, normalised block-magnitude profile, so slices whose large
   weights sit in the same blocks end up next to each other;
 - ``"cluster"``: :func:`cluster_order`, balanced k-means of those profiles, one cluster per block
-  (helps thin blocks such as (16, 1), where only the row grouping matters);
+  (helps thin blocks such as (16, 1), where only the row grouping matters); with ``sketch_dims``
+  the k-means runs on a random projection of the profiles (:func:`sketched_centres`: faster, a
+  different start);
 - ``"grow"``: greedy constructive co-clustering of both axes of a 2-d problem
   (:mod:`.tetris_grow`; helps square blocks); where it does not apply it falls back to "profile";
 - ``"auto"``: "grow" where it applies, else "cluster".
@@ -20,15 +22,15 @@ Deterministic for a seed.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from tilefx.errors import RecipeError
 
+from .balanced_assignment import balanced_groups
 from .block_selection import block_sums
 from .tetris_grow import grown_orders
 from .tetris_problem import Problem
@@ -40,18 +42,36 @@ __all__ = [
     "kmeans_centres",
     "norm_order",
     "profile_order",
+    "sketched_centres",
     "warm_started",
 ]
 
 Start = Literal["identity", "norm", "profile", "cluster", "grow", "auto"]
 
 
-def initial_orders(problem: Problem, start: Start, seed: int) -> dict[Hashable, np.ndarray]:
-    """Every variable's starting order (see the module docstring for each ``start``)."""
+def initial_orders(
+    problem: Problem,
+    start: Start,
+    seed: int,
+    done: Callable[[int], object] | None = None,
+    sketch_dims: int = 0,
+) -> dict[Hashable, np.ndarray]:
+    """Every variable's starting order (see the module docstring for each ``start``).
+
+    ``done(count)`` is told how many variables have their order, as they get it (a progress bar).
+    ``sketch_dims``: see :func:`cluster_order`.
+    """
     grown = grown_orders(problem) if start in ("grow", "auto") else None
     if grown is not None:
+        if done is not None:
+            done(len(problem.uses))
         return grown
-    return {var: _variable_order(problem, var, start, seed) for var in problem.uses}
+    orders = {}
+    for var in problem.uses:
+        orders[var] = _variable_order(problem, var, start, seed, sketch_dims)
+        if done is not None:
+            done(1)
+    return orders
 
 
 def warm_started(
@@ -66,7 +86,7 @@ def warm_started(
     return orders
 
 
-def _variable_order(problem: Problem, var: Hashable, start: Start, seed: int) -> np.ndarray:
+def _variable_order(problem: Problem, var: Hashable, start: Start, seed: int, sketch_dims: int) -> np.ndarray:
     n = problem.lengths[var]
     uses = problem.uses[var]
     if start == "identity":
@@ -75,7 +95,7 @@ def _variable_order(problem: Problem, var: Hashable, start: Start, seed: int) ->
         return norm_order([(problem.segment(u, n), u.axis) for u in uses], n)
     profiles = [(problem.segment(u, n), u.axis, problem.sizes[u.operand]) for u in uses]
     if start in ("cluster", "auto"):
-        return cluster_order(profiles, n, problem.sizes[uses[0].operand][uses[0].axis], seed)
+        return cluster_order(profiles, n, problem.sizes[uses[0].operand][uses[0].axis], seed, sketch_dims)
     return profile_order(profiles, n)  # "profile", and "grow" where it does not apply
 
 
@@ -97,23 +117,31 @@ def profile_order(magnitudes: Sequence[tuple[np.ndarray, int, Sequence[int]]], n
 
 
 def cluster_order(
-    magnitudes: Sequence[tuple[np.ndarray, int, Sequence[int]]], n: int, block: int, seed: int
+    magnitudes: Sequence[tuple[np.ndarray, int, Sequence[int]]],
+    n: int,
+    block: int,
+    seed: int,
+    sketch_dims: int = 0,
 ) -> np.ndarray:
     """Balanced k-means of the slices' block-magnitude profiles into ``n // block`` groups of ``block``.
 
     k-means (:func:`kmeans_centres`, two seeded runs) gives centroids; an exact balanced assignment
-    (``linear_sum_assignment`` on squared distances, each centroid offered ``block`` times) makes
-    every group exactly one block; groups are laid out in centroid order, each group's slices in
-    their original order.
+    on squared distances (:func:`.balanced_assignment.balanced_groups`: what
+    ``linear_sum_assignment`` gives with each centroid offered ``block`` times) makes every group
+    exactly one block; groups are laid out in centroid order, each group's slices in their original
+    order. With ``0 < sketch_dims <`` the profiles' length, the centroids come from
+    :func:`sketched_centres` instead (approximate: other centroids, so another start).
     """
     groups = n // block
     if groups < 2 or n % block:
         return profile_order(magnitudes, n)
     profiles = np.concatenate([_profile(m, axis, sizes)[:n] for m, axis, sizes in magnitudes], axis=1)
-    cost = _squared_distances(profiles, _norms(profiles), kmeans_centres(profiles, groups, seed))
-    rows, slots = linear_sum_assignment(np.repeat(cost, block, axis=1))
-    group = np.empty(n, dtype=np.int64)
-    group[rows] = slots // block
+    if 0 < sketch_dims < profiles.shape[1]:
+        centres = sketched_centres(profiles, groups, seed, sketch_dims)
+    else:
+        centres = kmeans_centres(profiles, groups, seed)
+    cost = _squared_distances(profiles, _norms(profiles), centres)
+    group = balanced_groups(cost, block)
     return np.lexsort((np.arange(n), group)).astype(np.int64)
 
 
@@ -133,6 +161,28 @@ def kmeans_centres(
         _lloyd(points, norms, _plus_plus(points, norms, k, rng), max_iters, threshold) for _ in range(runs)
     ]
     return min(fits, key=lambda fit: fit[1])[0]
+
+
+def sketched_centres(points: np.ndarray, k: int, seed: int, dims: int) -> np.ndarray:
+    """``k`` centroids of ``points`` from :func:`kmeans_centres` on a ``dims``-wide sketch of them.
+
+    The sketch is a seeded Gaussian random projection (it keeps squared distances to a relative
+    error of about ``√(2/dims)``: Johnson–Lindenstrauss), so every k-means step reads ``dims``
+    numbers per point instead of all of them; each centroid is then the mean of the points whose
+    sketch is nearest its sketched centroid (an emptied one: the point nearest it).
+    """
+    rng = np.random.default_rng(seed)
+    sketch = points @ (rng.standard_normal((points.shape[1], dims)) / np.sqrt(dims))
+    centres = kmeans_centres(sketch, k, seed)
+    distances = _squared_distances(sketch, _norms(sketch), centres)
+    labels = distances.argmin(axis=1)
+    members = np.zeros((k, len(points)))
+    members[labels, np.arange(len(points))] = 1.0
+    counts = members.sum(axis=1)
+    full = members @ points / np.maximum(counts, 1.0)[:, None]
+    empty = np.flatnonzero(counts == 0)
+    full[empty] = points[distances[:, empty].argmin(axis=0)]
+    return full
 
 
 def _plus_plus(points: np.ndarray, norms: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

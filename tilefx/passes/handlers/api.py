@@ -280,10 +280,11 @@ class Context:
 
 
 def _varying_dims(labels: torch.Tensor) -> list[int]:
+    """The dims along which ``labels`` is not constant (compared by broadcasting: no expanded copy)."""
     return [
         d
         for d in range(labels.dim())
-        if labels.shape[d] > 1 and not torch.equal(labels, labels.narrow(d, 0, 1).expand_as(labels))
+        if labels.shape[d] > 1 and bool((labels != labels.narrow(d, 0, 1)).any())
     ]
 
 
