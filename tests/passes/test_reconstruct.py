@@ -14,7 +14,6 @@ from tilefx.errors import RecipeError
 from tilefx.graph_capture import capture
 from tilefx.passes.analysis.weight_layers import weight_layers
 from tilefx.passes.metadata import BlockSparsity, get_metadata, matrix_view
-from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.training.calibration import Calibration
 from tilefx.passes.training.gradual_pruning import MaskedWeight
 from tilefx.passes.training.reconstruct import reconstruct
@@ -171,8 +170,8 @@ def test_padding_positions_do_not_change_the_reconstruction() -> None:
 
 def test_reconstruct_needs_a_oneshot_schedule() -> None:
     with pytest.raises(RecipeError, match="oneshot"):
-        tilefx.Recovery(reconstruct=4)  # the default schedule is gradual
+        tilefx.Recovery(reconstruct=4, schedule="gradual")
     with pytest.raises(RecipeError, match="reconstruct"):
         tilefx.Recovery(reconstruct=-1, schedule="oneshot")
-    with pytest.raises(RecipeError, match="needs a block"):
-        RecoverSparsityPass(tilefx.Recovery(steps=1, schedule="oneshot", reconstruct=2), Calibration([]))
+    assert tilefx.Recovery().reconstruct == 32  # the default refits when pruning at once ...
+    assert tilefx.Recovery(schedule="gradual").reconstruct == 0  # ... and never while ramping

@@ -17,6 +17,7 @@ import tvm_ffi
 from tvm.target import codegen
 
 from tilefx.errors import LoweringError
+from tilefx.runtime.artifact import reported_number_formats
 
 __all__ = [
     "KNOWN_TARGETS",
@@ -45,6 +46,16 @@ def host_mcpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
+@functools.lru_cache(maxsize=1)
+def host_mattr() -> tuple[str, ...]:
+    """``+feature`` for each number-format instruction set this CPU reports but LLVM's model of
+    ``host_mcpu()`` lacks. Virtual machines often hide the CPU model, and LLVM then names an older
+    one (a Sapphire Rapids guest reads as ``rocketlake``: no AVX512-BF16, no AMX), although the
+    instructions run."""
+    modelled = cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()}))
+    return tuple(f"+{name}" for name in sorted(reported_number_formats() - modelled))
+
+
 def host_num_cores() -> int:
     """Threads TVM's pool will use: ``TVM_NUM_THREADS`` if set, else the cores we may run on."""
     env = os.environ.get("TVM_NUM_THREADS")
@@ -57,7 +68,8 @@ def make_target(target: str | dict[str, Any] | tvm.target.Target) -> tvm.target.
     """A TVM target from ``"llvm"``, ``"cuda"``, a target dict or a Target.
 
     Plain ``"llvm"`` gets the host's mcpu so LLVM may use its vector units (without it LLVM
-    targets a generic x86-64 and emits SSE2 only). ``"cuda"`` without an arch gets ``sm_80``,
+    targets a generic x86-64 and emits SSE2 only), plus the number-format features the CPU has
+    beyond LLVM's model of it (:func:`host_mattr`). ``"cuda"`` without an arch gets ``sm_80``,
     which builds on machines without a GPU.
     """
     if isinstance(target, tvm.target.Target):
@@ -67,7 +79,10 @@ def make_target(target: str | dict[str, Any] | tvm.target.Target) -> tvm.target.
     if kind not in KNOWN_TARGETS:
         raise LoweringError(f"unknown target {target!r}: tilefx has kernels for {', '.join(KNOWN_TARGETS)}")
     if kind == "llvm":
-        spec.setdefault("mcpu", host_mcpu())
+        if "mcpu" not in spec:
+            spec["mcpu"] = host_mcpu()
+            if host_mattr() and "mattr" not in spec:
+                spec["mattr"] = list(host_mattr())
         spec.setdefault("num-cores", host_num_cores())
     if kind == "cuda":
         spec.setdefault("arch", "sm_80")

@@ -32,6 +32,7 @@ sparsity applied (every dropped weight an exact zero).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -73,6 +74,11 @@ _NORMS = frozenset(
 
 log = logging.getLogger(__name__)
 
+#: Calibration batches ``Recovery()`` refits on by default (one-shot schedule).
+DEFAULT_RECONSTRUCT = 32
+#: Held-out batches ``Recovery()`` checks training on by default (with at least 4x as many given).
+DEFAULT_CHECK = 4
+
 
 @options
 class Recovery(LoopOptions):
@@ -102,28 +108,40 @@ class Recovery(LoopOptions):
     uses every position.
     reconstruct: with schedule="oneshot", choose the blocks and refit the kept weights layer by
     layer on this many calibration batches before training (Optimal Brain Surgeon saliency, least
-    squares against the dense layer's output); 0: magnitude, no refit. Best with a pretrained
-    model and little training time.
+    squares against the dense layer's output); 0: magnitude, no refit; None (the default): 32
+    with "oneshot", 0 with "gradual". Best with a pretrained model and little training time;
+    nothing to do when the recipe prunes no blocks (channels alone).
     check_batches: hold the last this-many calibration batches out of training and measure the objective
     on them before the first step (once the schedule reaches its sparsity) and every
     ``check_every`` steps; the run returns the weights of the best measurement, its start if
-    training never beat it (``training.keep_best``). 0: no check, the last step's weights.
+    training never beat it (``training.keep_best``). 0: no check, the last step's weights; None
+    (the default): 4 when the calibration holds at least 16 batches, else no check.
+
+    The defaults are the best recipe measured on a pretrained model for their budget
+    (docs/recovery.md, ``benchmarks/recovery_defaults.py``): prune at once, refit every layer by
+    least squares on 32 batches, then 300 steps of distillation at lr 1e-4 that train only the
+    linear/conv layers, checked on 4 held-out batches so that training can only keep or improve
+    the refit model.
     """
 
-    steps: int = option(default=500, ge=0)
-    warmup: float = option(default=0.05, ge=0, lt=1)
-    schedule: Literal["gradual", "oneshot"] = "gradual"
+    steps: int = option(default=300, ge=0)
+    warmup: float = option(default=0.0, ge=0, lt=1)
+    schedule: Literal["gradual", "oneshot"] = "oneshot"
     distill: Literal["output", "hidden"] | None = "hidden"
     output_loss: OutputLoss = "cosine"
     score: Score = "magnitude"
-    trainable: Literal["all", "layers"] = "all"
+    trainable: Literal["all", "layers"] = "layers"
     ramp: float = option(default=0.6, ge=0, le=1)
     every: int = option(default=10, ge=1)
     hidden_taps: HiddenTaps = "norms"
     token_mask: int | Literal["auto"] | None = option(default="auto", ge=0)
-    reconstruct: int = option(default=0, ge=0)
-    check_batches: int = option(default=0, ge=0)
+    reconstruct: int | None = option(default=None, ge=0)
+    check_batches: int | None = option(default=None, ge=0)
     check_every: int = option(default=50, ge=1)
+
+    def normalize(self) -> None:
+        if self.reconstruct is None:  # the default: refit when pruning at once, never while ramping
+            object.__setattr__(self, "reconstruct", DEFAULT_RECONSTRUCT if self.schedule == "oneshot" else 0)
 
     def check(self) -> None:
         if self.reconstruct and self.schedule != "oneshot":
@@ -150,11 +168,6 @@ class RecoverSparsityPass(PassBase):
     numerics: ClassVar[Numerics] = "masked"
 
     def __post_init__(self) -> None:
-        if self.recovery.reconstruct and self.block is None:
-            raise RecipeError(
-                "RecoverSparsityPass: reconstruct prunes every layer to its target before training, "
-                "so it needs a block to prune"
-            )
         if self.block is not None:
             PruneBlocksPass(self.block, self.sparsity, self.selection)  # validates block and sparsity
 
@@ -166,13 +179,14 @@ class RecoverSparsityPass(PassBase):
             return PassResult(gm, False)
         teacher = copy.deepcopy(gm).requires_grad_(False)
         pruning = GradualBlockPruning(masked, self._schedule(), self.recovery.score)
-        if self.recovery.reconstruct and not self._resuming():
+        batches = self.recovery.reconstruct or 0
+        if batches and self.block is not None and not self._resuming():
             keep = reconstruct(
                 gm,
                 teacher,
                 masked,
                 self.calibration,
-                self.recovery.reconstruct,
+                batches,
                 token_mask,
                 progress=self.recovery.progress,
             )
@@ -276,11 +290,15 @@ class RecoverSparsityPass(PassBase):
             len(trained),
         )
         data = self.calibration
-        if self.recovery.check_batches:
-            kept, check = held_out(list(self.calibration), self.recovery.check_batches)
+        held = self.recovery.check_batches
+        if held is None:  # the default: a check only where it leaves enough to train on
+            enough = len(list(itertools.islice(self.calibration, 4 * DEFAULT_CHECK))) == 4 * DEFAULT_CHECK
+            held = DEFAULT_CHECK if enough else 0
+        if held:
+            kept, check = held_out(list(self.calibration), held)
             if not check or not kept:
                 raise RecipeError(
-                    f"Recovery.check_batches={self.recovery.check_batches} holds out every calibration batch: "
+                    f"Recovery.check_batches={held} holds out every calibration batch: "
                     "give more batches or hold out fewer"
                 )
             data = Calibration(kept, self.calibration.loss)

@@ -89,12 +89,33 @@ def isa_features(features: Any) -> frozenset[str]:
     return frozenset(str(f) for f in features if str(f).startswith(_ISA_PREFIXES))
 
 
+#: Linux cpuinfo flags of the number-format instructions tilefx's kernels use -> LLVM's names.
+_NUMBER_FORMAT_FLAGS = {
+    "avx512_vnni": "avx512vnni",
+    "avx512_bf16": "avx512bf16",
+    "amx_tile": "amx-tile",
+    "amx_int8": "amx-int8",
+    "amx_bf16": "amx-bf16",
+}
+
+
+def reported_number_formats() -> frozenset[str]:
+    """LLVM's names of the number-format instruction sets the kernel reports in /proc/cpuinfo
+    (empty elsewhere): LLVM's model of a virtual machine's CPU may lack some that run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return frozenset()
+    return frozenset(llvm for flag, llvm in _NUMBER_FORMAT_FLAGS.items() if flag in flags)
+
+
 def host_cpu_features() -> frozenset[str]:
     """The instruction-set extensions (``avx2``, ``avx512f``, ...) of this machine's CPU."""
     from tvm.target import Target, codegen  # TVM is loaded when an artifact is, not before
 
     host = Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
-    return isa_features(codegen.llvm_get_cpu_features(host))
+    return isa_features(codegen.llvm_get_cpu_features(host)) | reported_number_formats()
 
 
 class Artifact:
