@@ -30,7 +30,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,7 @@ def main() -> None:
         print(f"{name}: {row.seconds:.0f} s", file=sys.stderr)
 
     for row in rows:
-        row.quality = _quality(dense, row.model, evaluation)
+        row.quality = quality(dense, row.model, evaluation)
     timings = interleaved_timings(
         {row.name: _call(row.model, timed_input) for row in rows},
         rounds=args.rounds,
@@ -153,8 +153,8 @@ def _call(
     return lambda: model(*inputs)
 
 
-def _quality(
-    dense: nn.Module, model: Callable[..., torch.Tensor], sets: dict[str, Sequence[Any]]
+def quality(
+    dense: nn.Module, model: Callable[..., torch.Tensor], sets: Mapping[str, Sequence[Any]]
 ) -> dict[str, tuple[float, float]]:
     out = {}
     with torch.no_grad():

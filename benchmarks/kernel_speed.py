@@ -1,9 +1,10 @@
 """Block-sparse kernel benchmark: tilefx vs torch dense vs torch CSR vs scipy BSR, one process.
 
-    TVM_NUM_THREADS=2 OMP_NUM_THREADS=2 python benchmarks/kernel_speed.py [--quick] [--runs 20]
+    TVM_NUM_THREADS=2 OMP_NUM_THREADS=2 python benchmarks/kernel_speed.py [--quick | --grid] [--runs 20]
 
 Shapes: BERT-base FFN (128×768→3072 and 128×3072→768) and a ResNet-50 3×3 conv (layer2:
-128→128 channels on 28×28, batch 1). For each (shape, sparsity, block), tilefx, torch dense and
+128→128 channels on 28×28, batch 1); ``--grid`` instead crosses MiniLM's and BERT-base's FFN
+shapes with blocks 1×1, 1×4, 4×1, 8×1, 16×1, 32×32 and sparsities 30–95%. For each (shape, sparsity, block), tilefx, torch dense and
 torch CSR are timed in rounds (so drifting load hits them alike); in each round every contender
 makes two untimed calls and then the timed one (``burst=3``), so each is measured in its steady
 state rather than just after another library's thread pool. The table shows medians (and, as a
@@ -58,6 +59,15 @@ class Shape:
     #: sparse (``runtime.sparse_modules``): FFN1 hands Yᵀ to FFN2, which reads it in place.
     in_ffn: tuple[bool, bool] | None = None
 
+
+#: ``--grid``: the granularity x sparsity grid on MiniLM's and BERT-base's FFN shapes.
+GRID_SHAPES = (
+    Shape("MiniLM FFN1 128x384->1536", Conv2dGeometry.dense(128, 384), 1536),
+    Shape("MiniLM FFN2 128x1536->384", Conv2dGeometry.dense(128, 1536), 384),
+    Shape("BERT FFN1 128x768->3072", Conv2dGeometry.dense(128, 768), 3072),
+)
+GRID_SPARSITIES = (0.3, 0.5, 0.7, 0.9, 0.95)
+GRID_BLOCKS = ((1, 1), (1, 4), (4, 1), (8, 1), (16, 1), (32, 32))
 
 SHAPES = (
     Shape("BERT FFN1 128x768->3072", Conv2dGeometry.dense(128, 768), 3072, in_ffn=(False, True)),
@@ -145,13 +155,18 @@ def main() -> int:
     parser.add_argument(
         "--quick", action="store_true", help="FFN1 only, sparsity 0.5/0.9, blocks 16x1 and 8x8"
     )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="MiniLM and BERT FFN shapes x blocks 1x1..32x32 x sparsities 30..95%%",
+    )
     parser.add_argument("--runs", type=int, default=20, help="timed calls per contender (median reported)")
     args = parser.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
     torch.set_num_threads(threads)
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    sparsities = (0.5, 0.9) if args.quick else SPARSITIES
-    blocks = ((16, 1), (8, 8)) if args.quick else BLOCKS
+    shapes = GRID_SHAPES if args.grid else SHAPES[:1] if args.quick else SHAPES
+    sparsities = GRID_SPARSITIES if args.grid else (0.5, 0.9) if args.quick else SPARSITIES
+    blocks = GRID_BLOCKS if args.grid else ((16, 1), (8, 8)) if args.quick else BLOCKS
     target = compat.make_target("llvm")
     cache = KernelCache()
     gen = torch.Generator().manual_seed(0)

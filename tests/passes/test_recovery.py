@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,35 @@ def test_trainable_layers_leaves_norms_as_the_dense_model_has_them() -> None:
     gm = tilefx.optimize(model, (torch.randn(8, 16),), recipe, calibration=_batches(False))
     assert torch.equal(gm.get_parameter("1.weight"), model[1].weight)
     assert not torch.equal(gm.get_parameter("0.bias"), model[0].bias)
+
+
+def test_recovery_defaults_are_the_documented_recipe() -> None:
+    """docs/recovery.md spells every default it justifies; changing one must change the docs."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "recovery.md").read_text()
+    found = re.search(r"<!-- the defaults -->\s*```python\n(.*?)```", text, re.S)
+    assert found is not None, "docs/recovery.md lost its block of defaults"
+    documented = eval(found.group(1), {"tilefx": tilefx})  # a literal Recovery(...) call
+    assert documented == tilefx.Recovery()
+    for name in ("schedule", "reconstruct", "steps", "lr", "trainable", "check_batches", "token_mask"):
+        assert f"{name}=" in found.group(1), f"the documented recipe leaves {name} unsaid"
+
+
+def test_default_check_holds_out_batches_only_when_enough_are_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 8)
+    trained_on: list[int] = []
+    original = recover_sparsity.train
+
+    def counting(module, objective, data, options, hooks):  # type: ignore[no-untyped-def]
+        trained_on.append(len(list(data)))
+        return original(module, objective, data, options, hooks)
+
+    monkeypatch.setattr(recover_sparsity, "train", counting)
+    recipe = tilefx.Recipe(
+        blocks=tilefx.BlockPruning(block=(4, 1), sparsity=0.5, reorder="none"),
+        recovery=tilefx.Recovery(steps=2, progress=False),  # the default check_batches
+    )
+    for batches in (8, 16):
+        tilefx.optimize(model, (x,), recipe, calibration=[(torch.randn(4, 8), None) for _ in range(batches)])
+    assert trained_on == [8, 12]  # 8 are too few to spare 4; of 16, 4 are held out for the check
