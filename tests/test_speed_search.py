@@ -14,6 +14,8 @@ from tilefx.latency import LatencyTable, LayerShape
 from tilefx.passes.analysis.channel_groups import ChannelGroupsAnalysis
 from tilefx.passes.analysis.weight_layers import weight_layers
 from tilefx.passes.infra import AnalysisManager, PassManager
+from tilefx.passes.metadata import get_metadata
+from tilefx.passes.recover_sparsity import RecoverSparsityPass
 from tilefx.passes.search.apply import passes_for
 from tilefx.passes.search.losses import Option, greedy_obs_order, output_damage, without_channels
 from tilefx.passes.search.space import SpeedSearch
@@ -128,6 +130,31 @@ def test_the_search_meets_its_budget_with_the_least_damage_and_makes_its_choice(
         measure=lambda g: 1.05,
     )[1]
     assert loose.estimated_quality >= report.estimated_quality  # more time never costs quality
+
+
+def test_recovery_after_the_search_trains_before_the_number_formats() -> None:
+    """Training moves weights off an int8 grid, so the search's formats come after its tail."""
+    gm, _ = _graph()
+    data = Calibration([(b, None) for b in _batches(10)])
+    search = SpeedSearch(
+        keeps=(1.0,), blocks=(), calibration_batches=6, check_batches=2, rounds=1, progress=False
+    )
+    recovery = tilefx.Recovery(steps=3, check_batches=0, progress=False)
+    result, report = search_pipeline(
+        gm,
+        _batches(1)[0],
+        data,
+        speedup=2.5,
+        quality=None,
+        search=search,
+        tail=[RecoverSparsityPass(recovery, data)],
+        latency=FakeLatency(),  # int8 three times faster: every layer takes it
+        measure=lambda g: 2.5,
+    )
+    assert set(report.chosen.values()) == {"int8"}
+    ran = [name for name, _ in result.ran]
+    assert ran.index("RecoverSparsityPass") < ran.index("QuantizeLinearsPass")
+    assert get_metadata(result.graph_module).recovery_losses  # it trained
 
 
 def test_the_quality_dual_takes_the_fastest_choice_above_the_floor() -> None:

@@ -43,6 +43,7 @@ from tilefx.passes.fold_batchnorm import FoldBatchNormPass
 from tilefx.passes.infra.analysis_manager import AnalysisManager
 from tilefx.passes.infra.manager import PassManager, PipelineResult
 from tilefx.passes.infra.pass_base import PassBase
+from tilefx.passes.quantize_linears import QuantizeLinearsPass
 from tilefx.passes.recover_sparsity import token_mask_position
 from tilefx.passes.search.apply import passes_for
 from tilefx.passes.search.knapsack import Choice, LayerChoices, frontier
@@ -96,7 +97,8 @@ def search_pipeline(
     measure: Callable[[torch.fx.GraphModule], float] | None = None,
 ) -> tuple[PipelineResult, SearchReport]:
     """Run the search on ``gm`` (captured, unmodified): the last round's verified pipeline result
-    and the report. ``tail``: passes to run after the search's (recovery training, for instance).
+    and the report. ``tail``: passes to run after the search's structure and sparsity, before its
+    number formats (recovery training, for instance).
     ``latency``: the time table (default: measured on this machine, cached); ``measure``: the
     speed-up of an optimized graph (default: compiled and timed against ``gm``)."""
     prefix: list[PassBase] = [FoldBatchNormPass(), EliminateDeadCodePass()]
@@ -121,7 +123,10 @@ def search_pipeline(
         made = passes_for(
             state.units, chosen, orders, data, search.calibration_batches, search.attention, search.progress
         )
-        passes = [*prefix, *made, *tail]
+        # Training runs on the fp32 model the choice made; number formats come after it (a
+        # quantized layer's grid is fixed when it is chosen, and training would leave it).
+        quantize = [p for p in made if isinstance(p, QuantizeLinearsPass)]
+        passes = [*prefix, *(p for p in made if p not in quantize), *tail, *quantize]
         result = PassManager(passes, verify=verify, tolerance=tolerance).run(gm, example_inputs)
         achieved = measure(result.graph_module)
         measured.append(achieved)
