@@ -41,7 +41,9 @@ SPEEDUP = 2.5
 DEMO_SEARCH = SpeedSearch(keeps=(1.0, 0.75, 0.5), sparsities=(0.5,), calibration_batches=16, check_batches=4)
 
 
-def _randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every batch norm non-trivial statistics, so that folding them has real work (random
+    weights: no pretrained ones ship offline)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -66,7 +68,7 @@ def resnet50_demo() -> None:
     )
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
-    _randomize_batchnorm(model)
+    randomize_batchnorm(model)
     x = torch.randn(1, 3, 224, 224)
     timing = TimingInstrument()
     start = time.perf_counter()
