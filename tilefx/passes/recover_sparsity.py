@@ -119,18 +119,18 @@ class Recovery(LoopOptions):
 
     The defaults are the best recipe measured on a pretrained model for their budget
     (docs/recovery.md, ``benchmarks/recovery_defaults.py``): prune at once, refit every layer by
-    least squares on 32 batches, then 300 steps of distillation at lr 1e-4 that train only the
-    linear/conv layers, checked on 4 held-out batches so that training can only keep or improve
-    the refit model.
+    least squares on 32 batches, then 300 steps of distillation at lr 1e-3 decaying to 0, checked
+    on 4 held-out batches so that training can only keep or improve the refit model.
     """
 
     steps: int = option(default=300, ge=0)
+    lr: float = option(default=1e-3, gt=0)
     warmup: float = option(default=0.0, ge=0, lt=1)
     schedule: Literal["gradual", "oneshot"] = "oneshot"
     distill: Literal["output", "hidden"] | None = "hidden"
     output_loss: OutputLoss = "cosine"
     score: Score = "magnitude"
-    trainable: Literal["all", "layers"] = "layers"
+    trainable: Literal["all", "layers"] = "all"
     ramp: float = option(default=0.6, ge=0, le=1)
     every: int = option(default=10, ge=1)
     hidden_taps: HiddenTaps = "norms"
