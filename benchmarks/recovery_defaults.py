@@ -51,14 +51,20 @@ def candidates() -> dict[str, tuple[tilefx.Recovery, str]]:
             tilefx.Recovery(lr=1e-3, trainable="all", output_loss="pooled", check_batches=0, progress=False),
             "mixed",
         ),
-        "300 steps, lr 1e-4, layers only, check": (tilefx.Recovery(lr=1e-4, progress=False), "mixed"),
-        "300 steps, lr 1e-3, layers only, check": (tilefx.Recovery(lr=1e-3, progress=False), "mixed"),
+        "300 steps, lr 1e-4, layers only, check": (
+            tilefx.Recovery(lr=1e-4, trainable="layers", progress=False),
+            "mixed",
+        ),
+        "300 steps, lr 1e-3, layers only, check": (
+            tilefx.Recovery(lr=1e-3, trainable="layers", progress=False),
+            "mixed",
+        ),
         "300 steps, lr 1e-3, all parameters, check": (
             tilefx.Recovery(lr=1e-3, trainable="all", progress=False),
             "mixed",
         ),
         "300 steps, lr 1e-3, layers only, check, calibrated on Python docs alone": (
-            tilefx.Recovery(lr=1e-3, progress=False),
+            tilefx.Recovery(lr=1e-3, trainable="layers", progress=False),
             "docs",
         ),
     }
