@@ -166,3 +166,37 @@ def test_a_held_out_check_keeps_training_that_helps() -> None:
             tilefx.Recipe(recovery=tilefx.Recovery(steps=2, check_batches=8, progress=False)),
             calibration=data,
         )
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def test_the_teacher_of_a_refit_is_the_model_with_its_batch_norms_folded() -> None:
+    """The consumer conv of a CNN gains a bias when its batch norm folds; the teacher it is refit
+    to must be that folded conv (the same function), not the capture's conv before its norm."""
+    torch.manual_seed(0)
+    dense = ConvBN()
+    with torch.no_grad():
+        for bn in (dense.bn1, dense.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    dense = dense.eval()
+    images = [torch.randn(4, 3, 8, 8) for _ in range(6)]
+    data = [((x,), None) for x in images]
+    recipe = tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5, refit=6))
+    refit = tilefx.optimize(dense, (images[0],), recipe, calibration=data)
+    plain = tilefx.optimize(dense, (images[0],), tilefx.Recipe(channels=tilefx.ChannelPruning(ratio=0.5)))
+    assert refit.get_parameter("conv2.weight").shape == (8, 8, 3, 3)
+
+    def error(model: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float((model(x) - dense(x)).norm() / dense(x).norm()) for x in images)
+
+    assert error(refit) < 0.9 * error(plain)

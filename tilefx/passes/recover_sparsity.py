@@ -166,6 +166,7 @@ class RecoverSparsityPass(PassBase):
     selection: LayerSelection = field(default_factory=LayerSelection)
 
     numerics: ClassVar[Numerics] = "masked"
+    reads_unpruned: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.block is not None:
@@ -241,13 +242,13 @@ class RecoverSparsityPass(PassBase):
         gm: torch.fx.GraphModule, am: AnalysisManager, entering: torch.fx.GraphModule
     ) -> torch.fx.GraphModule:
         """The model to learn from: the graph as it entered this pass, unless channels were removed
-        before it — then the unpruned model the pipeline received, or training would only recover
+        before it — then the model before the pipeline pruned it, or training would only recover
         the channel-pruned model it starts from."""
         records = get_metadata(gm).params.values()
         channels_pruned = any(isinstance(r, ChannelSelection) for rs in records for r in rs)
-        if not channels_pruned or am.pipeline_input is None:
+        if not channels_pruned or am.unpruned is None:
             return entering
-        return copy.deepcopy(am.pipeline_input).requires_grad_(False)
+        return copy.deepcopy(am.unpruned).requires_grad_(False)
 
     def _token_mask(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> int | None:
         """The position of the token mask among the flattened inputs: given, found, or none."""

@@ -10,7 +10,7 @@ unpruned one — the same solve layer-wise reconstruction uses for block pruning
 (:mod:`.training.reconstruct`), so each layer also absorbs the error of those before it. Layers
 are refit in graph order, each on the model refit so far.
 
-The teacher is the graph the pipeline received (``AnalysisManager.pipeline_input``); run alone,
+The teacher is the graph before the pipeline pruned it (``AnalysisManager.unpruned``); run alone,
 the pass has none and says so. numerics = "masked" against its own output, as for the passes that
 train: the refit weights are new, so what is checked is that the graph is well formed and its
 recorded sparsity holds.
@@ -56,19 +56,20 @@ class RefitConsumersPass(PassBase):
     progress: bool = True
 
     numerics: ClassVar[Numerics] = "masked"
+    reads_unpruned: ClassVar[bool] = True
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         consumers = self._consumers(gm, am)
         if not consumers:
             return PassResult(gm, False)
-        if am.pipeline_input is None:
+        if am.unpruned is None:
             raise PreconditionError(
                 self.name, consumers[0].name, "needs the unpruned model as its teacher",
                 "run it in a PassManager (tilefx.optimize does), after the channel pruning",
             )  # fmt: skip
         check_batch_shapes(self.calibration, am.example_inputs, "ChannelPruning.refit")
         mask = token_mask_position(gm, am.example_inputs) if self.token_mask == "auto" else self.token_mask
-        teacher = copy.deepcopy(am.pipeline_input).requires_grad_(False)
+        teacher = copy.deepcopy(am.unpruned).requires_grad_(False)
         refit = reconstruct(
             gm, teacher, consumers, self.calibration, self.batches, mask, progress=self.progress
         )

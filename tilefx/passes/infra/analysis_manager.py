@@ -25,20 +25,22 @@ class Analysis(abc.ABC, Generic[R]):
 class AnalysisManager:
     """Caches analysis results for the graph module currently in the pipeline.
 
-    ``pipeline_input``: the graph as the pipeline received it (never to be modified), for passes
-    that learn from the model before any pass changed it — a refit or a distillation after
-    channel pruning, whose teacher is the unpruned model. None when a pass runs on its own.
+    ``unpruned``: the graph as it stood before the pipeline's first pass that changes numbers
+    (after the exact ones, e.g. batch-norm folding: the same function as the input, in the
+    pruned graph's form), for passes that learn from the model before it was pruned — a refit or
+    a distillation after channel pruning. Kept only when a pass ``reads_unpruned``; None when a
+    pass runs on its own.
     """
 
     def __init__(
         self,
         gm: torch.fx.GraphModule,
         example_inputs: Sequence[Any] = (),
-        pipeline_input: torch.fx.GraphModule | None = None,
+        unpruned: torch.fx.GraphModule | None = None,
     ) -> None:
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
-        self.pipeline_input = pipeline_input
+        self.unpruned = unpruned
         self._cache: dict[Analysis[Any], Any] = {}
         self.computed = 0  # how many analyses were actually run (for tests and reports)
 

@@ -52,11 +52,16 @@ class PassManager:
     def run(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any] = ()) -> PipelineResult:
         """The passes' result on a copy of ``gm``; ``gm`` itself (graph, weights, metadata) is untouched."""
         original, gm = gm, copy.deepcopy(gm)
-        am = AnalysisManager(gm, example_inputs, pipeline_input=original)
+        am = AnalysisManager(gm, example_inputs)
         for instrument in self.instruments:
             instrument.before_pipeline(original, am)
         ran: list[tuple[str, bool]] = []
+        keep_unpruned = any(p.reads_unpruned for p in self.passes)
         for pass_ in self.passes:
+            if keep_unpruned and am.unpruned is None and pass_.numerics != "exact":
+                # The teacher of later refits and distillation: the model as the exact passes
+                # left it (batch norms folded), before anything was pruned.
+                am.unpruned = copy.deepcopy(gm)
             try:
                 result = self._run_one(pass_, gm, am)
             except Exception as exc:

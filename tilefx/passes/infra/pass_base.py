@@ -33,6 +33,8 @@ class PassBase(abc.ABC):
         pass claimed), "masked" (outputs must equal :meth:`masked_reference`), or "unchecked"
         (the pass says nothing about values; avoid).
       - ``preserves``: analysis classes whose cached results stay valid after a modifying run.
+      - ``reads_unpruned``: the pass learns from ``AnalysisManager.unpruned`` (the model before
+        the pipeline pruned it), which the manager then keeps.
     A pass edits the graph module it is given in place, as torch.fx passes do: ``pass_(gm)``
     changes ``gm``. :meth:`PassManager.run` is the one owner of a working copy: it copies its
     input once, so the caller's graph module is never touched.
@@ -40,6 +42,7 @@ class PassBase(abc.ABC):
 
     numerics: ClassVar[Numerics] = "exact"
     preserves: ClassVar[frozenset[type]] = frozenset()
+    reads_unpruned: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
