@@ -157,6 +157,26 @@ def test_recovery_after_the_search_trains_before_the_number_formats() -> None:
     assert get_metadata(result.graph_module).recovery_losses  # it trained
 
 
+def test_an_overshoot_loosens_the_budget_and_keeps_the_round_with_least_damage() -> None:
+    """Measured far above the target, the search gives time back for quality; a round that then
+    falls short is not returned while an earlier one met the target."""
+    gm, _ = _graph()
+    data = Calibration([(b, None) for b in _batches(10)])
+    search = SpeedSearch(calibration_batches=6, check_batches=2, rounds=3, progress=False)
+
+    def run(speeds: list[float]) -> tuple[tuple[float, ...], float]:
+        _, report = search_pipeline(gm, _batches(1)[0], data, speedup=2.0, quality=None, search=search,
+                                    latency=FakeLatency(), measure=lambda g: speeds.pop(0))  # fmt: skip
+        return report.measured, report.estimated_quality
+
+    (first,), on_target = run([2.0])
+    assert first == 2.0
+    measured, loosened = run([8.0, 2.05])
+    assert measured == (8.0, 2.05) and loosened > on_target  # more time, less damage
+    measured, kept = run([8.0, 1.5])
+    assert measured == (8.0, 1.5) and kept == on_target  # the short round is dropped
+
+
 def test_the_quality_dual_takes_the_fastest_choice_above_the_floor() -> None:
     gm, _ = _graph()
     data = Calibration([(b, None) for b in _batches(10)])

@@ -114,10 +114,11 @@ def search_pipeline(
     target_ms = state.dense_ms / speedup if speedup is not None else None
     budget = target_ms
     measured: list[float] = []
-    result: PipelineResult | None = None
-    chosen: dict[str, Option] = {}
+    made_so_far: list[_Made] = []
     for round_ in range(search.rounds):
         chosen = _choose(state, budget, quality)
+        if made_so_far and chosen == made_so_far[-1].chosen:
+            break  # the corrected budget changes nothing
         orders = {unit: losses.order for unit, losses in state.losses.items()}
         data = Calibration([(x, None) for x in batches[: search.calibration_batches]])
         made = passes_for(
@@ -130,17 +131,44 @@ def search_pipeline(
         result = PassManager(passes, verify=verify, tolerance=tolerance).run(gm, example_inputs)
         achieved = measure(result.graph_module)
         measured.append(achieved)
+        made_so_far.append(_Made(chosen, result, achieved, _damage(state, chosen)))
         log.info("speed search round %d: measured %.2fx (target %s)", round_ + 1, achieved, speedup)
-        if speedup is None or achieved >= 0.95 * speedup or budget is None:
+        if speedup is None or budget is None or 0.95 * speedup <= achieved <= OVERSHOOT * speedup:
             break
-        budget *= achieved / speedup  # the model was optimistic by this much: ask for that much more
-    predicted = state.dense_ms / _predicted_ms(state, chosen)
-    damage = sum(state.losses[u.name].of(chosen[u.name]) for u in state.units)
+        if achieved < 0.95 * speedup and any(m.achieved >= 0.95 * speedup for m in made_so_far[:-1]):
+            break  # past the target from above: an earlier round met it
+        # The latency model was off by this much; ask for that much more (short) or less (overshot).
+        budget *= achieved / speedup
+    final = _pick(made_so_far, speedup)
+    predicted = state.dense_ms / _predicted_ms(state, final.chosen)
     report = SearchReport(
-        {u: o.name for u, o in chosen.items()}, speedup, predicted, tuple(measured), 1 - damage
+        {u: o.name for u, o in final.chosen.items()}, speedup, predicted, tuple(measured), 1 - final.damage
     )
-    assert result is not None  # rounds >= 1
-    return result, report
+    return final.result, report
+
+
+#: A measured speed-up this far above the target gives quality away: the search loosens its budget.
+OVERSHOOT = 1.1
+
+
+@dataclass(frozen=True)
+class _Made:
+    chosen: dict[str, Option]
+    result: PipelineResult
+    achieved: float
+    damage: float
+
+
+def _damage(state: _Search, chosen: dict[str, Option]) -> float:
+    return sum(state.losses[u.name].of(chosen[u.name]) for u in state.units)
+
+
+def _pick(made: list[_Made], speedup: float | None) -> _Made:
+    """The round to return: of those that met the target, the least damage; else the fastest."""
+    if speedup is None:
+        return made[-1]
+    met = [m for m in made if m.achieved >= 0.95 * speedup]
+    return min(met, key=lambda m: m.damage) if met else max(made, key=lambda m: m.achieved)
 
 
 def _prepare(
