@@ -114,8 +114,9 @@ def main() -> None:
         rows.append(row)
         print(f"{name}: {row.seconds:.0f} s", file=sys.stderr)
 
+    reference = references(dense, evaluation)
     for row in rows:
-        row.quality = quality(dense, row.model, evaluation)
+        row.quality = quality(reference, row.model, evaluation)
     timings = interleaved_timings(
         {row.name: _call(row.model, timed_input) for row in rows},
         rounds=args.rounds,
@@ -153,15 +154,23 @@ def _call(
     return lambda: model(*inputs)
 
 
+def references(dense: nn.Module, sets: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
+    """The dense model's embeddings of every set, computed once for all rows."""
+    with torch.no_grad():
+        return {name: torch.cat([dense(*b) for b in batches]) for name, batches in sets.items()}
+
+
 def quality(
-    dense: nn.Module, model: Callable[..., torch.Tensor], sets: Mapping[str, Sequence[Any]]
+    reference: Mapping[str, torch.Tensor],
+    model: Callable[..., torch.Tensor],
+    sets: Mapping[str, Sequence[Any]],
 ) -> dict[str, tuple[float, float]]:
+    """Cosine to the dense embeddings and nearest-neighbour agreement, per set."""
     out = {}
     with torch.no_grad():
         for name, batches in sets.items():
-            reference = torch.cat([dense(*b) for b in batches])
             ours = torch.cat([model(*b) for b in batches])
-            out[name] = embedding_quality(reference, ours)
+            out[name] = embedding_quality(reference[name], ours)
     return out
 
 

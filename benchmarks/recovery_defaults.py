@@ -33,7 +33,7 @@ from tilefx.zoo import load_minilm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import save_result  # noqa: E402
-from frontier import BATCH, LENGTH, quality  # noqa: E402
+from frontier import BATCH, LENGTH, quality, references  # noqa: E402
 
 
 def candidates() -> dict[str, tuple[tilefx.Recovery, str]]:
@@ -88,6 +88,7 @@ def main() -> None:
     }
     sets = {"in-domain": english_sentences()[1], **out_of_domain_sentences()}
     evaluation = {name: minilm.batches(sentences, BATCH, LENGTH) for name, sentences in sets.items()}
+    reference = references(dense, evaluation)
     blocks = tilefx.BlockPruning(block=block, sparsity=args.sparsity, reorder="none")  # type: ignore[arg-type]
     lines = [
         f"{args.block} blocks at {args.sparsity:.0%}, 36 calibration batches of {BATCH} sentences "
@@ -102,7 +103,7 @@ def main() -> None:
         recipe = tilefx.Recipe(blocks=blocks, recovery=recovery)
         pruned = tilefx.optimize(dense, calibration[0][0], recipe, calibration=calibration)
         seconds = time.perf_counter() - start
-        q = quality(dense, pruned, evaluation)
+        q = quality(reference, pruned, evaluation)
         lines.append(
             f"| {name} | {q['in-domain'][0]:.3f} | {q['everyday'][0]:.3f} | {q['news'][0]:.3f} | "
             f"{q['everyday'][1]:.3f} | {seconds:.0f} |"

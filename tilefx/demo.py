@@ -19,6 +19,7 @@ import copy
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -30,6 +31,7 @@ from tilefx.models import SentenceEmbedder
 from tilefx.passes.infra import TimingInstrument
 from tilefx.passes.search.space import SpeedSearch
 from tilefx.report import count_parameters, embedding_quality, pass_table
+from tilefx.speed_target import SearchReport
 from tilefx.timing import Timing, interleaved_timings
 from tilefx.zoo import load_minilm
 
@@ -123,17 +125,14 @@ def minilm_demo() -> None:
     _quality_and_speed(models, evaluation)
 
 
-def _describe_search(report: object) -> None:
-    chosen = getattr(report, "chosen", {})
-    counts: dict[str, int] = {}
-    for option in chosen.values():
-        counts[option] = counts.get(option, 0) + 1
-    summary = ", ".join(f"{n}× {option}" for option, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    measured = ", ".join(f"{m:.2f}x" for m in getattr(report, "measured", ()))
+def _describe_search(report: SearchReport) -> None:
+    counts = Counter(report.chosen.values())
+    summary = ", ".join(f"{n}× {option}" for option, n in counts.most_common())
+    measured = ", ".join(f"{m:.2f}x" for m in report.measured)
     print(
-        f"  the search chose, over {len(chosen)} units (FFN blocks, attention blocks, other layers): {summary}"
+        f"  the search chose, over {len(report.chosen)} units (FFN blocks, attention blocks, other layers): {summary}"
     )
-    print(f"  predicted {getattr(report, 'predicted', 0):.2f}x; measured while searching: {measured}")
+    print(f"  predicted {report.predicted:.2f}x; measured while searching: {measured}")
 
 
 def _quality_and_speed(
@@ -141,6 +140,8 @@ def _quality_and_speed(
     sets: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]],
 ) -> None:
     dense = models["dense fp32 torch"]
+    with torch.no_grad():
+        references = {k: _embed(dense, v) for k, v in sets.items()}  # once, not once per model
     timed = next(iter(sets.values()))[0]
     timings = interleaved_timings(
         {n: _call(m, timed) for n, m in models.items()}, rounds=30, warmup=3, burst=2
@@ -153,7 +154,7 @@ def _quality_and_speed(
     print("|---|" + "---|" * (len(names) + 5))
     for name, model in models.items():
         with torch.no_grad():
-            quality = {k: embedding_quality(_embed(dense, v), _embed(model, v)) for k, v in sets.items()}
+            quality = {k: embedding_quality(references[k], _embed(model, v)) for k, v in sets.items()}
         t: Timing = timings[name]
         cosines = " | ".join(f"{quality[k][0]:.3f}" for k in names)
         print(

@@ -15,8 +15,10 @@ The steps, each measured on this machine and these calibration batches:
    ``dense time / s`` — a multiple-choice knapsack, solved exactly by dynamic programming.
 5. **Make and measure**: the choice becomes verified passes (``passes.search.apply``), the result
    is compiled and timed interleaved with dense torch. If the measured speed-up falls short of the
-   target, the budget shrinks by the shortfall and steps 4–5 repeat (``SpeedSearch.rounds``): the
-   latency model is additive and first-order, the measurement is not.
+   target the budget shrinks by the shortfall, if it overshoots by more than ``OVERSHOOT`` the
+   budget grows by the overshoot, and steps 4–5 repeat (``SpeedSearch.rounds``): the latency
+   model is additive and first-order, the measurement is not. Of the rounds that reached the
+   target (``REACHED`` of it), the least damage is returned.
 
 ``Recipe(quality=q)`` is the dual: the fastest choice whose estimated output similarity
 ``1 − Σ‖y − y_dense‖² / Σ‖y_dense‖²`` stays at least ``q``, read off the same DP table.
@@ -133,9 +135,9 @@ def search_pipeline(
         measured.append(achieved)
         made_so_far.append(_Made(chosen, result, achieved, _damage(state, chosen)))
         log.info("speed search round %d: measured %.2fx (target %s)", round_ + 1, achieved, speedup)
-        if speedup is None or budget is None or 0.95 * speedup <= achieved <= OVERSHOOT * speedup:
+        if speedup is None or budget is None or REACHED * speedup <= achieved <= OVERSHOOT * speedup:
             break
-        if achieved < 0.95 * speedup and any(m.achieved >= 0.95 * speedup for m in made_so_far[:-1]):
+        if achieved < REACHED * speedup and any(m.achieved >= REACHED * speedup for m in made_so_far[:-1]):
             break  # past the target from above: an earlier round met it
         # The latency model was off by this much; ask for that much more (short) or less (overshot).
         budget *= achieved / speedup
@@ -147,6 +149,8 @@ def search_pipeline(
     return final.result, report
 
 
+#: A measured speed-up this close to the target counts as reaching it (timings spread by a few %).
+REACHED = 0.95
 #: A measured speed-up this far above the target gives quality away: the search loosens its budget.
 OVERSHOOT = 1.1
 
@@ -167,7 +171,7 @@ def _pick(made: list[_Made], speedup: float | None) -> _Made:
     """The round to return: of those that met the target, the least damage; else the fastest."""
     if speedup is None:
         return made[-1]
-    met = [m for m in made if m.achieved >= 0.95 * speedup]
+    met = [m for m in made if m.achieved >= REACHED * speedup]
     return min(met, key=lambda m: m.damage) if met else max(made, key=lambda m: m.achieved)
 
 
