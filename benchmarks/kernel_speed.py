@@ -1,6 +1,7 @@
 """Block-sparse kernel benchmark: tilefx vs torch dense vs torch CSR vs scipy BSR, one process.
 
     TVM_NUM_THREADS=2 OMP_NUM_THREADS=2 python benchmarks/kernel_speed.py [--quick | --grid] [--runs 20]
+        [--shape 'BERT FFN1'] [--sparsity 0.9 ...] [--block 16x1 ...]
 
 Shapes: BERT-base FFN (128×768→3072 and 128×3072→768) and a ResNet-50 3×3 conv (layer2:
 128→128 channels on 28×28, batch 1); ``--grid`` instead crosses MiniLM's and BERT-base's FFN
@@ -15,7 +16,7 @@ call then starts next to the other library's just-used pool. scipy BSR (single-t
 pool) is timed on its own. The roofline columns give the kernel's flops and bytes (W blocks +
 indices + X + Y, fp32) and the GFLOP/s and GB/s it reached. ``in FFN`` times the FFN layers in
 the layout ``tilefx.compile`` runs them in when FFN1 → GELU → FFN2 are both sparse (FFN1 writes
-Yᵀ, FFN2 reads it without a transpose; only where the ``tokens`` template runs, else "–"),
+Yᵀ, FFN2 reads it without a transpose; only where the ``panels`` template runs, else "–"),
 in the same rounds as the others. ``torch oneDNN`` is the same dense linear through oneDNN on a
 prepacked weight (``_measure.onednn_linear``; a conv already runs on oneDNN), and ``best dense``
 the faster of the two: on AMD cores MKL's sgemm behind ``F.linear`` ran at under half of it.
@@ -62,9 +63,9 @@ class Shape:
 
 #: ``--grid``: the granularity x sparsity grid on MiniLM's and BERT-base's FFN shapes.
 GRID_SHAPES = (
-    Shape("MiniLM FFN1 128x384->1536", Conv2dGeometry.dense(128, 384), 1536),
-    Shape("MiniLM FFN2 128x1536->384", Conv2dGeometry.dense(128, 1536), 384),
-    Shape("BERT FFN1 128x768->3072", Conv2dGeometry.dense(128, 768), 3072),
+    Shape("MiniLM FFN1 128x384->1536", Conv2dGeometry.dense(128, 384), 1536, in_ffn=(False, True)),
+    Shape("MiniLM FFN2 128x1536->384", Conv2dGeometry.dense(128, 1536), 384, in_ffn=(True, False)),
+    Shape("BERT FFN1 128x768->3072", Conv2dGeometry.dense(128, 768), 3072, in_ffn=(False, True)),
 )
 GRID_SPARSITIES = (0.3, 0.5, 0.7, 0.9, 0.95)
 GRID_BLOCKS = ((1, 1), (1, 4), (4, 1), (8, 1), (16, 1), (32, 32))
@@ -161,12 +162,21 @@ def main() -> int:
         help="MiniLM and BERT FFN shapes x blocks 1x1..32x32 x sparsities 30..95%%",
     )
     parser.add_argument("--runs", type=int, default=20, help="timed calls per contender (median reported)")
+    parser.add_argument("--shape", help="only the shapes whose name contains this (e.g. 'BERT FFN1')")
+    parser.add_argument("--sparsity", type=float, action="append", help="only these sparsities (repeatable)")
+    parser.add_argument("--block", action="append", help="only these blocks, e.g. 16x1 (repeatable)")
     args = parser.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
     torch.set_num_threads(threads)
     shapes = GRID_SHAPES if args.grid else SHAPES[:1] if args.quick else SHAPES
     sparsities = GRID_SPARSITIES if args.grid else (0.5, 0.9) if args.quick else SPARSITIES
     blocks = GRID_BLOCKS if args.grid else ((16, 1), (8, 8)) if args.quick else BLOCKS
+    if args.shape:
+        shapes = tuple(s for s in shapes if args.shape in s.name)
+    if args.sparsity:
+        sparsities = tuple(args.sparsity)
+    if args.block:
+        blocks = tuple(tuple(int(side) for side in b.split("x")) for b in args.block)  # type: ignore[misc]
     target = compat.make_target("llvm")
     cache = KernelCache()
     gen = torch.Generator().manual_seed(0)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from tilefx.lowering import compat
 from tilefx.lowering.kernels.bsr_dense import row_lanes_func
+from tilefx.lowering.kernels.bsr_token_panels import token_panels_func
 from tilefx.lowering.kernels.bsr_tokens import token_lanes_func
 from tilefx.lowering.kernels.spec import Conv2dGeometry, KernelSpec
 from tilefx.lowering.schedules.cpu import CpuSchedule, choose_cpu_schedule, cpu_kernel, takes_transposed
@@ -39,7 +40,7 @@ def _reference(x, weight, bias, relu):  # type: ignore[no-untyped-def]
     return torch.relu(y) if relu else y
 
 
-@pytest.mark.parametrize("template", ["rows", "tokens"])
+@pytest.mark.parametrize("template", ["rows", "panels"])
 @pytest.mark.parametrize("m", [1, 128])
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
 def test_dense_kernel_matches_masked_reference(block, m, template, make_block_sparse, llvm_target):  # type: ignore[no-untyped-def]
@@ -52,7 +53,7 @@ def test_dense_kernel_matches_masked_reference(block, m, template, make_block_sp
     )
     lanes = compat.vector_lanes(llvm_target)
     chunk = max(d for d in (1, 2, 4, 8, 16) if block[0] % d == 0 and d <= 2 * lanes)
-    schedule = CpuSchedule(template, tile=4 if template == "rows" else 16, row_chunk=chunk)
+    schedule = CpuSchedule(template, tile=4 if template == "rows" else 16, row_chunk=chunk, parts=1)
     y = _run_dense(spec, schedule, weight, mask, x, bias, llvm_target)
     torch.testing.assert_close(y, _reference(x, weight, bias, relu), rtol=1e-4, atol=1e-4)
 
@@ -80,6 +81,60 @@ def test_rows_group_and_parts_must_divide(llvm_target):  # type: ignore[no-untyp
         cpu_kernel(spec, llvm_target, CpuSchedule("rows", tile=4, row_chunk=16, group=3))
     with pytest.raises(ValueError, match="parts"):
         cpu_kernel(spec, llvm_target, CpuSchedule("rows", tile=4, row_chunk=16, parts=3))
+
+
+@pytest.mark.parametrize(("parts", "row_parts"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize(("m", "k"), [(13, 96), (37, 40), (128, 96)])
+@pytest.mark.parametrize("block", [(1, 1), (4, 1), (16, 1), (2, 8)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_panels_split_over_tokens_and_block_rows(
+    block, m, k, parts, row_parts, make_block_sparse, llvm_target
+):  # type: ignore[no-untyped-def]
+    """Threads owning token tiles, block-row ranges or both; ragged tiles; K off the 16 × 16
+    register transpose of the pack (40). Y goes through the transpose (groups of 16 columns)."""
+    weight, mask = make_block_sparse(N, k, block, seed=m + k)
+    x, bias = torch.randn(m, k), torch.randn(N)
+    spec = KernelSpec(Conv2dGeometry.dense(m, k), N, block, int(mask.sum()), activation="gelu")
+    tiles = -(-m // 16)
+    parts = parts if tiles % parts == 0 else 1
+    kernel = token_panels_func(spec, 16, min(block[0], 8), parts, row_parts)
+    packed = pack_bsr(weight, block, mask)
+    y = torch.empty(m, N)
+    compat.build(kernel, llvm_target)["main"](x, packed.data, packed.indices, packed.indptr, bias, y)
+    torch.testing.assert_close(y, F.gelu(F.linear(x, weight, bias)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "tile", "row_parts"), [(64, 8, 1), (24, 16, 2)])
+def test_panels_write_y_without_the_register_transpose(n, tile, row_parts, make_block_sparse, llvm_target):  # type: ignore[no-untyped-def]
+    """Tiles of 8 tokens (AVX2), and 3 block rows per part (not a group of 16 columns); K = 40
+    keeps the pack off the transpose too, so no shuffle is left anywhere."""
+    weight, mask = make_block_sparse(n, 40, (4, 1), seed=n)
+    x, bias = torch.randn(37, 40), torch.randn(n)
+    spec = KernelSpec(Conv2dGeometry.dense(37, 40), n, (4, 1), int(mask.sum()), activation="relu")
+    script = token_panels_func(spec, tile, 4, 1, row_parts)
+    assert "T.Shuffle" not in script.script()
+    packed = pack_bsr(weight, (4, 1), mask)
+    y = torch.empty(37, n)
+    compat.build(script, llvm_target)["main"](x, packed.data, packed.indices, packed.indptr, bias, y)
+    torch.testing.assert_close(y, torch.relu(F.linear(x, weight, bias)), rtol=1e-4, atol=1e-4)
+
+
+def test_panels_schedule_splits_threads_over_tiles_first() -> None:
+    def schedule(m: int):  # type: ignore[no-untyped-def]
+        return choose_cpu_schedule(
+            KernelSpec(Conv2dGeometry.dense(m, 384), 1536, (4, 1), 1000), 16, threads=2
+        )
+
+    assert (schedule(128).template, schedule(128).tile, schedule(128).parts, schedule(128).row_parts) == (
+        "panels",
+        64,
+        2,
+        1,
+    )
+    assert (schedule(168).parts, schedule(168).row_parts) == (1, 2)  # 3 tiles: each thread half the rows
+    sixteen = choose_cpu_schedule(KernelSpec(Conv2dGeometry.dense(128, 768), 3072, (16, 1), 9), 16, threads=2)
+    assert (sixteen.row_chunk, sixteen.tile) == (8, 32)  # 8 rows × 2 vectors (see schedules.cpu)
+    with pytest.raises(ValueError, match="parts 2 must divide the 3 token tiles"):
+        token_panels_func(KernelSpec(Conv2dGeometry.dense(168, 384), 1536, (4, 1), 9), 64, 4, 2)
 
 
 def test_threads_split_x_tiles_when_they_divide() -> None:
@@ -170,7 +225,7 @@ def test_schedule_keeps_accumulators_in_registers(block, lanes):  # type: ignore
             s.tile * max(1, s.row_chunk // lanes) if s.template == "rows" else s.row_chunk * (s.tile // lanes)
         )
         assert vectors <= (12 if lanes == 8 else 16)  # of 16 (AVX2) or 32 (AVX-512) registers
-        assert s.template == "tokens" or geometry.is_dense
+        assert (s.template == "tokens") != geometry.is_dense  # convs run `tokens`, linears the others
 
 
 def test_stride_one_conv_reads_padded_planes_instead_of_an_im2col() -> None:
@@ -229,7 +284,7 @@ def test_transposed_layouts_need_a_token_tile_dividing_the_pitch_and_a_linear_la
     assert choose_cpu_schedule(spec(128), 16).tile == 64  # the widest tile within 16 accumulators
     assert choose_cpu_schedule(spec(20), 16).tile == 32  # ... that divides the pitch
     with pytest.raises(ValueError, match="divide the pitch 32"):
-        token_lanes_func(spec(20), 64, 4)
+        token_panels_func(spec(20), 64, 4, 1)
     assert not takes_transposed(spec(128, (32, 32)), 8)  # `rows` on AVX2: row-major only
     assert takes_transposed(spec(128, (32, 32)), 16)  # on AVX-512 the hand-over beats `rows`
     assert not takes_transposed(spec(8), 16)  # batches under a vector of tokens stay `rows`
@@ -259,7 +314,7 @@ def test_vectorised_erf_is_accurate(llvm_target):  # type: ignore[no-untyped-def
     assert float((y - torch.erf(x)).abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("template", ["rows", "tokens"])
+@pytest.mark.parametrize("template", ["rows", "panels"])
 def test_gelu_epilogue_matches_torch(template, make_block_sparse, llvm_target):  # type: ignore[no-untyped-def]
     weight, mask = make_block_sparse(N, K, (16, 1), seed=5)
     x, bias = 3 * torch.randn(32, K), torch.randn(N)  # outputs well past the erf clamp at ±3.92·√2

@@ -384,7 +384,9 @@ def test_cpu_kernels_run_on_torchs_openmp_threads_and_stay_exact(tmp_path) -> No
     weight = torch.randn(64, 96, generator=gen) * mask.repeat_interleave(8, 0).repeat_interleave(8, 1)
     packed = pack_bsr(weight, (8, 8), mask)
     spec = KernelSpec(Conv2dGeometry.dense(128, 96), 64, (8, 8), packed.nnzb)
-    target = compat.make_target("llvm")
+    # Two cores, whatever this worker has: with one, the kernel's threads would be one task, run
+    # inline without a parallel loop (and so without the hook this test checks).
+    target = compat.make_target({"kind": "llvm", "num-cores": 2})
     cache = KernelCache(tmp_path)
     kernel = cache.kernel(spec, target)
     library = tmp_path / f"bsr_{cache.key(spec, target)}.so"

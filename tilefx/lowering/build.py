@@ -60,7 +60,7 @@ __all__ = ["KernelCache", "compile_graph", "kernel_func", "layer_spec", "lowerin
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a template changes, so stale on-disk kernels are never loaded.
-_KERNEL_VERSION = "6"
+_KERNEL_VERSION = "7"
 
 
 def kernel_func(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:

@@ -21,8 +21,9 @@ rather than scheduled with ``s_tir.Schedule``: its primitives need affine loop n
 whose bounds are loaded from memory is not one. Which template and tile sizes to use for a
 target is decided in ``lowering/schedules``.
 
-Good for blocks with at least one full vector of rows (r ≥ 8 on AVX2); ``bsr_tokens`` has the
-template that vectorises along X's rows instead, for r = 1, 2, 4 and every conv.
+Good for blocks with at least one full vector of rows (r ≥ 8 on AVX2); ``bsr_token_panels``
+has the template that vectorises along X's rows instead, for shorter blocks (``bsr_tokens`` for
+convs).
 """
 
 from __future__ import annotations
@@ -33,31 +34,7 @@ from tvm.script import tirx as T
 from .epilogue import activation
 from .spec import KernelSpec
 
-__all__ = ["TILE", "row_lanes_func", "transpose_x"]
-
-
-#: Side of the square tiles transposes use: both the strided and the contiguous side stay in L1.
-TILE = 8
-
-
-@T.macro
-def transpose_x(X, XT, m_rows, k_cols, m_pad):  # type: ignore[no-untyped-def]
-    """``XT[k, m] = X[m, k]``, zero rows ``m ≥ m_rows`` so padded tiles accumulate nothing."""
-    if m_rows % TILE == 0 and k_cols % TILE == 0:
-        for t in T.parallel((k_cols // TILE) * (m_rows // TILE)):
-            for kk in T.unroll(TILE):
-                for mm in T.vectorized(TILE):
-                    XT[t // (m_rows // TILE) * TILE + kk, t % (m_rows // TILE) * TILE + mm] = X[
-                        t % (m_rows // TILE) * TILE + mm, t // (m_rows // TILE) * TILE + kk
-                    ]
-    else:
-        for kk in T.parallel(k_cols):
-            for m in range(m_rows):
-                XT[kk, m] = X[m, kk]
-    if m_pad > m_rows:  # each parallel loop wakes the pool (~5 µs with a sleeping pool)
-        for kk in T.parallel(k_cols):
-            for m in range(m_rows, m_pad):
-                XT[kk, m] = T.float32(0)
+__all__ = ["row_lanes_func"]
 
 
 @T.macro

@@ -1,23 +1,17 @@
-"""The token-major block-sparse template for CPU, shared by convs and linear layers.
+"""The pixel-major block-sparse template for CPU convolutions.
 
 A conv is a GEMM over its im2col: ``Y[pixel, co] = Σ_(ci,dy,dx) X̂[pixel, (ci,dy,dx)] · W[co, ...]``
 with W's matrix view in BSR; blocks of ``(1, kh·kw)`` are whole kernels (Synaptic Strength's
 kernel-level sparsity), larger blocks span several kernels or output channels. A 1×1 conv is
-the same GEMM over channels, and a linear layer is a 1×1 conv on a 1×1 image, so one template
-serves both (``schedules.cpu`` sends every conv here, and the linears whose blocks are too
-short for ``bsr_dense``'s row lanes).
+the same GEMM over channels. (Linear layers vectorise the same way in ``bsr_token_panels``.)
 
-The template first lays X out so that pixels (tokens) are contiguous: convs through
-``conv_layouts`` (padded planes read as shifted views at stride 1, an im2col otherwise), linear
-layers by a transpose, or not at all when X arrives token-major (``KernelSpec.x_transposed``).
-Then every parallel task owns one block row and a tile of ``token_tile`` pixels and keeps
-``row_chunk × token_tile`` accumulators in registers over the ragged block walk, loading XT rows
-as vectors and broadcasting W scalars. That makes the vector width independent of the block's
-row count, so it suits r = 1, 2, 4 and convs (whose output is channel-major, NCHW, which is
-exactly this layout). The result is written channel-major to ``YT`` and moved to NCHW (or, for
-a linear layer, transposed back to ``[M, N]``) by the fused bias/activation epilogue; a linear
-layer handing its output to another sparse linear writes ``Yᵀ`` from the tasks instead
-(``KernelSpec.y_transposed``).
+The template first lays X out so that pixels are contiguous, through ``conv_layouts`` (padded
+planes read as shifted views at stride 1, an im2col otherwise). Then every parallel task owns
+one block row and a tile of ``token_tile`` pixels and keeps ``row_chunk × token_tile``
+accumulators in registers over the ragged block walk, loading X̂ rows as vectors and
+broadcasting W scalars. That makes the vector width independent of the block's row count, so
+it suits any block, and the output comes out channel-major, NCHW's own layout: the fused
+bias/activation epilogue moves ``YT`` to Y.
 """
 
 from __future__ import annotations
@@ -25,9 +19,6 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from ...runtime.layout import token_pitch
-from .bsr_dense import TILE as _TILE
-from .bsr_dense import transpose_x
 from .conv_layouts import im2col, pad_input, pad_planes, pointwise_relayout, shifted_layout, tap_x, tap_y
 from .epilogue import activation
 from .spec import KernelSpec
@@ -36,25 +27,21 @@ __all__ = ["token_lanes_func"]
 
 
 def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.tirx.PrimFunc:
-    """BSR conv2d / dense kernel with lanes over ``token_tile`` output pixels (GEMM rows).
+    """BSR conv2d kernel with lanes over ``token_tile`` output pixels (GEMM rows).
 
-    Requires: ``row_chunk`` divides ``r``; ``token_tile`` divides the pitch P when X or Y is
-    transposed. Buffers: X (NCHW, or [M, K] for a linear layer, [K, P] if ``spec.x_transposed``),
-    W_data[nnzb, c, r], W_indices[nnzb], W_indptr[N/r + 1], bias[N], Y (NCHW, or [M, N], or
-    [N, P] if ``spec.y_transposed``). Every path reads X through ``src[row start of k + tile
-    offset + lane]``: the im2col and transpose paths store ``XT[k, token]`` (row start ``k·Mp``),
-    stride-1 convs read the padded planes directly (``shifted_layout``), which saves writing
-    kh·kw copies of X; a transposed X is read where it lies. A transposed Y is written by the
-    task that computes it, with no ``YT`` and no transpose.
+    Requires: a convolution (``not spec.geometry.is_dense``); ``row_chunk`` divides ``r``.
+    Buffers: X (NCHW), W_data[nnzb, c, r], W_indices[nnzb], W_indptr[N/r + 1], bias[N], Y (NCHW).
+    Every path reads X through ``src[row start of k + tile offset + lane]``: the im2col path
+    stores ``XT[k, pixel]`` (row start ``k·Mp``), stride-1 convs read the padded planes directly
+    (``shifted_layout``), which saves writing kh·kw copies of X.
     """
     g = spec.geometry
+    if g.is_dense:
+        raise ValueError(
+            f"token_lanes_func is for convolutions (linear layers run token_panels_func), got {spec}"
+        )
     if spec.block[0] % row_chunk:
         raise ValueError(f"row_chunk {row_chunk} must divide the block rows of {spec.block}")
-    transposed = spec.x_transposed or spec.y_transposed
-    if transposed and token_pitch(g.m) % token_tile:
-        raise ValueError(
-            f"token_tile {token_tile} must divide the pitch {token_pitch(g.m)} of a transposed X or Y"
-        )
     R, C = spec.block
     N = spec.n
     MV, RT = token_tile, row_chunk
@@ -63,19 +50,17 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
     K, B = g.k, g.batch
     oh, ow = g.out_hw
     KHW = g.kernel[0] * g.kernel[1]
-    shifted = not g.is_dense and not g.is_pointwise and g.stride == (1, 1)
+    shifted = not g.is_pointwise and g.stride == (1, 1)
     if shifted:
         WP, PER_IMAGE, PLANE = shifted_layout(g, MV)
         M = B * PER_IMAGE  # tokens, including the dropped columns
     else:
         M = g.m
         WP, PER_IMAGE, PLANE = ow, oh * ow, 0
-    MO = -(-(token_pitch(M) if transposed else M) // MV)
-    Mp = MO * MV  # the pitch itself when X or Y is transposed
-    # padded planes, or XT[K, Mp] (a transposed X is used in place: 1 placeholder element)
-    SRC = K // KHW * B * PLANE if shifted else 1 if spec.x_transposed else K * Mp
+    MO = -(-M // MV)
+    Mp = MO * MV
+    SRC = K // KHW * B * PLANE if shifted else K * Mp  # padded planes, or XT[K, Mp]
     padded_shape = (g.batch, g.in_channels, g.height + 2 * g.padding[0], g.width + 2 * g.padding[1])
-    tiled_transpose = g.is_dense and M % _TILE == 0 and N % _TILE == 0 and not spec.y_transposed
     act = activation(spec.activation)
 
     def _row_start(tap, kk):  # type: ignore[no-untyped-def]
@@ -105,24 +90,19 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         src = T.alloc_buffer((SRC,), "float32")
         tap = T.alloc_buffer((K if shifted else 1,), "int32")
-        YT = T.alloc_buffer((1, 1) if spec.y_transposed else (N, Mp), "float32")
-        XT = T.decl_buffer((K, Mp), "float32", data=X.data if spec.x_transposed else src.data)
-        flat = T.decl_buffer((K * Mp,) if spec.x_transposed else (SRC,), "float32", data=XT.data)
+        YT = T.alloc_buffer((N, Mp), "float32")
+        XT = T.decl_buffer((K, Mp), "float32", data=src.data)
+        flat = T.decl_buffer((SRC,), "float32", data=src.data)
         if shifted:
             pad_planes(X, src, g, WP, PLANE)
             for kk in range(K):
                 tap[kk] = kk // KHW * B * PLANE + tap_y(g, 0, kk) * WP + tap_x(g, 0, kk)
+        elif g.is_pointwise:
+            pointwise_relayout(X, XT, g, M, Mp)
         else:
-            if spec.x_transposed:
-                pass  # already token-major, in whole tiles of the pitch
-            elif g.is_dense:
-                transpose_x(X, XT, M, K, Mp)
-            elif g.is_pointwise:
-                pointwise_relayout(X, XT, g, M, Mp)
-            else:
-                Xp = T.alloc_buffer(padded_shape, "float32")
-                pad_input(X, Xp, g)
-                im2col(Xp, XT, g, oh, ow, M, Mp)
+            Xp = T.alloc_buffer(padded_shape, "float32")
+            pad_input(X, Xp, g)
+            im2col(Xp, XT, g, oh, ow, M, Mp)
         for t in T.parallel(NB * MO):
             for rc in range(R // RT):
                 acc = T.alloc_buffer((RT, MV), "float32", scope="local")
@@ -138,35 +118,12 @@ def token_lanes_func(spec: KernelSpec, token_tile: int, row_chunk: int) -> tvm.t
                                     + W_data[e, c, rc * RT + r]
                                     * flat[_row_start(tap, W_indices[e] * C + c) + _tile_offset(t) + m]
                                 )
-                if spec.y_transposed:
-                    for r in T.unroll(RT):
-                        for m in T.vectorized(MV):
-                            Y[t // MO * R + rc * RT + r, t % MO * MV + m] = act(
-                                acc[r, m] + bias[t // MO * R + rc * RT + r]
-                            )
-                else:
-                    for r in T.unroll(RT):
-                        for m in T.vectorized(MV):
-                            YT[t // MO * R + rc * RT + r, t % MO * MV + m] = acc[r, m]
-        if spec.y_transposed:
-            pass  # written by the tasks
-        elif tiled_transpose:
-            # Square tiles keep both the strided reads and the contiguous writes in L1.
-            for t in T.parallel((M // _TILE) * (N // _TILE)):
-                for mm in T.unroll(_TILE):
-                    for nn in T.vectorized(_TILE):
-                        Y[t // (N // _TILE) * _TILE + mm, t % (N // _TILE) * _TILE + nn] = act(
-                            YT[t % (N // _TILE) * _TILE + nn, t // (N // _TILE) * _TILE + mm]
-                            + bias[t % (N // _TILE) * _TILE + nn]
-                        )
-        elif g.is_dense:
-            for m in T.parallel(M):
-                for n in range(N):
-                    Y[m, n] = act(YT[n, m] + bias[n])
-        else:
-            for t in T.parallel(g.batch * N):
-                for y in range(oh):
-                    for x in T.vectorized(ow):
-                        Y[t // N, t % N, y, x] = act(YT[t % N, t // N * PER_IMAGE + y * WP + x] + bias[t % N])
+                for r in T.unroll(RT):
+                    for m in T.vectorized(MV):
+                        YT[t // MO * R + rc * RT + r, t % MO * MV + m] = acc[r, m]
+        for t in T.parallel(g.batch * N):
+            for y in range(oh):
+                for x in T.vectorized(ow):
+                    Y[t // N, t % N, y, x] = act(YT[t % N, t // N * PER_IMAGE + y * WP + x] + bias[t % N])
 
     return main

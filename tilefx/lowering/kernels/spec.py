@@ -82,7 +82,7 @@ class KernelSpec:
     """One kernel instance: geometry, output features, BSR block, stored blocks, epilogue, format.
 
     For a linear layer, ``x_transposed`` means X arrives as ``Xᵀ [K, P]`` and ``y_transposed``
-    that Y is written as ``Yᵀ [N, P]``: the token-major layout the ``tokens`` template computes
+    that Y is written as ``Yᵀ [N, P]``: the token-major layout the ``panels`` template computes
     in, so two sparse layers in a row (FFN1 → GELU → FFN2) hand over without transposing. The
     pitch ``P = token_pitch(M)`` rounds M up to whole tiles (columns past M are padding the
     kernels may read and write), so any M can be handed over, not only multiples of the tile.

@@ -2,24 +2,30 @@
 
 The register file drives everything. AVX2 has 16 vector registers, so a task keeps at most 12
 accumulator vectors live and leaves the rest for the W vector and the X broadcasts; AVX-512 has
-32, and 16 accumulators measured 1.2–1.3× faster than 8–12 there. Two templates cover the
+32, and 16 accumulators measured 1.2–1.3× faster than 8–12 there. Three templates cover the
 block shapes:
 
 * ``rows`` (``kernels.bsr_dense.row_lanes_func``): lanes along the block's r output rows, for
   linear layers with tall blocks — W blocks are vector loads, X rows are broadcasts, the output
   is written row-major directly, and tasks sweep a group of block rows per cached X tile.
-* ``tokens`` (``kernels.bsr_tokens.token_lanes_func``): lanes along X's rows (tokens, pixels),
-  for narrower blocks and for every conv (whose NCHW output is token-contiguous).
+* ``panels`` (``kernels.bsr_token_panels.token_panels_func``): lanes along X's rows (tokens),
+  for linear layers with narrower blocks; each thread owns its tokens (packs them, computes
+  them, writes their rows of Y), see that module.
+* ``tokens`` (``kernels.bsr_tokens.token_lanes_func``): the same lanes for every conv (whose
+  NCHW output is token-contiguous), over an im2col or the padded planes.
 
 Where ``rows`` starts paying differs by ISA (2 threads, BERT FFN shapes at 50 and 90%, measured
-side by side): on AVX2 (AMD znver3) from r = lanes, where it beat ``tokens`` by 1.2–1.8× at 8×8;
-on AVX-512 (Intel Xeon) only from r = 2·lanes: at 16×1 ``tokens`` was 1.2–1.8× faster, at
-32×32 ``rows`` 1.1–1.5×. Batch 1 (or any M below one vector) always uses ``rows``: vectorising
-along M would waste nearly all lanes on zero padding.
+side by side): on AVX2 (AMD znver3) from r = lanes, where it beat the token lanes by 1.2–1.8× at
+8×8; on AVX-512 (Intel Xeon) only from r = 2·lanes: at 16×1 the token lanes were 1.2–1.8×
+faster, at 32×32 ``rows`` 1.1–1.5×. Batch 1 (or any M below one vector) always uses ``rows``:
+vectorising along M would waste nearly all lanes on zero padding.
 
-Between two sparse linears (``takes_transposed``) ``tokens`` needs neither the transpose of X
-nor that of Y, which is a third to a half of its time at 90% sparsity on BERT's FFN; there it
-beat ``rows`` on AVX-512 even at 32×32, so the hand-over is taken on AVX-512 for every block.
+``panels`` takes at most 8 of a block's rows per pass and 4 vectors of tokens (16×1 at 90%: 8
+rows × 2 vectors 7.1–7.9× dense where 4 × 4 gave 6.3–7.0×; 1×1: 4 vectors beat 8), and splits
+the threads over token tiles where their count allows, else over block rows as well
+(``row_parts``). Between two sparse linears (``takes_transposed``) it needs neither the pack of
+X nor the transpose of Y; there it beat ``rows`` on AVX-512 even at 32×32, so the hand-over is
+taken on AVX-512 for every block.
 
 **int8 and bf16** (``narrow_kernel``; AVX-512 with VNNI / BF16 only, checked by
 ``lowering.build``) have their own templates, chosen from the block alone, with the prototype's
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +53,7 @@ from ..compat import vector_lanes
 from ..kernels.bf16_bsr_tokens import bf16_tokens_func
 from ..kernels.bf16_dense import bf16_dense_func
 from ..kernels.bsr_dense import row_lanes_func
+from ..kernels.bsr_token_panels import token_panels_func
 from ..kernels.bsr_tokens import token_lanes_func
 from ..kernels.int8_bsr_rows import ROWS_BLOCK, int8_rows_func
 from ..kernels.int8_bsr_tokens import TOKEN_ROWS, int8_tokens_func
@@ -73,16 +81,18 @@ _GROUP_BYTES = 256 * 1024
 class CpuSchedule:
     """One point of the CPU schedule space.
 
-    ``tile`` is rows of X per task, ``row_chunk`` lanes; for ``rows`` only, ``group`` block rows
-    are swept per X tile and the X tiles are split into ``parts`` (one per thread). ``tokens``
-    keeps block-row-major tasks: reordering them measured no gain.
+    ``tile`` is rows of X per task, ``row_chunk`` lanes (``rows``) or block rows per pass (token
+    lanes); ``rows`` sweeps ``group`` block rows per X tile; ``rows`` and ``panels`` split the X
+    tiles into ``parts`` (one per thread), ``panels`` the block rows into ``row_parts`` as well.
+    ``tokens`` (convs) keeps block-row-major tasks: reordering them measured no gain.
     """
 
-    template: Literal["rows", "tokens"]
+    template: Literal["rows", "tokens", "panels"]
     tile: int
     row_chunk: int
     group: int = 1
     parts: int = 1
+    row_parts: int = 1
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -119,25 +129,41 @@ def _group(spec: KernelSpec) -> int:
 
 
 def takes_transposed(spec: KernelSpec, lanes: int) -> bool:
-    """Whether ``spec``'s linear layer may read Xᵀ and write Yᵀ (run as ``tokens``).
+    """Whether ``spec``'s linear layer may read Xᵀ and write Yᵀ (run as ``panels``).
 
-    Only ``tokens`` computes in that layout. A layer that would schedule as ``rows`` keeps
+    Only ``panels`` computes in that layout. A layer that would schedule as ``rows`` keeps
     row-major X and Y unless the host's measurements say the hand-over wins anyway; batches
     below one vector of tokens always stay ``rows``.
     """
     if not spec.geometry.is_dense or spec.geometry.m < lanes or _transposed_tile(spec, lanes) is None:
         return False
     plain = dataclasses.replace(spec, x_transposed=False, y_transposed=False)
-    return choose_cpu_schedule(plain, lanes).template == "tokens" or _registers(lanes).handover_beats_rows
+    return choose_cpu_schedule(plain, lanes).template == "panels" or _registers(lanes).handover_beats_rows
+
+
+def _panel_chunk_and_vectors(r: int, lanes: int) -> tuple[int, int]:
+    """Block rows per pass and token vectors for ``panels``: up to 8 rows, up to 4 vectors, a
+    power of two within the accumulator budget (see the module docstring)."""
+    chunk = _largest_divisor(r, 8)
+    room = _registers(lanes).accumulators // chunk
+    return chunk, max(v for v in (1, 2, 4) if v <= room)
 
 
 def _transposed_tile(spec: KernelSpec, lanes: int) -> int | None:
-    """The widest ``tokens`` tile within the register budget that divides the token pitch, if any."""
-    chunk = _largest_divisor(spec.block[0], 4)
-    budget = _registers(lanes).accumulators
+    """The widest ``panels`` tile within the register budget that divides the token pitch, if any."""
+    _, vectors = _panel_chunk_and_vectors(spec.block[0], lanes)
     pitch = token_pitch(spec.geometry.m)
-    fits = [lanes * v for v in (8, 4, 2, 1) if v * chunk <= budget and pitch % (lanes * v) == 0]
+    fits = [lanes * v for v in (4, 2, 1) if v <= vectors and pitch % (lanes * v) == 0]
     return fits[0] if fits else None
+
+
+def _panels(spec: KernelSpec, tile: int, chunk: int, threads: int) -> CpuSchedule:
+    """``panels`` with ``tile`` tokens: threads over token tiles, over block rows for the rest."""
+    transposed = spec.x_transposed or spec.y_transposed
+    tiles = -(-(token_pitch(spec.geometry.m) if transposed else spec.geometry.m) // tile)
+    parts = math.gcd(tiles, threads)
+    row_parts = threads // parts if spec.num_block_rows % (threads // parts) == 0 else 1
+    return CpuSchedule("panels", tile=tile, row_chunk=chunk, parts=parts, row_parts=row_parts)
 
 
 def choose_cpu_schedule(spec: KernelSpec, lanes: int, threads: int = 1) -> CpuSchedule:
@@ -149,7 +175,7 @@ def choose_cpu_schedule(spec: KernelSpec, lanes: int, threads: int = 1) -> CpuSc
         tile = _transposed_tile(spec, lanes)
         if tile is None:
             raise ValueError(f"no token tile of {lanes}-lane vectors divides the pitch of M = {m} for {spec}")
-        return CpuSchedule("tokens", tile=tile, row_chunk=_largest_divisor(r, 4))
+        return _panels(spec, tile, _panel_chunk_and_vectors(r, lanes)[0], threads)
     if spec.geometry.is_dense and (r >= regs.rows_from or m < lanes):
         # Chunks of at most two vectors keep rows × chunk within the accumulator budget.
         chunk = _largest_divisor(r, 2 * lanes)
@@ -158,6 +184,10 @@ def choose_cpu_schedule(spec: KernelSpec, lanes: int, threads: int = 1) -> CpuSc
         tiles = -(-m // tile)
         parts = threads if tiles % threads == 0 else 1  # batch 1: threads split block rows instead
         return CpuSchedule("rows", tile=tile, row_chunk=chunk, group=_group(spec), parts=parts)
+    if spec.geometry.is_dense:
+        chunk, vectors = _panel_chunk_and_vectors(r, lanes)
+        tile = min(lanes * vectors, lanes * -(-m // lanes))  # never pad a small M beyond its last vector
+        return _panels(spec, tile, chunk, threads)
     chunk = _largest_divisor(r, 4)
     # Wide token tiles amortise the W broadcasts; keep chunk × tile/lanes within budget, and
     # a power of two so the usual M (128, 28·28·…) needs no padding.
@@ -178,6 +208,8 @@ def cpu_kernel(
     log.debug("cpu schedule for %s: %s", spec, schedule)
     if schedule.template == "rows":
         return row_lanes_func(spec, schedule.tile, schedule.row_chunk, schedule.group, schedule.parts)
+    if schedule.template == "panels":
+        return token_panels_func(spec, schedule.tile, schedule.row_chunk, schedule.parts, schedule.row_parts)
     return token_lanes_func(spec, schedule.tile, schedule.row_chunk)
 
 
