@@ -5,7 +5,7 @@ one-layer model of the layer's shape is optimized with that option and compiled 
 at that density with a random pattern — a kernel's time depends on how many blocks it stores, not
 on where they are), and timed interleaved with dense torch (``tilefx.timing``). The option's ratio
 over dense torch is cached in a JSON file per machine (CPU model and flags, thread count, tilefx,
-torch and TVM versions) in the tilefx cache directory, so a search compiles each (shape, option)
+kernel, torch and TVM versions) in the tilefx cache directory, so a search compiles each (shape, option)
 once; dense times are measured afresh by every search.
 """
 
@@ -156,7 +156,7 @@ def _default_path() -> Path:
 
 
 def _machine() -> str:
-    """This machine as latency sees it: CPU model and flags, threads, and the library versions."""
+    """This machine as latency sees it: CPU model and flags, threads, the library and kernel versions."""
     cpu = ""
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -167,5 +167,7 @@ def _machine() -> str:
         cpu = platform.processor()
     import tvm
 
-    text = f"{cpu}|{torch.get_num_threads()}|{__version__}|{torch.__version__}|{tvm.__version__}"
+    from .lowering.build import KERNEL_VERSION  # new templates, new ratios
+
+    text = f"{cpu}|{torch.get_num_threads()}|{__version__}|{KERNEL_VERSION}|{torch.__version__}|{tvm.__version__}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]

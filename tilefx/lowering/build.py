@@ -59,8 +59,8 @@ __all__ = ["KernelCache", "compile_graph", "kernel_func", "layer_spec", "lowerin
 
 log = logging.getLogger(__name__)
 
-#: Bumped whenever a template changes, so stale on-disk kernels are never loaded.
-_KERNEL_VERSION = "7"
+#: Bumped whenever a template changes, so stale on-disk kernels (and latency ratios) are never used.
+KERNEL_VERSION = "7"
 
 
 def kernel_func(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
@@ -88,7 +88,7 @@ class KernelCache:
 
     @staticmethod
     def key(spec: KernelSpec, target: tvm.target.Target) -> str:
-        text = f"{_KERNEL_VERSION}|{spec!r}|{spec.x_shape}|{spec.y_shape}|{target}"  # shapes: the pitch rule
+        text = f"{KERNEL_VERSION}|{spec!r}|{spec.x_shape}|{spec.y_shape}|{target}"  # shapes: the pitch rule
         return hashlib.sha1(text.encode()).hexdigest()[:20]
 
     def kernel(self, spec: KernelSpec, target: tvm.target.Target) -> Kernel:
