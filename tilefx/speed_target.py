@@ -15,10 +15,12 @@ The steps, each measured on this machine and these calibration batches:
    ``dense time / s`` — a multiple-choice knapsack, solved exactly by dynamic programming.
 5. **Make and measure**: the choice becomes verified passes (``passes.search.apply``), the result
    is compiled and timed interleaved with dense torch. If the measured speed-up falls short of the
-   target the budget shrinks by the shortfall, if it overshoots by more than ``OVERSHOOT`` the
-   budget grows by the overshoot, and steps 4–5 repeat (``SpeedSearch.rounds``): the latency
-   model is additive and first-order, the measurement is not. Of the rounds that reached the
-   target (``REACHED`` of it), the least damage is returned.
+   target, overshoots it by more than ``OVERSHOOT``, or meets it where the model predicted a
+   shortfall (a pessimistic model: the target looked out of reach and the fastest choice was
+   taken), the budget is corrected by the model's measured error (measured / predicted speed-up)
+   and steps 4–5 repeat (``SpeedSearch.rounds``): the latency model is additive and first-order,
+   and its table is timed on a shared machine; the measurement is the whole model. Of the rounds
+   that reached the target (``REACHED`` of it), the least damage is returned.
 
 ``Recipe(quality=q)`` is the dual: the fastest choice whose estimated output similarity
 ``1 − Σ‖y − y_dense‖² / Σ‖y_dense‖²`` stays at least ``q``, read off the same DP table.
@@ -115,6 +117,7 @@ def search_pipeline(
     measure = measure or (lambda optimized: _measured_speedup(gm, optimized, example_inputs))
     target_ms = state.dense_ms / speedup if speedup is not None else None
     budget = target_ms
+    correction = 1.0  # measured / modelled speed-up, learnt from the rounds
     measured: list[float] = []
     made_so_far: list[_Made] = []
     for round_ in range(search.rounds):
@@ -134,13 +137,26 @@ def search_pipeline(
         achieved = measure(result.graph_module)
         measured.append(achieved)
         made_so_far.append(_Made(chosen, result, achieved, _damage(state, chosen)))
-        log.info("speed search round %d: measured %.2fx (target %s)", round_ + 1, achieved, speedup)
-        if speedup is None or budget is None or REACHED * speedup <= achieved <= OVERSHOOT * speedup:
+        predicted = state.dense_ms / _predicted_ms(state, chosen) * correction
+        log.info(
+            "speed search round %d: measured %.2fx, predicted %.2fx (target %s)",
+            round_ + 1,
+            achieved,
+            predicted,
+            speedup,
+        )
+        if speedup is None or target_ms is None:
+            break
+        # A choice the model said falls short but that measured on target means the model is
+        # pessimistic: a less damaging choice may reach the target too, so go on.
+        pessimistic = predicted < REACHED * speedup <= achieved
+        if REACHED * speedup <= achieved <= OVERSHOOT * speedup and not pessimistic:
             break
         if achieved < REACHED * speedup and any(m.achieved >= REACHED * speedup for m in made_so_far[:-1]):
             break  # past the target from above: an earlier round met it
-        # The latency model was off by this much; ask for that much more (short) or less (overshot).
-        budget *= achieved / speedup
+        # The latency model was off by achieved / predicted: correct the budget by that much.
+        correction *= achieved / predicted
+        budget = target_ms * correction
     final = _pick(made_so_far, speedup)
     predicted = state.dense_ms / _predicted_ms(state, final.chosen)
     report = SearchReport(
@@ -234,15 +250,20 @@ def _choose(state: _Search, budget: float | None, quality: float | None) -> dict
                 state.dense_ms / budget,
                 state.dense_ms / (state.rest_ms + fastest),
             )
-            picked = {
-                c.layer: min(c.choices, key=lambda choice: (choice.ms, choice.loss)) for c in state.choices
-            }
-            return {unit: state.options[unit][choice.name] for unit, choice in picked.items()}
-        picked = table.assignment(layers_budget)
+            return _fastest(state)
+        try:
+            picked = table.assignment(layers_budget)
+        except RecipeError:  # within the grid's rounding of the fastest choice's time
+            return _fastest(state)
     elif quality is not None:
         picked = table.fastest_within(1 - quality)
     else:
         raise RecipeError("the speed search needs Recipe(speedup=...) or Recipe(quality=...)")
+    return {unit: state.options[unit][choice.name] for unit, choice in picked.items()}
+
+
+def _fastest(state: _Search) -> dict[str, Option]:
+    picked = {c.layer: min(c.choices, key=lambda choice: (choice.ms, choice.loss)) for c in state.choices}
     return {unit: state.options[unit][choice.name] for unit, choice in picked.items()}
 
 
