@@ -165,8 +165,11 @@ def search_pipeline(
     return final.result, report
 
 
-#: A measured speed-up this close to the target counts as reaching it (timings spread by a few %).
-REACHED = 0.95
+#: A measured speed-up this close to the target counts as reaching it: what ``Recipe(speedup=s)``
+#: promises is a measured ``0.9·s``. Whole-model timings on a shared 2-core machine spread by 5–10%
+#: between rounds; at 0.95 the demo's second round (0.94·s, less damage) was dropped for its first
+#: (1.12·s in the search, 1.21·s in the final table, cosine 0.80–0.83).
+REACHED = 0.9
 #: A measured speed-up this far above the target gives quality away: the search loosens its budget.
 OVERSHOOT = 1.1
 
