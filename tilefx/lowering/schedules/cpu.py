@@ -20,12 +20,16 @@ side by side): on AVX2 (AMD znver3) from r = lanes, where it beat the token lane
 faster, at 32×32 ``rows`` 1.1–1.5×. Batch 1 (or any M below one vector) always uses ``rows``:
 vectorising along M would waste nearly all lanes on zero padding.
 
-``panels`` takes at most 8 of a block's rows per pass and 4 vectors of tokens (16×1 at 90%: 8
-rows × 2 vectors 7.1–7.9× dense where 4 × 4 gave 6.3–7.0×; 1×1: 4 vectors beat 8), and splits
+``panels`` takes at most 8 of a block's rows per pass and 4 vectors of tokens (8×1 at 50–70%:
+8 rows × 2 vectors 1.6–2.1× dense against 1.5–2.1× for 4 × 4; 16×1 at 90% the two within noise
+of each other, 6.5–7.5×; 1×1: 4 vectors 0.72–0.80× and 3.3–3.5× at 50 / 90%, 8 vectors
+0.76× and 3.1–3.2×; MiniLM/BERT FFN shapes, 2 threads, Xeon), and splits
 the threads over token tiles where their count allows, else over block rows as well
 (``row_parts``). Between two sparse linears (``takes_transposed``) it needs neither the pack of
-X nor the transpose of Y; there it beat ``rows`` on AVX-512 even at 32×32, so the hand-over is
-taken on AVX-512 for every block.
+X nor the transpose of Y; with the earlier ``tokens`` template that beat ``rows`` on AVX-512 even
+at 32×32, so the hand-over is taken on AVX-512 for every block. With ``panels`` (2026-12-07 grid,
+MiniLM FFN at 90%, 32×32) it is a wash over the pair: FFN1 writing Yᵀ 6.8× dense against 8.2×
+for ``rows``, FFN2 reading Xᵀ 10.5× against 8.9×.
 
 **int8 and bf16** (``narrow_kernel``; AVX-512 with VNNI / BF16 only, checked by
 ``lowering.build``) have their own templates, chosen from the block alone, with the prototype's
