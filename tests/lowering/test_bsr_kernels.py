@@ -124,12 +124,8 @@ def test_panels_schedule_splits_threads_over_tiles_first() -> None:
             KernelSpec(Conv2dGeometry.dense(m, 384), 1536, (4, 1), 1000), 16, threads=2
         )
 
-    assert (schedule(128).template, schedule(128).tile, schedule(128).parts, schedule(128).row_parts) == (
-        "panels",
-        64,
-        2,
-        1,
-    )
+    tokens128 = schedule(128)
+    assert (tokens128.template, tokens128.tile, tokens128.parts, tokens128.row_parts) == ("panels", 64, 2, 1)
     assert (schedule(168).parts, schedule(168).row_parts) == (1, 2)  # 3 tiles: each thread half the rows
     sixteen = choose_cpu_schedule(KernelSpec(Conv2dGeometry.dense(128, 768), 3072, (16, 1), 9), 16, threads=2)
     assert (sixteen.row_chunk, sixteen.tile) == (8, 32)  # 8 rows × 2 vectors (see schedules.cpu)

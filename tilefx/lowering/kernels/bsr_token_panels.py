@@ -144,9 +144,13 @@ def token_panels_func(
         """The block row of task ``p``'s step ``tt``."""
         return p % row_parts * NBP + tt // (GR * MOP) * GR + tt % GR
 
+    def _tile_start(p, io):  # type: ignore[no-untyped-def]
+        """The first token of task ``p``'s tile ``io``."""
+        return (p // row_parts * MOP + io) * MV
+
     def _token(p, tt):  # type: ignore[no-untyped-def]
         """The first token of task ``p``'s step ``tt``."""
-        return (p // row_parts * MOP + _tile(tt)) * MV
+        return _tile_start(p, _tile(tt))
 
     shuffles = GC % _SQUARE == 0 and MV % _SQUARE == 0
 
@@ -197,24 +201,16 @@ def token_panels_func(
         for p in T.parallel(P):
             if packs:
                 for io in range(MOP):
-                    if whole and (p // row_parts * MOP + io) * MV + MV <= M:
+                    if whole and _tile_start(p, io) + MV <= M:
                         for kb, mb in T.grid(K // _SQUARE, MV // _SQUARE):
                             for q in T.unroll(_SQUARE):
                                 XP[p, io, kb * _SQUARE + q, T.Ramp(mb * _SQUARE, 1, _SQUARE)] = (
-                                    transposed_row(
-                                        X,
-                                        [],
-                                        (p // row_parts * MOP + io) * MV + mb * _SQUARE,
-                                        kb * _SQUARE,
-                                        q,
-                                    )
+                                    transposed_row(X, [], _tile_start(p, io) + mb * _SQUARE, kb * _SQUARE, q)
                                 )
                     else:  # the ragged last tile: zeros past M accumulate nothing
                         for kk, mm in T.grid(K, MV):
                             XP[p, io, kk, mm] = T.if_then_else(
-                                (p // row_parts * MOP + io) * MV + mm < M,
-                                X[(p // row_parts * MOP + io) * MV + mm, kk],
-                                T.float32(0),
+                                _tile_start(p, io) + mm < M, X[_tile_start(p, io) + mm, kk], T.float32(0)
                             )
             for tt in range(MOP * NBP + 1):
                 # A group's columns of Y are written at the start of the step after the group's
